@@ -1,0 +1,36 @@
+# engineforge: PyTorch checkpoints -> audited inference engines.
+#   checkpoint -> export (ONNX) -> simplify (onnxsim) -> precision variants
+#   -> audit (Polygraphy) + engine build per backend x precision x profile -> bench -> MLflow
+# Settings: config.yaml (schema: workflow/schemas/config.schema.yaml).
+# Run settings: workflow/profiles/default (picked up automatically).
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/export.smk"
+include: "workflow/rules/simplify.smk"
+include: "workflow/rules/precision.smk"
+include: "workflow/rules/audit.smk"
+include: "workflow/rules/build.smk"
+include: "workflow/rules/bench.smk"
+include: "workflow/rules/track.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True
+
+
+onsuccess:
+    print_summary()
+
+
+onerror:
+    print_failures()

@@ -1,0 +1,1 @@
+"""Demo model zoo shipped with engineforge (digits CNN, tiny super-resolution net)."""

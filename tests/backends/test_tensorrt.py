@@ -1,0 +1,279 @@
+"""TensorRT-RTX builds real engines on this CPU-only machine; the full builder is absent.
+
+Tiny ONNX models are made here with onnx.helper: a conv net in fp32 and in fp16, and an
+int8 Q/DQ conv (what ModelOpt's explicit quantization produces).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+from engineforge.backends import get_backend
+from engineforge.backends.base import BuildRequest
+from engineforge.backends.tensorrt import TensorRTBackend, TensorRTRTXBackend, _profile_for
+from engineforge.errors import BenchError, BuildError
+from onnx import TensorProto, helper, numpy_helper
+
+C, HW, K = 16, 16, 96          # channels in, spatial size, channels out (weights dominate size)
+ONE = [{"x": {"min": [1, C, HW, HW], "opt": [4, C, HW, HW], "max": [8, C, HW, HW]}}]
+TWO = ONE + [{"x": {"min": [8, C, HW, HW], "opt": [16, C, HW, HW], "max": [32, C, HW, HW]}}]
+
+
+def conv_model(path: Path, dtype=np.float32) -> Path:
+    """x[N,C,H,W] -> Conv(3x3) -> Relu -> Conv(3x3) -> y, every tensor in ``dtype``."""
+    rng = np.random.default_rng(0)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    inits = [numpy_helper.from_array((rng.standard_normal(s) * 0.05).astype(dtype), n)
+             for n, s in (("w1", (K, C, 3, 3)), ("b1", (K,)), ("w2", (K, K, 3, 3)), ("b2", (K,)))]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Conv", ["r", "w2", "b2"], ["y"], pads=[1, 1, 1, 1])]
+    return _save(path, nodes, inits, elem)
+
+
+def qdq_model(path: Path) -> Path:
+    """int8 explicit quantization: Q/DQ on the activation, int8 per-channel weights + DQ."""
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, (K, C, 3, 3), dtype=np.int8)
+    inits = [numpy_helper.from_array(np.array(0.02, np.float32), "x_scale"),
+             numpy_helper.from_array(np.array(0, np.int8), "x_zp"),
+             numpy_helper.from_array(w, "w_q"),
+             numpy_helper.from_array(np.full(K, 0.001, np.float32), "w_scale"),
+             numpy_helper.from_array(np.zeros(K, np.int8), "w_zp"),
+             numpy_helper.from_array(np.zeros(K, np.float32), "b")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zp"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["wd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["y"])]
+    return _save(path, nodes, inits, TensorProto.FLOAT)
+
+
+def _save(path: Path, nodes, inits, elem, opset: int = 17) -> Path:
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("x", elem, ["N", C, HW, HW])],
+        [helper.make_tensor_value_info("y", elem, ["N", K, HW, HW])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def request(tmp_path: Path, onnx_path: Path, precision: str = "fp32", profiles=ONE,
+            **kw) -> BuildRequest:
+    return BuildRequest(model="tiny", precision=precision, onnx_path=onnx_path,
+                        engine_path=tmp_path / "out" / f"{precision}.engine",
+                        work_dir=tmp_path / "work" / precision, profiles=profiles,
+                        settings={"precision_mode": "graph", "workspace_mib": 256,
+                                  "builder_optimization_level": 3}, **kw)
+
+
+@pytest.fixture(scope="module")
+def rtx() -> TensorRTRTXBackend:
+    return get_backend("tensorrt-rtx")
+
+
+def test_fp32_dynamic_batch_builds_engine_and_layer_info(rtx, tmp_path):
+    # setup
+    req = request(tmp_path, conv_model(tmp_path / "fp32.onnx"),
+                  timing_cache=tmp_path / "cache" / "timing.cache")
+    # execute
+    res = rtx.build(req)
+    # assert
+    assert req.engine_path.stat().st_size == res["engine_bytes"] > 0
+    assert not list(req.engine_path.parent.glob(".*.tmp"))          # atomic write left nothing
+    assert res["build_time_s"] > 0 and res["flavour"] == "tensorrt-rtx"
+    assert res["strongly_typed"] is True and res["profiles"] == 1
+    assert res["trt_version"].startswith("1.")
+    assert res["runs_on"] == "compute capability 8.0/8.6/8.9/12.x"
+    layers = json.loads(Path(res["layer_info"]).read_text())["layers"]
+    assert res["num_layers"] == len(layers) >= 1
+    assert {"CONVOLUTION", "ACTIVATION"} <= {lyr["type"].split(".")[-1] for lyr in layers}
+    # No CUDA device here: the cache is skipped (and said so), never half-written.
+    assert res["timing_cache"]["used"] is False and "skipped" in res["timing_cache"]["note"]
+    assert not (tmp_path / "cache" / "timing.cache").exists()
+    assert Path(res["log"]).read_text()
+
+
+def test_two_profiles_in_one_engine(rtx, tmp_path):
+    # setup
+    model = conv_model(tmp_path / "fp32.onnx")
+    one = rtx.build(request(tmp_path / "one", model))
+    # execute
+    req = request(tmp_path / "two", model, profiles=TWO)
+    two = rtx.build(req)
+    # assert: TensorRT's config held both profiles, and the plan carries code for both
+    assert two["profiles"] == 2 and one["profiles"] == 1
+    assert two["engine_bytes"] > 1.3 * one["engine_bytes"]
+    # Deserializing needs a CUDA driver, which this machine lacks: the runtime refuses
+    # (returns None) instead of crashing, so the engine cannot be inspected here.
+    import tensorrt_rtx_bindings as trt
+
+    runtime = trt.Runtime(trt.Logger(trt.Logger.ERROR))
+    engine = runtime.deserialize_cuda_engine(req.engine_path.read_bytes())
+    if engine is not None:                          # an RTX-class GPU is present
+        assert engine.num_optimization_profiles == 2
+    else:
+        assert "network" in two["layer_info_source"]
+
+
+def test_fp16_graph_builds_smaller_engine(rtx, tmp_path):
+    # setup
+    fp32 = rtx.build(request(tmp_path, conv_model(tmp_path / "fp32.onnx")))
+    # execute
+    fp16 = rtx.build(request(tmp_path, conv_model(tmp_path / "fp16.onnx", np.float16), "fp16"))
+    # assert: strongly typed, the fp16 graph gives fp16 tensors and a smaller plan
+    assert fp16["engine_bytes"] < fp32["engine_bytes"]
+    layers = json.loads(Path(fp16["layer_info"]).read_text())["layers"]
+    assert {t["dtype"] for lyr in layers for t in lyr["outputs"]} == {"DataType.HALF"}
+
+
+def test_int8_qdq_graph_builds(rtx, tmp_path):
+    # execute
+    res = rtx.build(request(tmp_path, qdq_model(tmp_path / "int8.onnx"), "int8"))
+    # assert
+    assert res["engine_bytes"] > 0
+    kinds = {lyr["type"].split(".")[-1] for lyr in
+             json.loads(Path(res["layer_info"]).read_text())["layers"]}
+    assert {"QUANTIZE", "DEQUANTIZE", "CONVOLUTION"} <= kinds
+
+
+def test_availability_and_runnable_on_cpu(rtx):
+    # execute
+    avail, full = rtx.availability(), TensorRTBackend().availability()
+    ok, why = rtx.runnable("fp16")
+    # assert
+    assert avail.ok and avail.version.startswith("1.")
+    assert not full.ok
+    assert full.reason == "the tensorrt Python package (full builder) is not installed"
+    assert full.how.startswith("run inside nvcr.io/nvidia/tensorrt:<tag>")
+    assert "skipped: the tensorrt Python package" in full.line("tensorrt")
+    assert ok is False
+    assert why.startswith("TensorRT-RTX engines run only on compute capability "
+                          "8.0/8.6/8.9/12.x GPUs; this machine has ")
+    assert TensorRTBackend().runnable("fp32")[0] is False
+
+
+@pytest.mark.parametrize("kind", ["garbage", "unsupported_op"])
+def test_broken_onnx_is_a_build_error(rtx, tmp_path, kind):
+    # setup
+    path = tmp_path / f"{kind}.onnx"
+    if kind == "garbage":
+        path.write_bytes(b"this is not an ONNX model")
+    else:
+        node = helper.make_node("NoSuchOp", ["x"], ["y"], domain="engineforge.test")
+        graph = helper.make_graph(
+            [node], "bad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+        onnx.save(helper.make_model(graph, opset_imports=[
+            helper.make_opsetid("", 17), helper.make_opsetid("engineforge.test", 1)]), path)
+    req = request(tmp_path, path, profiles=[{}])
+    # execute
+    with pytest.raises(BuildError) as err:
+        rtx.build(req)
+    # assert: names the model and precision, and carries TensorRT's own reason
+    text = str(err.value)
+    assert "model=tiny" in text and "stage=build" in text and "fp32 engine" in text
+    if kind == "unsupported_op":
+        assert "NoSuchOp" in text
+    assert not req.engine_path.exists()
+
+
+def test_flags_mode_is_refused_for_rtx(rtx, tmp_path):
+    # setup
+    req = request(tmp_path, conv_model(tmp_path / "fp32.onnx"), "fp16")
+    req.settings["precision_mode"] = "flags"
+    # execute / assert
+    with pytest.raises(BuildError, match="precision_mode"):
+        rtx.build(req)
+
+
+def test_full_tensorrt_refuses_when_polygraphy_is_bound_to_rtx(rtx, tmp_path):
+    # setup: the RTX builds above bound polygraphy.backend.trt to tensorrt_rtx
+    rtx.build(request(tmp_path, conv_model(tmp_path / "fp32.onnx")))
+    # execute / assert: never a silent build with the wrong library
+    with pytest.raises(BuildError, match="already bound to tensorrt-rtx"):
+        TensorRTBackend().build(request(tmp_path, tmp_path / "fp32.onnx"))
+
+
+def test_bench_and_runner_need_an_rtx_gpu(rtx, tmp_path):
+    # setup
+    req = request(tmp_path, conv_model(tmp_path / "fp32.onnx"))
+    rtx.build(req)
+    settings = {"warmup": 1, "iterations": 2, "threads": 1}
+    # execute / assert: the bench says why it cannot time the engine here
+    with pytest.raises(BenchError, match="compute capability 8.0/8.6/8.9/12.x"):
+        rtx.bench(req.engine_path, {"x": [1, C, HW, HW]}, settings, tmp_path)
+    # the audit's runner is lazy; activating it here fails at deserialization, not a crash
+    runner = rtx.runner(req.engine_path)
+    assert type(runner).__name__ == "TrtRunner"
+    with pytest.raises(Exception, match="deserialize"):
+        runner.activate()
+
+
+def test_profile_for_picks_the_profile_covering_the_shapes():
+    # setup: an engine's profile ranges, as get_tensor_profile_shape returns them
+    class Engine:
+        num_optimization_profiles = 2
+
+        def get_tensor_profile_shape(self, name, idx):
+            return [p["min"], p["opt"], p["max"]] if (p := TWO[idx][name]) else None
+
+    # execute / assert
+    assert _profile_for(Engine(), {"x": [8, C, HW, HW]}) == 0
+    assert _profile_for(Engine(), {"x": [20, C, HW, HW]}) == 1
+    with pytest.raises(BenchError, match="no optimization profile"):
+        _profile_for(Engine(), {"x": [64, C, HW, HW]})
+
+
+@pytest.mark.parametrize(("version", "precision", "expect"), [
+    ("10.13.0", "fp16", (False, {"fp16": True})),
+    ("10.13.0", "fp32", (False, {})),
+    ("10.13.0", "int8", "needs calibration data"),
+    ("11.0.0", "fp16", "no builder precision flags"),
+])
+def test_full_tensorrt_flags_mode(tmp_path, version, precision, expect):
+    # setup: a stand-in for the tensorrt module (the full builder is absent here)
+    trt = SimpleNamespace(__version__=version)
+    req = request(tmp_path, tmp_path / "fp32.onnx", precision)
+    req.settings["precision_mode"] = "flags"
+    # execute / assert
+    if isinstance(expect, str):
+        with pytest.raises(BuildError, match=expect):
+            TensorRTBackend()._mode(req, trt)
+    else:
+        assert TensorRTBackend()._mode(req, trt) == expect
+
+
+def test_rtx_builds_when_polygraphy_was_imported_without_the_env(tmp_path):
+    # setup: a fresh process that imports polygraphy (USE_TENSORRT_RTX read as False) first
+    conv_model(tmp_path / "fp32.onnx")
+    script = f"""
+import os, sys
+os.environ.pop("POLYGRAPHY_USE_TENSORRT_RTX", None)
+import engineforge.backends.tensorrt as t
+heavy = [m for m in ("tensorrt", "tensorrt_rtx_bindings", "polygraphy.backend.trt")
+         if m in sys.modules]
+assert not heavy, heavy                          # importing the backend stays light
+import polygraphy.config
+assert polygraphy.config.USE_TENSORRT_RTX is False
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_tensorrt import request
+from pathlib import Path
+res = t.TensorRTRTXBackend().build(request(Path({str(tmp_path)!r}),
+                                           Path({str(tmp_path / "fp32.onnx")!r})))
+print("BYTES", res["engine_bytes"])
+"""
+    # execute
+    out = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True,
+                         text=True, timeout=120)
+    # assert
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split("BYTES")[-1]) > 0

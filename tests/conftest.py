@@ -1,0 +1,82 @@
+"""Shared pytest setup: import paths and tiny-model configs for stage tests."""
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+for p in (ROOT, FIXTURES):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+
+def tiny_raw_config(precisions=("fp32",), backends=("onnxruntime",)) -> dict:
+    """A config (as written by a user) with one tiny classifier and one tiny FCN."""
+    return {
+        "experiment": "engineforge-tests",
+        "defaults": {"precisions": list(precisions), "backends": list(backends),
+                     "bench": {"warmup": 1, "iterations": 3, "threads": 1},
+                     "export": {"reference_batch": 4},
+                     "precision": {"int8": {"calib_size": 8}, "fp8": {"calib_size": 8}}},
+        "models": {
+            "tinycls": {
+                "task": "classification",
+                "checkpoint": {"kind": "state_dict", "arch": "tinynets:TinyClassifier",
+                               "path": "tinycls.pt"},
+                "inputs": {"x": {"dtype": "float32", "shape": ["batch", 3, 8, 8]}},
+                "profiles": {"b1-8": {"x": {"min": [1, 3, 8, 8], "opt": [4, 3, 8, 8],
+                                            "max": [8, 3, 8, 8]}}},
+                "calibration": {"path": "calib.npz"},
+                "evaluation": {"path": "eval.npz"},
+            },
+            "tinyfcn": {
+                "checkpoint": {"kind": "state_dict", "arch": "tinynets:TinyFCN", "seed": 1},
+                "inputs": {"img": {"shape": ["batch", 1, "h", "w"]}},
+                "profiles": {
+                    "small": {"img": {"min": [1, 1, 8, 8], "opt": [1, 1, 16, 16],
+                                      "max": [2, 1, 32, 32]}},
+                    "large": {"img": {"min": [1, 1, 32, 32], "opt": [1, 1, 48, 48],
+                                      "max": [1, 1, 64, 64]}},
+                },
+                "calibration": {"path": "calib_fcn.npz"},
+            },
+        },
+    }
+
+
+def write_tiny_workspace(root: Path) -> None:
+    """Checkpoint, calibration and labelled evaluation data for tiny_raw_config."""
+    import tinynets
+
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(FIXTURES / "tinynets.py", root / "tinynets.py")
+    torch.manual_seed(0)
+    net = tinynets.TinyClassifier()
+    torch.save(net.state_dict(), root / "tinycls.pt")
+    x = tinynets.make_classifier_data(32)
+    np.savez(root / "calib.npz", x=x)
+    with torch.no_grad():
+        labels = net(torch.from_numpy(x)).argmax(1).numpy()
+    labels[:2] = (labels[:2] + 1) % 5  # reference accuracy < 1, like real labels
+    np.savez(root / "eval.npz", x=x, labels=labels)
+    g = np.random.default_rng(0)
+    np.savez(root / "calib_fcn.npz", img=g.random((8, 1, 16, 16), dtype=np.float32))
+
+
+@pytest.fixture
+def tiny_workspace(tmp_path, monkeypatch):
+    write_tiny_workspace(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def tiny_models(tiny_workspace):
+    from engineforge import config
+
+    return config.resolve(tiny_raw_config(), tiny_workspace)["models"]

@@ -1,0 +1,74 @@
+"""One root exception; each stage raises its own subclass.
+
+A user error carries what the user needs to fix it: the model, the stage, the
+config key and the fix. ``str(err)`` is the one line printed without traceback.
+"""
+
+from __future__ import annotations
+
+
+class EngineforgeError(Exception):
+    """Root of every error engineforge raises on purpose."""
+
+    stage = "engineforge"
+
+    def __init__(self, message: str, *, model: str | None = None, key: str | None = None,
+                 fix: str | None = None):
+        self.message = message
+        self.model = model
+        self.key = key
+        self.fix = fix
+        super().__init__(self.__str__())
+
+    def __str__(self) -> str:
+        where = [f"stage={self.stage}"]
+        if self.model:
+            where.insert(0, f"model={self.model}")
+        if self.key:
+            where.append(f"key={self.key}")
+        text = f"[{' '.join(where)}] {self.message}"
+        if self.fix:
+            text += f" Fix: {self.fix}"
+        return text
+
+
+class ConfigError(EngineforgeError):
+    stage = "config"
+
+
+class ExportError(EngineforgeError):
+    stage = "export"
+
+
+class SimplifyError(EngineforgeError):
+    stage = "simplify"
+
+
+class PrecisionError(EngineforgeError):
+    stage = "precision"
+
+
+class AuditError(EngineforgeError):
+    stage = "audit"
+
+
+class BuildError(EngineforgeError):
+    stage = "build"
+
+
+class BenchError(EngineforgeError):
+    stage = "bench"
+
+
+class TrackingError(EngineforgeError):
+    stage = "track"
+
+
+class ReleaseError(EngineforgeError):
+    stage = "release"
+
+
+class BackendUnavailable(EngineforgeError):
+    """A backend cannot run here. Not a failure: the result says 'skipped: <reason>'."""
+
+    stage = "build"
