@@ -157,7 +157,8 @@ def load(path: str | os.PathLike) -> dict:
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"config file '{path}' not found.", fix="pass --configfile PATH") from None
+        raise ConfigError(f"config file '{path}' not found.",
+                          fix="pass --configfile PATH") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file '{path}' is not valid YAML: {err}".replace("\n", " "),
                           fix="fix the YAML syntax") from None

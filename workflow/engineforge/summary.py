@@ -63,6 +63,14 @@ COLUMNS = [("model", None), ("precision", None), ("backend", None), ("audit", No
 
 
 def markdown(summary: dict) -> str:
+    """One row per model × precision × backend; long reasons become numbered notes."""
+    notes: list[str] = []
+
+    def note(reason: str) -> str:
+        if reason not in notes:
+            notes.append(reason)
+        return f"n/a [{notes.index(reason) + 1}]"
+
     head = "| " + " | ".join(c for c, _ in COLUMNS) + " |"
     lines = ["# engineforge summary", "",
              "Latency: p50 at the first profile's opt shape; speedup vs eager PyTorch on the "
@@ -71,16 +79,17 @@ def markdown(summary: dict) -> str:
         cells = []
         for col, spec in COLUMNS:
             v = r.get(col)
-            if col == "p50_ms" and v is None and r.get("bench"):
-                v = "not run"
+            if col == "audit" and isinstance(v, str) and v.startswith("not runnable"):
+                v = note(v)
+            elif col == "p50_ms" and v is None and r.get("bench"):
+                v = note(r["bench"])
             cells.append(_fmt(v, spec) if spec else _fmt(v))
         lines.append("| " + " | ".join(cells) + " |")
+    if notes:
+        lines += ["", "Notes:"] + [f"{i}. {n}" for i, n in enumerate(notes, 1)]
     if summary["skipped_backends"]:
         lines += ["", "Skipped backends:"]
         lines += [f"- {line}" for line in summary["skipped_backends"].values()]
-    notes = sorted({r["bench"] for r in summary["rows"] if r.get("bench")})
-    if notes:
-        lines += ["", "Not benchmarked here:"] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 

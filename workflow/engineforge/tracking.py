@@ -21,10 +21,25 @@ log = logging.getLogger(__name__)
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 RECORD_TAG = "engineforge.record_id"
+CACHE_TAG = "engineforge.cache"  # engineforge.cache.<group> = fingerprint of that stage output
+
+
+def _stage_files(artifact_dir: str, sidecar_path) -> list[list[str]]:
+    """A stage's sidecar and its output files, under one artifact directory."""
+    side = read_json(sidecar_path)
+    files = [str(sidecar_path)] + [o["path"] for o in side["outputs"].values()]
+    return [[f, artifact_dir] for f in files]
 
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def quick_failing_http() -> None:
+    """Fail within seconds, not minutes, when a tracking server is down (user env wins)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
 def _flat(prefix: str, obj, out: dict) -> dict:
@@ -58,8 +73,10 @@ def build_record(model: str, m: dict, experiment: str, sidecars: dict) -> dict:
     parent = {
         "name": model,
         "tags": {"engineforge.model": model, "engineforge.kind": "model",
-                 "engineforge.fingerprint.onnx": simplify["fingerprint"],
-                 "engineforge.fingerprint.export": export["fingerprint"]},
+                 f"{CACHE_TAG}.export": export["fingerprint"],
+                 f"{CACHE_TAG}.simplify": simplify["fingerprint"],
+                 **{f"{CACHE_TAG}.precision.{p}": read_json(path)["fingerprint"]
+                    for p, path in sidecars["precision"].items()}},
         "params": _flat("", {"checkpoint": m["checkpoint"], "opset": m["opset"],
                              "precisions": ",".join(m["precisions"]),
                              "backends": ",".join(m["backends"]), "task": m["task"],
@@ -67,8 +84,11 @@ def build_record(model: str, m: dict, experiment: str, sidecars: dict) -> dict:
         "metrics": _metrics("", {"export_time_s": export["result"]["time_s"],
                                  "nodes_before_simplify": simplify["result"]["nodes_before"],
                                  "nodes_after_simplify": simplify["result"]["nodes_after"]}, {}),
-        "artifacts": [str(sidecars["export"]), str(sidecars["simplify"]), str(sidecars["drift"]),
-                      str(sidecars["drift_md"]), str(sidecars["simplified_onnx"])],
+        "artifacts": _stage_files("export", sidecars["export"])
+        + _stage_files("simplify", sidecars["simplify"])
+        + [a for p, path in sorted(sidecars["precision"].items())
+           for a in _stage_files(f"precision/{p}", path)]
+        + [[str(sidecars["drift"]), "audit"], [str(sidecars["drift_md"]), "audit"]],
     }
     children = []
     for (backend, precision, profile), build_path in sorted(sidecars["build"].items()):
@@ -94,18 +114,16 @@ def build_record(model: str, m: dict, experiment: str, sidecars: dict) -> dict:
             base = (baseline.get("points") or {}).get(which)
             if base and pt.get("p50_ms"):
                 metrics[f"speedup_vs_pytorch.{which}"] = base["p50_ms"] / pt["p50_ms"]
-        artifacts = [str(build_path), str(sidecars["precision"][precision])]
-        artifacts += [str(p) for p in (audit_path, bench_path) if p]
-        engine = sidecars["artifacts"]["engine"].get((backend, precision, profile))
-        if engine:
-            artifacts.append(str(engine))
+        artifacts = _stage_files("build", build_path)
+        artifacts += [[str(audit_path), "audit"]] if audit_path else []
+        artifacts += [[str(bench_path), "bench"]] if bench_path else []
         children.append({
             "name": f"{model}/{precision}/{profile}/{backend}",
             "tags": {"engineforge.model": model, "engineforge.kind": "engine",
                      "engineforge.backend": backend, "engineforge.precision": precision,
                      "engineforge.profile": profile,
                      "engineforge.fingerprint.precision": prec["fingerprint"],
-                     "engineforge.fingerprint.build": build["fingerprint"],
+                     f"{CACHE_TAG}.build": build["fingerprint"],
                      "engineforge.audit": audit.get("status", "n/a"),
                      "engineforge.bench": bench.get("status", "n/a")},
             "params": _flat("", {"backend": backend, "precision": precision,
@@ -125,6 +143,7 @@ def upload(record: dict, uri: str | None = None) -> dict:
     """Log a record to MLflow; returns {"parent": run_id, "children": {name: run_id}}."""
     from mlflow.tracking import MlflowClient
 
+    quick_failing_http()
     client = MlflowClient(tracking_uri=uri or tracking_uri())
     exp = client.get_experiment_by_name(record["experiment"])
     exp_id = exp.experiment_id if exp else client.create_experiment(record["experiment"])
@@ -153,9 +172,9 @@ def _log_run(client, exp_id: str, run: dict, record_id: str, parent: str | None)
     ts = int(__import__("time").time() * 1000)
     client.log_batch(rid, metrics=[Metric(k, v, ts, 0) for k, v in run["metrics"].items()],
                      params=[Param(k, v) for k, v in run["params"].items()], tags=[])
-    for path in run["artifacts"]:
+    for path, artifact_dir in run["artifacts"]:
         if Path(path).is_file():
-            client.log_artifact(rid, path)
+            client.log_artifact(rid, path, artifact_dir)
     client.set_terminated(rid, "FINISHED")
     return rid
 

@@ -100,8 +100,7 @@ class OnnxRuntimeBackend(Backend):
         try:
             sess = session(engine_path, threads=settings["threads"], optimize=False)
         except Exception as err:  # noqa: BLE001
-            raise BenchError(f"onnxruntime cannot load {engine_path}: "
-                             f"{str(err).splitlines()[0][:400]}") from None
+            raise BenchError(f"{str(err).strip().splitlines()[0][:300]}") from None
         feed = _feed_for(sess, shapes)
         names = [o.name for o in sess.get_outputs()]
         stats = time_callable(lambda: sess.run(names, feed), settings["warmup"],

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engineforge import cache
 from engineforge.backends import BuildRequest, get_backend
 from engineforge.config import stage_slice
 from engineforge.errors import BuildError, EngineforgeError
-from engineforge.sidecar import cpu_device, make_sidecar, write_json
+from engineforge.sidecar import cpu_device, make_sidecar, read_json, write_json
 from engineforge.versions import tool_versions
 
 ALL_PROFILES = "all"
@@ -59,15 +60,21 @@ def run(model: str, m: dict, backend: str, precision: str, profile: str, onnx_in
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     dev = device_class(backend)
-    cache = None
+    timing_cache = None
     if timing_cache_dir is not None and backend != "onnxruntime":
         safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in f"{dev}-{avail.version}")
-        cache = Path(timing_cache_dir) / f"timing-{safe}.cache"
-        cache.parent.mkdir(parents=True, exist_ok=True)
+        timing_cache = Path(timing_cache_dir) / f"timing-{safe}.cache"
+        timing_cache.parent.mkdir(parents=True, exist_ok=True)
+    tools = tool_versions("build", backend) | {backend: str(avail.version)}
+    config_slice = stage_slice(m, "build", precision=precision, profile=profile, backend=backend)
+    if cache.try_restore("build", inputs={"onnx": source}, config_slice=config_slice,
+                         tools=tools, outputs={"engine": Path(engine_out)},
+                         sidecar_path=Path(sidecar_path), device=dev):
+        return read_json(sidecar_path)
     req = BuildRequest(model=model, precision=precision, onnx_path=source,
                        engine_path=Path(engine_out), work_dir=work_dir,
                        profiles=profiles_for(m, profile), settings=settings,
-                       timing_cache=cache)
+                       timing_cache=timing_cache)
     try:
         result = be.build(req)
     except EngineforgeError as err:
@@ -77,9 +84,7 @@ def run(model: str, m: dict, backend: str, precision: str, profile: str, onnx_in
                "precision_mode": "flags" if flags_mode else "graph",
                "backend_version": avail.version}
     side = make_sidecar(stage="build", model=model, inputs={"onnx": source},
-                        config_slice=stage_slice(m, "build", precision=precision,
-                                                 profile=profile, backend=backend),
-                        tools=tool_versions("build", backend) | {backend: str(avail.version)},
+                        config_slice=config_slice, tools=tools,
                         outputs={"engine": engine_out}, result=result, device=dev)
     write_json(sidecar_path, side)
     return side

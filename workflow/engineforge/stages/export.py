@@ -9,6 +9,7 @@ TorchScript exporter is the fallback and the reason is recorded.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import shutil
 import sys
@@ -17,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from engineforge import modelio
+from engineforge import cache, modelio
 from engineforge.config import stage_slice
 from engineforge.errors import ExportError
-from engineforge.sidecar import atomic_path, make_sidecar, write_json
+from engineforge.sidecar import atomic_path, make_sidecar, read_json, write_json
 from engineforge.versions import tool_versions
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,14 @@ def run(model: str, m: dict, onnx_out: Path, reference_out: Path, sidecar_path: 
         data = modelio.load_npz(root / m["calibration"]["path"])
     feed = modelio.sample_inputs(m, opt_shapes, seed=m["export"]["seed"], data=data)
     inputs = {"checkpoint": root / ckpt["path"]} if ckpt.get("path") else {}
+    arch_source = _arch_source(ckpt, root)
+    if arch_source:
+        inputs["arch_source"] = arch_source
+    if cache.try_restore("export", inputs=inputs, config_slice=stage_slice(m, "export"),
+                         tools=tool_versions("export"),
+                         outputs={"onnx": onnx_out, "reference": reference_out},
+                         sidecar_path=Path(sidecar_path)):
+        return read_json(sidecar_path)
 
     with atomic_path(onnx_out) as tmp:
         if ckpt["kind"] == "onnx":
@@ -187,6 +196,25 @@ def run(model: str, m: dict, onnx_out: Path, reference_out: Path, sidecar_path: 
                         outputs={"onnx": onnx_out, "reference": reference_out}, result=result)
     write_json(sidecar_path, side)
     return side
+
+
+def _arch_source(ckpt: dict, root: Path) -> Path | None:
+    """The project's own model-definition file, so that editing it re-exports.
+
+    Installed packages (torchvision, ...) are covered by their versions instead.
+    """
+    if ckpt["kind"] != "state_dict":
+        return None
+    if str(root.resolve()) not in sys.path:
+        sys.path.insert(0, str(root.resolve()))
+    try:
+        spec = importlib.util.find_spec(ckpt["arch"].split(":")[0])
+    except (ImportError, ValueError):
+        return None
+    origin = Path(spec.origin) if spec and spec.origin else None
+    if origin and origin.is_file() and "site-packages" not in origin.parts:
+        return origin
+    return None
 
 
 def _eval_feed(m: dict, root: Path) -> dict:

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+from engineforge import cache
 from engineforge.config import stage_slice
 from engineforge.errors import PrecisionError
-from engineforge.sidecar import make_sidecar, write_json
+from engineforge.sidecar import make_sidecar, read_json, write_json
 from engineforge.versions import tool_versions
 
 log = logging.getLogger(__name__)
@@ -168,6 +169,13 @@ def run(model: str, m: dict, precision: str, onnx_in: Path, out_onnx: Path,
 
     onnx_in, out_onnx, root = Path(onnx_in), Path(out_onnx), Path(root)
     method = METHODS[precision]
+    calib_in = ({"calibration": Path(root) / m["calibration"]["path"]}
+                if method == "qdq" and "calibration" in m else {})
+    if cache.try_restore(f"precision.{precision}", inputs={"onnx": onnx_in} | calib_in,
+                         config_slice=stage_slice(m, "precision", precision=precision),
+                         tools=tool_versions("precision"), outputs={"onnx": out_onnx},
+                         sidecar_path=sidecar_path):
+        return read_json(sidecar_path)
     if method != "copy":  # import first, so that time_s is the conversion alone
         importlib.import_module("modelopt.onnx." + ("autocast" if method == "autocast"
                                                     else "quantization"))

@@ -12,10 +12,10 @@ import shutil
 import time
 from pathlib import Path
 
-from engineforge import modelio
+from engineforge import cache, modelio
 from engineforge.config import stage_slice
 from engineforge.errors import SimplifyError
-from engineforge.sidecar import atomic_path, make_sidecar, write_json
+from engineforge.sidecar import atomic_path, make_sidecar, read_json, write_json
 from engineforge.versions import tool_versions
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,10 @@ def run(model: str, m: dict, onnx_in: Path, onnx_out: Path, sidecar_path: Path) 
     import onnx
     import onnxsim
 
+    if cache.try_restore("simplify", inputs={"onnx": onnx_in},
+                         config_slice=stage_slice(m, "simplify"), tools=tool_versions("simplify"),
+                         outputs={"onnx": onnx_out}, sidecar_path=sidecar_path):
+        return read_json(sidecar_path)
     t0 = time.perf_counter()
     original = onnx.load(str(onnx_in))
     before = len(original.graph.node)

@@ -1,0 +1,104 @@
+"""MLflow as a shared build cache.
+
+Every tracked stage output carries the tag ``engineforge.cache.<group> =
+<fingerprint>`` (groups: ``export``, ``simplify``, ``precision.<p>``, ``build``)
+and its files under the artifact directory ``<group with / for .>``. Before a
+stage works, it asks the tracking server for a FINISHED run with its
+fingerprint; on a hit it downloads the files, checks every sha256 against the
+downloaded sidecar, and moves them into place instead of rebuilding. A fresh
+clone on another machine thereby reuses what CI or a colleague already built.
+Lookups never fail a build: an unreachable server is a miss.
+
+``ENGINEFORGE_CACHE=0`` turns lookups off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from engineforge.sidecar import atomic_path, fingerprint, read_json, sha256_file, write_json
+
+log = logging.getLogger(__name__)
+TAG = "engineforge.cache"
+
+
+def enabled() -> bool:
+    return os.environ.get("ENGINEFORGE_CACHE", "1") not in ("0", "false", "no")
+
+
+def _client():
+    from mlflow.tracking import MlflowClient
+
+    from engineforge.tracking import quick_failing_http, tracking_uri
+
+    quick_failing_http()
+    return MlflowClient(tracking_uri=tracking_uri())
+
+
+def lookup(group: str, fingerprint: str) -> str | None:
+    """Run id of a finished run holding ``group`` with this fingerprint, or None."""
+    if not enabled():
+        return None
+    try:
+        client = _client()
+        exps = [e.experiment_id for e in client.search_experiments()]
+        if not exps:
+            return None
+        runs = client.search_runs(
+            exps, f"tags.`{TAG}.{group}` = '{fingerprint}' and attributes.status = 'FINISHED'",
+            max_results=1)
+        return runs[0].info.run_id if runs else None
+    except Exception as err:  # noqa: BLE001 - the cache is an optimisation, never a failure
+        log.warning("cache lookup for %s failed (treated as a miss): %s", group,
+                    str(err).splitlines()[0][:200])
+        return None
+
+
+def try_restore(group: str, *, inputs: dict, config_slice: dict, tools: dict,
+                outputs: dict[str, Path], sidecar_path: Path, device: str | None = None) -> bool:
+    """Compute the stage's fingerprint from its inputs and restore it from the cache."""
+    if not enabled():
+        return False
+    fp = fingerprint({role: sha256_file(p) for role, p in inputs.items()}, config_slice, tools,
+                     device)
+    return restore(group, fp, outputs, sidecar_path)
+
+
+def restore(group: str, fingerprint: str, outputs: dict[str, Path], sidecar_path: Path) -> bool:
+    """Fetch ``group``'s files from the cache into ``outputs`` + ``sidecar_path``.
+
+    ``outputs`` maps the sidecar's output roles to where this run wants them.
+    Returns False (and leaves nothing behind) on a miss or any mismatch.
+    """
+    run_id = lookup(group, fingerprint)
+    if run_id is None:
+        return False
+    artifact_dir = group.replace(".", "/")
+    try:
+        with tempfile.TemporaryDirectory(dir=Path(sidecar_path).parent.parent) as tmp:
+            local = Path(_client().download_artifacts(run_id, artifact_dir, tmp))
+            side = read_json(local / Path(sidecar_path).name)
+            if side["fingerprint"] != fingerprint:
+                raise ValueError("fingerprint differs from the tag")
+            for role in outputs:
+                rec = side["outputs"][role]
+                src = local / Path(rec["path"]).name
+                if sha256_file(src) != rec["sha256"]:
+                    raise ValueError(f"sha256 mismatch for {src.name}")
+            for role, dest in outputs.items():
+                with atomic_path(dest) as part:
+                    shutil.copyfile(local / Path(side["outputs"][role]["path"]).name, part)
+                side["outputs"][role]["path"] = str(dest)
+            side["cache"] = {"hit": True, "run_id": run_id, "group": group}
+            write_json(sidecar_path, side)
+    except Exception as err:  # noqa: BLE001
+        log.warning("cache hit for %s in run %s unusable, rebuilding: %s", group, run_id,
+                    str(err).splitlines()[0][:200])
+        return False
+    log.info("cache hit: %s restored from MLflow run %s (fingerprint %s)", group, run_id,
+             fingerprint[:12])
+    return True
