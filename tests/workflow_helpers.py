@@ -37,14 +37,28 @@ def snakemake(workspace: Path, *args: str, env: dict | None = None, cores: int =
 
 def planned_jobs(workspace: Path, env: dict | None = None) -> dict[str, int]:
     """Jobs a dry run plans, by rule ({} when there is nothing to do)."""
-    proc = snakemake(workspace, "--dry-run", "--quiet", "rules", env=env)
+    counts: dict[str, int] = {}
+    for rule, _ in planned_outputs(workspace, env):
+        counts[rule] = counts.get(rule, 0) + 1
+    return counts
+
+
+def planned_outputs(workspace: Path, env: dict | None = None) -> list[tuple[str, str]]:
+    """(rule, first output) of every job a dry run plans."""
+    proc = snakemake(workspace, "--dry-run", env=env)
     text = proc.stdout + proc.stderr
     if "Nothing to be done" in text:
-        return {}
-    counts = {}
-    table = text.split("Job stats:", 1)[1] if "Job stats:" in text else ""
-    for line in table.splitlines():
-        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
-        if m and m.group(1) != "total":
-            counts[m.group(1)] = int(m.group(2))
-    return counts
+        return []
+    jobs, rule = [], None
+    for line in text.splitlines():
+        m = re.match(r"^(?:local)?rule (\w+):$", line.strip())
+        if m:
+            rule = m.group(1)
+            if rule == "all":
+                jobs.append((rule, ""))
+            continue
+        m = re.match(r"^output: (\S+?),?(?: |$)", line.strip())
+        if m and rule:
+            jobs.append((rule, m.group(1)))
+            rule = None
+    return jobs

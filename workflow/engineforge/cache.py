@@ -24,6 +24,7 @@ from engineforge.sidecar import atomic_path, fingerprint, read_json, sha256_file
 
 log = logging.getLogger(__name__)
 TAG = "engineforge.cache"
+_unreachable: dict[str, str] = {}  # tracking URI -> first error: stop asking it in this process
 
 
 def enabled() -> bool:
@@ -41,7 +42,9 @@ def _client():
 
 def lookup(group: str, fingerprint: str) -> str | None:
     """Run id of a finished run holding ``group`` with this fingerprint, or None."""
-    if not enabled():
+    from engineforge.tracking import tracking_uri
+
+    if not enabled() or tracking_uri() in _unreachable:
         return None
     try:
         client = _client()
@@ -53,8 +56,9 @@ def lookup(group: str, fingerprint: str) -> str | None:
             max_results=1)
         return runs[0].info.run_id if runs else None
     except Exception as err:  # noqa: BLE001 - the cache is an optimisation, never a failure
-        log.warning("cache lookup for %s failed (treated as a miss): %s", group,
-                    str(err).splitlines()[0][:200])
+        _unreachable[tracking_uri()] = str(err).splitlines()[0][:200]
+        log.warning("cache lookup for %s failed; no more lookups in this run: %s", group,
+                    _unreachable[tracking_uri()])
         return None
 
 

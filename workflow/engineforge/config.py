@@ -167,6 +167,11 @@ def load(path: str | os.PathLike) -> dict:
 
 # --- config slices: what each stage's output depends on -------------------------------
 
+def reference_data(m: dict) -> dict | None:
+    """The data set the export's reference inputs come from: evaluation, else calibration."""
+    return m.get("evaluation") or m.get("calibration")
+
+
 def stage_slice(m: dict, stage: str, precision: str | None = None,
                 profile: str | None = None, backend: str | None = None) -> dict:
     """The part of a model's settings that a stage's output depends on.
@@ -174,11 +179,15 @@ def stage_slice(m: dict, stage: str, precision: str | None = None,
     Used for fingerprints and as Snakemake ``params`` so that editing one
     precision's settings reruns only that precision's jobs.
     """
+    # export and simplify see one shape only: the first profile's opt (reference data,
+    # onnxsim's test shapes); dynamic dims stay symbolic, so other shapes do not matter.
+    ref_shapes = {i: s["opt"] for i, s in next(iter(m["profiles"].values())).items()}
     if stage == "export":
         return {k: m[k] for k in ("checkpoint", "inputs", "opset", "export")} | {
-            "profiles": m["profiles"]}
+            "reference_shapes": ref_shapes, "task": m["task"],
+            "reference_data": reference_data(m)}
     if stage == "simplify":
-        return {"simplify": m["simplify"], "profiles": m["profiles"]}
+        return {"simplify": m["simplify"], "reference_shapes": ref_shapes}
     if stage == "precision":
         s = {"precision": precision, "settings": m["precision"].get(precision, {})}
         if precision in QUANTIZED:

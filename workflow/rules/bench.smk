@@ -35,7 +35,7 @@ rule bench:
 
 rule bench_pytorch:
     input:
-        unpack(checkpoint_inputs),
+        unpack(checkpoint_file),
     output:
         f"{A}/{{model}}/bench/pytorch/{{profile}}.json",
     params:

@@ -57,10 +57,14 @@ def checkpoint_inputs(wildcards):
     files = {}
     if m["checkpoint"].get("path"):
         files["checkpoint"] = m["checkpoint"]["path"]
-    for section in ("evaluation", "calibration"):
-        if section in m:
-            files[section] = m[section]["path"]
+    if efconfig.reference_data(m):
+        files["reference_data"] = efconfig.reference_data(m)["path"]
     return files
+
+
+def checkpoint_file(wildcards):
+    path = M(wildcards)["checkpoint"].get("path")
+    return {"checkpoint": path} if path else {}
 
 
 def calibration_input(wildcards):

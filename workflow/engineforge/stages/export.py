@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from engineforge import cache, modelio
-from engineforge.config import stage_slice
+from engineforge.config import reference_data, stage_slice
 from engineforge.errors import ExportError
 from engineforge.sidecar import atomic_path, make_sidecar, read_json, write_json
 from engineforge.versions import tool_versions
@@ -94,10 +94,10 @@ def _export(net, model: str, m: dict, example: tuple, tmp: Path) -> dict:
     import torch
 
     names = list(m["inputs"])
-    ranges = modelio.dim_ranges(m)
-    dims = {d: torch.export.Dim(d, min=max(lo, 1), max=max(hi, 2))
-            for d, (lo, hi) in ranges.items()}
     dyn = modelio.dynamic_dims(m)
+    # Named, unbounded dims: the ONNX keeps the names, and profile ranges (which only the
+    # engine builds use) can change without a re-export.
+    dims = {d: torch.export.Dim(d) for axes in dyn.values() for d in axes.values()}
     facts: dict = {"exporter": None, "fallback_reason": None}
     errors = []
     order = ["dynamo", "torchscript"] if m["export"]["exporter"] == "dynamo" else [
@@ -147,13 +147,11 @@ def run(model: str, m: dict, onnx_out: Path, reference_out: Path, sidecar_path: 
     ckpt = m["checkpoint"]
     first_profile = next(iter(m["profiles"].values()))
     opt_shapes = modelio.shapes_at(first_profile, "opt")
-    data = None
-    if "evaluation" in m:
-        data = modelio.load_npz(root / m["evaluation"]["path"])
-    elif "calibration" in m:
-        data = modelio.load_npz(root / m["calibration"]["path"])
+    data = modelio.load_npz(root / reference_data(m)["path"]) if reference_data(m) else None
     feed = modelio.sample_inputs(m, opt_shapes, seed=m["export"]["seed"], data=data)
     inputs = {"checkpoint": root / ckpt["path"]} if ckpt.get("path") else {}
+    if reference_data(m):
+        inputs["reference_data"] = root / reference_data(m)["path"]
     arch_source = _arch_source(ckpt, root)
     if arch_source:
         inputs["arch_source"] = arch_source

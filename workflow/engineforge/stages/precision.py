@@ -33,7 +33,6 @@ from engineforge.versions import tool_versions
 
 log = logging.getLogger(__name__)
 
-AUTOCAST_SAMPLES = 8  # reference-run batch for AutoCast's data_max check (dynamic batch)
 METHODS = {"fp32": "copy", "fp16": "autocast", "bf16": "autocast", "int8": "qdq", "fp8": "qdq"}
 
 

@@ -1,0 +1,172 @@
+"""The `engineforge` command as users run it: exit codes, one-line errors, sync, run.
+
+Shares the workflow-built tree of test_release.py (built once per session).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from engineforge import config, tracking
+from engineforge.sidecar import read_json
+from test_release import built_workspace, rewrite
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Path:
+    return built_workspace(tmp_path_factory)
+
+
+def cli(*args: str, cwd: Path, uri: str | None = None,
+        env: dict | None = None) -> subprocess.CompletedProcess:
+    full = {**os.environ, **(env or {})}
+    if uri:
+        full["MLFLOW_TRACKING_URI"] = uri
+    return subprocess.run([sys.executable, "-m", "engineforge.cli", *args], cwd=cwd, env=full,
+                          capture_output=True, text=True, timeout=300)
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("engineforge: ["), proc.stderr
+    return lines[0]
+
+
+def record_sidecars(ws: Path, model: str) -> dict:
+    """The sidecar map `rule track` hands to tracking.build_record, read off the tree."""
+    a = Path("artifacts") / model
+    s = {"export": a / "export/export.json", "simplify": a / "simplify/simplify.json",
+         "simplified_onnx": a / "simplify/model.onnx", "drift": a / "audit/drift.json",
+         "drift_md": a / "audit/drift.md", "precision": {}, "audit": {}, "build": {},
+         "bench": {}, "baseline": {}, "artifacts": {"engine": {}}}
+    for side in sorted((ws / a).glob("build/*/*/*/build.json")):
+        b, p, prof = side.relative_to(ws / a / "build").parts[:3]
+        s["precision"][p] = a / "precision" / p / "precision.json"
+        s["audit"][(b, p)] = a / "audit" / b / f"{p}.json"
+        s["build"][(b, p, prof)] = a / "build" / b / p / prof / "build.json"
+        s["bench"][(b, p, prof)] = a / "bench" / b / p / f"{prof}.json"
+        s["baseline"][prof] = a / "bench" / "pytorch" / f"{prof}.json"
+        s["artifacts"]["engine"][(b, p, prof)] = next(side.parent.glob("engine.*"))
+    return s
+
+
+def test_release_then_verify(ws, tmp_path):
+    # setup
+    out = tmp_path / "rel"
+    # execute
+    made = cli("release", "1.0.0", "--config", str(ws / "config.yaml"), "--no-register",
+               "--out", str(out), cwd=tmp_path)
+    checked = cli("verify", str(out / "engineforge-1.0.0.tar.gz"), cwd=tmp_path)
+    # assert
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.startswith(f"wrote {out / 'engineforge-1.0.0.tar.gz'} (12 engine(s)")
+    assert "tinycls/fp32/b1-8/onnxruntime  sha256=" in made.stdout
+    assert (checked.returncode, checked.stdout) == (0, "OK: 12 engines verified\n")
+
+
+def test_verify_exits_1_and_lists_the_mismatch(ws, tmp_path):
+    # setup
+    cli("release", "1.1.0", "--config", str(ws / "config.yaml"), "--no-register", "--select",
+        "tinyfcn/*/small/tensorrt-rtx", "--out", str(tmp_path), cwd=tmp_path)
+    bundle = tmp_path / "engineforge-1.1.0.tar.gz"
+    rewrite(bundle, lambda n, d: (n, d[:-1] + bytes([d[-1] ^ 1]) if n.endswith(".plan") else d))
+    # execute
+    proc = cli("verify", str(bundle), cwd=tmp_path)
+    # assert
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.splitlines()[0] == f"FAILED: {bundle}"
+    mismatches = [ln for ln in proc.stderr.splitlines() if "sha256 mismatch" in ln]
+    assert len(mismatches) == 2  # fp32 and int8 plans
+    assert all("/build/tensorrt-rtx/" in ln for ln in mismatches)
+
+
+@pytest.mark.parametrize("case", ["duplicate", "empty", "no-config", "bad-bundle", "alias"])
+def test_errors_are_one_line_with_exit_code_2(ws, tmp_path, case):
+    # setup
+    base = ["release", "2.0.0", "--config", str(ws / "config.yaml"), "--no-register",
+            "--out", str(tmp_path)]
+    if case == "duplicate":
+        assert cli(*base, "--select", "tinycls/fp32", cwd=tmp_path).returncode == 0
+    args = {"duplicate": base, "empty": base + ["--select", "resnet*/*/*/*"],
+            "no-config": ["release", "2.0.0", "--config", str(tmp_path / "missing.yaml")],
+            "bad-bundle": ["verify", str(tmp_path / "missing.tar.gz")],
+            "alias": base + ["--alias", "latest"]}[case]
+    # execute
+    proc = cli(*args, cwd=tmp_path)
+    # assert
+    line = one_error_line(proc)
+    expect = {"duplicate": "[stage=release key=version] release 2.0.0 already exists",
+              "empty": "[stage=release key=--select] no built engine under",
+              "no-config": "[stage=config] config file", "bad-bundle": "[stage=release key="
+              "bundle] cannot read", "alias": "[stage=release key=--alias] 'latest'"}[case]
+    assert line.startswith(f"engineforge: {expect}")
+
+
+def test_sync_uploads_a_pending_record_and_release_finds_its_runs(ws, tmp_path, monkeypatch):
+    # setup: tracking of tinycls failed (server down): pending record + pending track.json
+    arts = tmp_path / "artifacts"
+    shutil.copytree(ws / "artifacts", arts, ignore=shutil.ignore_patterns("releases", "rel-*",
+                                                                          "_tracking"))
+    monkeypatch.chdir(ws)  # record paths are relative to the workflow's directory
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    cfg = config.load(ws / "config.yaml")
+    record = tracking.build_record("tinycls", cfg["models"]["tinycls"], cfg["experiment"],
+                                   record_sidecars(ws, "tinycls"))
+    status = tracking.track(record, arts / "tinycls" / "track.json", arts)
+    assert status["status"] == "pending"
+    assert len(list(tracking.pending_dir(arts).glob("*.json"))) == 1
+    down = cli("sync", "--artifacts", str(arts), cwd=ws, uri="http://127.0.0.1:9")
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/up.db"
+    client = MlflowClient(tracking_uri=uri)
+    client.create_experiment(cfg["experiment"], artifact_location=str(tmp_path / "up-runs"))
+    # execute
+    up = cli("sync", "--artifacts", str(arts), cwd=ws, uri=uri)
+    again = cli("sync", "--artifacts", str(arts), cwd=ws, uri=uri)
+    rel = cli("release", "3.0.0", "--config", str(ws / "config.yaml"), "--artifacts", str(arts),
+              "--select", "tinycls", "--out", str(tmp_path / "rel"), cwd=tmp_path, uri=uri)
+    # assert
+    line = one_error_line(down)
+    assert "stage=track key=MLFLOW_TRACKING_URI" in line and "pending records kept" in line
+    assert up.returncode == 0, up.stderr
+    assert up.stdout.startswith(f"uploaded tinycls-{record['id']}.json: parent run ")
+    assert up.stdout.rstrip().endswith("(4 child run(s))")
+    assert list(tracking.pending_dir(arts).glob("*.json")) == []
+    assert again.stdout.startswith("nothing pending under")
+    exp = client.get_experiment_by_name(cfg["experiment"])
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    children = {r.info.run_name: r.info.run_id for r in runs
+                if r.data.tags.get("engineforge.record_id.parent") == record["id"]}
+    assert len(children) == 4
+    assert rel.returncode == 0, rel.stderr
+    with tarfile.open(tmp_path / "rel" / "engineforge-3.0.0.tar.gz") as tar:
+        manifest = json.load(tar.extractfile("engineforge-3.0.0/manifest.json"))
+    for e in manifest["engines"]:  # track.json says "pending": run ids found by record id
+        assert e["mlflow"]["run_id"] == children[e["name"]]
+        assert e["mlflow"]["registered_model"] == "engineforge." + e["name"].replace("/", ".")
+    assert read_json(arts / "tinycls" / "track.json")["status"] == "pending"
+
+
+def test_run_hands_over_to_snakemake_with_the_workflow_profile(ws):
+    # setup
+    uri = f"sqlite:///{ws}/mlflow.db"
+    # execute
+    proc = cli("run", "--dry-run", "--configfile", "config.yaml", cwd=ws, uri=uri)
+    # assert
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "workflow/profiles/default" in out  # Snakemake names the profile it uses
+    assert "Nothing to be done" in out

@@ -1,0 +1,139 @@
+"""Tracking against a real `mlflow server` on loopback: parallel jobs, the shared build
+cache across two clones, and a tracking outage that `engineforge sync` recovers from."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import tiny_raw_config, write_tiny_workspace
+from workflow_helpers import snakemake, write_config
+
+pytestmark = pytest.mark.e2e
+MLFLOW = Path(sys.executable).with_name("mlflow")
+
+
+class Server:
+    def __init__(self, root: Path):
+        self.root = root
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.root}/server.db",
+             "--artifacts-destination", str(self.root / "server-artifacts"), "--workers", "2"],
+            stdout=open(self.root / "server.log", "ab"), stderr=subprocess.STDOUT)
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
+                return self
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError((self.root / "server.log").read_text()[-2000:])
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = Server(tmp_path_factory.mktemp("mlflow")).start()
+    yield srv
+    if srv.proc.poll() is None:
+        srv.stop()
+
+
+def _clone(tmp_path_factory, name):
+    ws = tmp_path_factory.mktemp(name)
+    write_tiny_workspace(ws)
+    write_config(ws, tiny_raw_config(precisions=("fp32", "int8"),
+                                     backends=("onnxruntime", "tensorrt-rtx")))
+    return ws
+
+
+def _client(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _runs(uri, experiment="engineforge-tests"):
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], max_results=1000) if exp else []
+
+
+def _stage_sidecars(ws):
+    a = ws / "artifacts"
+    return [*a.glob("*/export/export.json"), *a.glob("*/simplify/simplify.json"),
+            *a.glob("*/precision/*/precision.json"), *a.glob("*/build/*/*/*/build.json")]
+
+
+def test_parallel_jobs_and_shared_cache_across_clones(server, tmp_path_factory):
+    env = {"MLFLOW_TRACKING_URI": server.uri}
+    # execute: clone 1 builds everything with 4 parallel jobs
+    first = _clone(tmp_path_factory, "clone1")
+    snakemake(first, env=env, cores=4)
+    runs = _runs(server.uri)
+    # assert: no lost runs (2 parents; tinycls 2x1x2 + tinyfcn 2x2x2 children)
+    assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 2
+    assert len([r for r in runs if "mlflow.parentRunId" in r.data.tags]) == 12
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert not any(json.loads(p.read_text()).get("cache") for p in _stage_sidecars(first))
+
+    # execute: clone 2 (a fresh checkout elsewhere) against the same server
+    second = _clone(tmp_path_factory, "clone2")
+    proc = snakemake(second, env=env, cores=2)
+    # assert: every export/simplify/precision/build output came from the cache, same bytes
+    sidecars = _stage_sidecars(second)
+    assert len(sidecars) == 2 + 2 + 4 + 12
+    for path in sidecars:
+        side = json.loads(path.read_text())
+        assert side.get("cache", {}).get("hit") is True, path
+        twin = json.loads((first / path.relative_to(second)).read_text())
+        assert side["fingerprint"] == twin["fingerprint"]
+        for role, out in side["outputs"].items():
+            assert out["sha256"] == twin["outputs"][role]["sha256"]
+    assert "cache hit" in "".join(p.read_text() for p in (second / "artifacts").glob(
+        "*/logs/build-*.log"))
+    assert proc.returncode == 0
+
+
+def test_outage_keeps_records_and_sync_uploads_them(server, tmp_path_factory):
+    ws = _clone(tmp_path_factory, "outage")
+    env = {"MLFLOW_TRACKING_URI": server.uri, "ENGINEFORGE_CACHE": "0"}
+    before = len(_runs(server.uri))
+    # setup: the server goes down
+    server.stop()
+    # execute: the build still finishes; tracking records stay on disk
+    snakemake(ws, env=env)
+    tracks = [json.loads(p.read_text()) for p in ws.glob("artifacts/*/track.json")]
+    pending = list((ws / "artifacts/_tracking/pending").glob("*.json"))
+    # assert
+    assert [t["status"] for t in tracks] == ["pending", "pending"]
+    assert len(pending) == 2
+    assert (ws / "artifacts/summary.md").exists()
+    # execute: the server comes back; sync uploads what was kept
+    server.start()
+    proc = subprocess.run([str(Path(sys.executable).with_name("engineforge")), "sync",
+                           "--artifacts", str(ws / "artifacts")],
+                          env={**os.environ, "MLFLOW_TRACKING_URI": server.uri},
+                          capture_output=True, text=True, cwd=ws)
+    # assert: nothing lost, nothing pending, and a second sync logs nothing twice
+    assert proc.returncode == 0, proc.stderr
+    assert len(_runs(server.uri)) == before + 2 + 12
+    assert not list((ws / "artifacts/_tracking/pending").glob("*.json"))

@@ -1,0 +1,112 @@
+"""Rebuild only when inputs change — the five scenarios, on the demo zoo.
+
+The repository's config.yaml, models/ and calib/ are copied to a workspace
+(bench iterations lowered to keep the test short) and built once; each
+scenario then counts the jobs a dry run plans.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+from workflow_helpers import ROOT, planned_jobs, planned_outputs, snakemake, write_config
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    ws = tmp_path_factory.mktemp("zoo")
+    shutil.copytree(ROOT / "models", ws / "models", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "calib", ws / "calib")
+    raw = yaml.safe_load((ROOT / "config.yaml").read_text())
+    raw["defaults"]["backends"] = ["onnxruntime", "tensorrt-rtx"]
+    raw["defaults"]["bench"] = {"warmup": 1, "iterations": 2, "threads": 2}
+    write_config(ws, raw)
+    snakemake(ws)
+    return ws, raw
+
+
+def _edit(ws, raw, change):
+    new = copy.deepcopy(raw)
+    change(new)
+    write_config(ws, new)
+
+
+def test_touch_rebuilds_nothing(zoo):
+    ws, raw = zoo
+    # setup
+    for f in [*ws.glob("models/*"), *ws.glob("calib/*"), ws / "config.yaml"]:
+        f.touch()
+    # execute / assert
+    assert planned_jobs(ws) == {}
+
+
+def test_one_precision_setting_reruns_only_that_branch(zoo):
+    ws, raw = zoo
+    # setup
+    _edit(ws, raw, lambda r: r["models"]["resnet18"]["precision"]["int8"].update(calib_size=8))
+    # execute
+    jobs = planned_outputs(ws)
+    write_config(ws, raw)
+    # assert
+    rules = [r for r, _ in jobs]
+    assert rules.count("precision") == 1 and "export" not in rules and "simplify" not in rules
+    assert rules.count("build") == 1 and rules.count("build_onnxruntime") == 1
+    for rule, out in jobs:
+        if rule in ("precision", "build", "build_onnxruntime", "audit", "bench"):
+            assert "/resnet18/" in out and "int8" in out, (rule, out)
+        elif rule in ("drift_matrix", "track"):
+            assert "/resnet18/" in out
+    assert len(jobs) == 11  # precision, 2 builds, 2 audits, 2 benches, drift, track, summary, all
+
+
+def test_new_calibration_data_reruns_only_quantized_variants_of_that_model(zoo):
+    ws, raw = zoo
+    # setup
+    path = ws / "calib/digits_calib.npz"
+    original = path.read_bytes()
+    data = dict(np.load(path))
+    data["image"] = data["image"][::-1].copy()
+    np.savez_compressed(path, **data)
+    # execute
+    jobs = planned_outputs(ws)
+    path.write_bytes(original)
+    # assert
+    precision_jobs = [o for r, o in jobs if r == "precision"]
+    assert precision_jobs == ["artifacts/digits_cnn/precision/int8/model.onnx"]
+    assert all("/digits_cnn/" in o for r, o in jobs if r not in ("summary", "all"))
+
+
+def test_one_profile_change_reruns_only_its_builds_and_benches(zoo):
+    ws, raw = zoo
+    # setup: the second profile of tiny_sr gets a larger max
+    _edit(ws, raw, lambda r: r["models"]["tiny_sr"]["profiles"]["large"]["lowres"].update(
+        max=[2, 1, 512, 512]))
+    # execute
+    jobs = planned_outputs(ws)
+    write_config(ws, raw)
+    # assert
+    rules = {r for r, _ in jobs}
+    assert rules == {"build", "build_onnxruntime", "bench", "bench_pytorch", "track", "summary",
+                     "all"}
+    assert all("/large" in o for r, o in jobs if r.startswith(("build", "bench")))
+    assert len([r for r, _ in jobs if r.startswith("build")]) == 8  # 4 precisions x 2 backends
+
+
+def test_tool_upgrade_reruns_the_stages_that_depend_on_it(zoo):
+    ws, raw = zoo
+    # execute: simulate an onnxsim upgrade, then a TensorRT-RTX upgrade
+    onnxsim = planned_jobs(ws, env={"ENGINEFORGE_TOOL_VERSIONS": json.dumps({"onnxsim": "99"})})
+    rtx = planned_jobs(ws, env={"ENGINEFORGE_TOOL_VERSIONS": json.dumps(
+        {"tensorrt_rtx_cu13_bindings": "99"})})
+    # assert
+    assert "export" not in onnxsim and onnxsim["simplify"] == 3
+    assert onnxsim["precision"] == 12
+    assert set(rtx) >= {"build"} and "build_onnxruntime" not in rtx
+    assert "precision" not in rtx and rtx["build"] == 16  # 4 + 4 + 8 engines

@@ -1,0 +1,316 @@
+"""Release bundles and the MLflow Model Registry, on a tree built by the real workflow.
+
+The tiny zoo (tinycls: 1 profile, tinyfcn: 2 profiles) × fp32/int8 × onnxruntime/tensorrt-rtx
+is built once per session (~20 s): 12 engines, tracked in the workspace's sqlite MLflow.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, tiny_raw_config, write_tiny_workspace
+from engineforge import release
+from engineforge.errors import ReleaseError
+from engineforge.sidecar import read_json, sha256_file, write_json
+from workflow_helpers import snakemake, write_config
+
+pytestmark = pytest.mark.e2e
+
+_BUILT: dict[str, Path] = {}
+
+
+def built_workspace(tmp_path_factory) -> Path:
+    """Run the workflow once per session (test_cli.py shares it)."""
+    if "ws" not in _BUILT:
+        ws = tmp_path_factory.mktemp("release-ws")
+        write_tiny_workspace(ws)
+        write_config(ws, tiny_raw_config(precisions=("fp32", "int8"),
+                                         backends=("onnxruntime", "tensorrt-rtx")))
+        snakemake(ws)
+        _BUILT["ws"] = ws
+    return _BUILT["ws"]
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Path:
+    return built_workspace(tmp_path_factory)
+
+
+def cut(ws: Path, out: Path, version: str, patterns=None, **kw) -> tuple[dict, list[str]]:
+    said: list[str] = []
+    kw.setdefault("register_models", False)
+    res = release.release(version, config_path=ws / "config.yaml", out=out, patterns=patterns,
+                          say=said.append, **kw)
+    return res, said
+
+
+def members(bundle: Path) -> dict[str, bytes]:
+    with tarfile.open(bundle, "r:gz") as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def rewrite(bundle: Path, change=lambda name, data: (name, data), extra=()) -> None:
+    """Rewrite the tar: each member's (name, bytes) through ``change``, then ``extra``."""
+    with tarfile.open(bundle, "r:gz") as tar:
+        items = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with gzip.open(bundle, "wb") as gz, tarfile.open(fileobj=gz, mode="w") as tar:
+        for name, data in [change(n, d) for n, d in items] + list(extra):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_select_by_pattern(ws, tmp_path):
+    # setup
+    patterns = ["tinycls/*/*/onnxruntime", "tinyfcn/fp32/small"]  # short form = .../*
+    # execute
+    res, _ = cut(ws, tmp_path, "0.1.0", patterns)
+    # assert
+    names = {e["name"] for e in res["manifest"]["engines"]}
+    assert names == {"tinycls/fp32/b1-8/onnxruntime", "tinycls/int8/b1-8/onnxruntime",
+                     "tinyfcn/fp32/small/onnxruntime", "tinyfcn/fp32/small/tensorrt-rtx"}
+    assert res["bundle"] == tmp_path / "engineforge-0.1.0.tar.gz"
+
+
+def test_manifest_contents(ws, tmp_path):
+    # setup
+    a = ws / "artifacts"
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    # execute
+    res, _ = cut(ws, tmp_path, "1.0.0")
+    # assert
+    man = res["manifest"]
+    files = members(res["bundle"])
+    assert json.loads(files["engineforge-1.0.0/manifest.json"]) == json.loads(json.dumps(man))
+    assert man["version"] == "1.0.0" and man["created"].endswith("Z")
+    assert man["git"]["commit"] == commit and isinstance(man["git"]["dirty"], bool)
+    assert set(man["config"]["models"]) == {"tinycls", "tinyfcn"}
+    assert man["config"]["models"]["tinycls"]["precisions"] == ["fp32", "int8"]
+    assert len(man["engines"]) == 12  # (1 + 2 profiles) × 2 precisions × 2 backends
+    for e in man["engines"]:
+        engine = a / e["path"]
+        assert e["sha256"] == sha256_file(engine) == man["files"][e["path"]]["sha256"]
+        assert e["bytes"] == engine.stat().st_size == len(files[f"engineforge-1.0.0/{e['path']}"])
+        for stage in ("export", "simplify", "precision", "build"):
+            assert e["fingerprints"][stage] == read_json(a / e["sidecars"][stage])["fingerprint"]
+        build = read_json(a / e["sidecars"]["build"])
+        assert e["tools"] == build["tools"] and e["device"] == build["device"]
+        track = read_json(a / e["model"] / "track.json")
+        assert e["mlflow"]["run_id"] == track["children"][e["name"]]
+        assert e["rebuild"][0] == f"git checkout {commit}" and e["rebuild"][1] == "make env"
+        assert e["rebuild"][2].startswith(".venv/bin/snakemake --workflow-profile "
+                                          "workflow/profiles/default --cores all")
+        assert e["rebuild"][2].endswith(f" artifacts/{e['path']}")
+        assert e["audit"]["verdict"] in ("pass", "not_runnable")
+    ort = next(e for e in man["engines"] if e["name"] == "tinycls/fp32/b1-8/onnxruntime")
+    assert ort["audit"]["drift"]["max_abs"] < 1e-3 and ort["audit"]["drift"]["accuracy"] > 0.5
+    bench = read_json(a / ort["sidecars"]["bench"])["result"]
+    assert ort["bench"]["p50_ms_opt"] == bench["points"]["opt"]["p50_ms"] > 0
+
+
+def test_rebuild_target_is_a_workflow_target(ws):
+    # setup
+    res, _ = cut(ws, ws / "rel-target", "1.0.1", ["tinyfcn/int8/large/tensorrt-rtx"])
+    target = res["manifest"]["engines"][0]["rebuild"][2].rsplit(" ", 1)[1]
+    # execute
+    proc = snakemake(ws, "--dry-run", target)
+    # assert
+    assert target == "artifacts/tinyfcn/build/tensorrt-rtx/int8/large/engine.plan"
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_archive_members_are_deterministic(ws, tmp_path):
+    # setup
+    first, _ = cut(ws, tmp_path, "2.0.0a")
+    # execute
+    second, _ = cut(ws, tmp_path, "2.0.0b")
+    # assert
+    with tarfile.open(first["bundle"]) as t1, tarfile.open(second["bundle"]) as t2:
+        m1, m2 = t1.getmembers(), t2.getmembers()
+    names1 = [m.name.split("/", 1)[1] for m in m1]
+    assert names1 == [m.name.split("/", 1)[1] for m in m2]
+    assert names1[0] == "manifest.json" and names1[1:] == sorted(names1[1:])
+    assert {(m.uid, m.gid, m.uname, m.mode) for m in m1} == {(0, 0, "", 0o644)}
+    assert len({m.mtime for m in m1}) == 1
+    assert not list(tmp_path.glob(".*.tmp"))  # the temp file was renamed away
+
+
+def test_verify_ok_on_a_fresh_bundle(ws, tmp_path):
+    # setup
+    res, _ = cut(ws, tmp_path, "3.0.0")
+    # execute
+    n, problems = release.verify(res["bundle"], extract_to=tmp_path / "x")
+    # assert
+    assert (n, problems) == (12, [])
+    engine = res["manifest"]["engines"][0]["path"]
+    assert sha256_file(tmp_path / "x" / "engineforge-3.0.0" / engine) == sha256_file(
+        ws / "artifacts" / engine)
+
+
+def test_verify_fails_after_one_engine_byte_changes(ws, tmp_path):
+    # setup
+    res, _ = cut(ws, tmp_path, "3.1.0")
+    target = res["manifest"]["engines"][2]["path"]
+
+    def flip(name, data):
+        if name.endswith(target):
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+        return name, data
+
+    rewrite(res["bundle"], flip)
+    # execute
+    n, problems = release.verify(res["bundle"], extract_to=tmp_path / "x")
+    # assert
+    assert len(problems) == 1 and problems[0].startswith(f"sha256 mismatch {target}")
+    assert not (tmp_path / "x").exists()  # nothing extracted from a bundle that fails
+
+
+def test_verify_rejects_path_traversal_and_unlisted_engines(ws, tmp_path):
+    # setup
+    res, _ = cut(ws, tmp_path, "3.2.0", ["tinycls/fp32/*/onnxruntime"])
+    extra = [("../evil.sh", b"rm -rf ~"), ("engineforge-3.2.0/x/engine.plan", b"plan")]
+    rewrite(res["bundle"], extra=extra)
+    # execute
+    _, problems = release.verify(res["bundle"], extract_to=tmp_path / "x")
+    # assert
+    assert any("unsafe member '../evil.sh'" in p for p in problems)
+    assert "not in the manifest: x/engine.plan" in problems
+    assert not (tmp_path / "evil.sh").exists() and not (tmp_path / "x").exists()
+
+
+def test_refuses_an_existing_version_unless_forced(ws, tmp_path):
+    # setup
+    cut(ws, tmp_path, "4.0.0", ["tinycls"])
+    # execute
+    with pytest.raises(ReleaseError) as err:
+        cut(ws, tmp_path, "4.0.0", ["tinycls"])
+    forced, _ = cut(ws, tmp_path, "4.0.0", ["tinycls/fp32"], force=True)
+    # assert
+    line = str(err.value)
+    assert "\n" not in line and line.startswith("[stage=release key=version]")
+    assert "already exists" in line and "--force" in line
+    assert len(forced["manifest"]["engines"]) == 2
+
+
+def test_refuses_an_empty_selection(ws, tmp_path):
+    # setup
+    out = tmp_path / "out"
+    # execute
+    with pytest.raises(ReleaseError) as err:
+        cut(ws, out, "5.0.0", ["nosuchmodel/*/*/*", "tinycls/fp64"])
+    # assert
+    line = str(err.value)
+    assert "\n" not in line and line.startswith("[stage=release key=--select]")
+    assert "no built engine" in line and "Fix:" in line
+    assert not out.exists()
+
+
+def test_failed_audit_is_excluded_unless_allowed(ws, tmp_path):
+    # setup: a copy of the tree where one audit failed
+    arts = tmp_path / "artifacts"
+    shutil.copytree(ws / "artifacts", arts, ignore=shutil.ignore_patterns("releases", "rel-*"))
+    audit_path = arts / "tinycls/audit/onnxruntime/int8.json"
+    audit = read_json(audit_path)
+    audit["result"] |= {"status": "fail", "failures": ["y: cosine 0.9 < 0.98"]}
+    write_json(audit_path, audit)
+    # execute
+    strict, said = cut(ws, tmp_path / "a", "6.0.0", ["tinycls"], artifacts=arts)
+    lenient, _ = cut(ws, tmp_path / "b", "6.0.0", ["tinycls"], artifacts=arts,
+                     allow_failed=True)
+    # assert
+    assert "tinycls/int8/b1-8/onnxruntime" not in {e["name"] for e in strict["manifest"]
+                                                   ["engines"]}
+    assert strict["manifest"]["excluded"][0]["engine"] == "tinycls/int8/b1-8/onnxruntime"
+    assert said == ["excluded tinycls/int8/b1-8/onnxruntime: audit verdict 'fail' "
+                    "(y: cosine 0.9 < 0.98); pass --allow-failed to include it"]
+    failed = next(e for e in lenient["manifest"]["engines"]
+                  if e["name"] == "tinycls/int8/b1-8/onnxruntime")
+    assert failed["audit"]["verdict"] == "fail"
+
+
+def test_registers_each_engine_with_the_release_alias(ws, tmp_path, monkeypatch):
+    # setup
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{ws}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(tracking_uri=uri)
+    # execute
+    res, said = cut(ws, tmp_path, "7.0.0", ["tinycls/fp32", "tinyfcn/int8/small/tensorrt-rtx"],
+                    register_models=True)
+    # assert
+    engines = res["manifest"]["engines"]
+    assert len(engines) == 3 and res["manifest"]["alias"] == "release-7_0_0"
+    for e in engines:
+        name = f"engineforge.{e['model']}.{e['precision']}.{e['profile']}.{e['backend']}"
+        assert e["mlflow"]["registered_model"] == name
+        mv = client.get_model_version_by_alias(name, "release-7_0_0")
+        assert str(mv.version) == e["mlflow"]["version"]
+        assert mv.tags["engineforge.sha256"] == e["sha256"]
+        assert mv.tags["engineforge.release"] == "7.0.0"
+        assert mv.run_id == e["mlflow"]["run_id"]
+        assert mv.source == f"runs:/{mv.run_id}/build"
+        assert f"registered {name} version {mv.version} (alias release-7_0_0)" in said
+    # the registered source really holds the released engine
+    import mlflow.artifacts
+
+    e = engines[0]
+    got = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/{e['mlflow']['registered_model']}@release-7_0_0",
+        dst_path=str(tmp_path / "dl"), tracking_uri=uri)
+    assert sha256_file(Path(got) / Path(e["path"]).name) == e["sha256"]
+
+
+def test_a_second_release_moves_a_new_alias_to_a_new_version(ws, tmp_path, monkeypatch):
+    # setup
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{ws}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cut(ws, tmp_path, "8.0.0", ["tinycls/int8/*/onnxruntime"], register_models=True)
+    # execute
+    res, _ = cut(ws, tmp_path, "8.1.0", ["tinycls/int8/*/onnxruntime"], register_models=True,
+                 alias="production")
+    # assert
+    name = "engineforge.tinycls.int8.b1-8.onnxruntime"
+    client = MlflowClient(tracking_uri=uri)
+    old = client.get_model_version_by_alias(name, "release-8_0_0")
+    new = client.get_model_version_by_alias(name, "production")
+    assert int(new.version) == int(old.version) + 1
+    assert res["manifest"]["engines"][0]["mlflow"]["version"] == str(new.version)
+
+
+def test_registration_failure_fails_the_release_and_leaves_no_archive(ws, tmp_path,
+                                                                      monkeypatch):
+    # setup: a tracking server that is down
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    # execute
+    with pytest.raises(ReleaseError) as err:
+        cut(ws, tmp_path, "9.0.0", ["tinycls/fp32"], register_models=True)
+    # assert
+    line = str(err.value)
+    assert "\n" not in line and line.startswith("[stage=release key=MLFLOW_TRACKING_URI]")
+    assert "http://127.0.0.1:9" in line and "--no-register" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_alias_rules():
+    # setup / execute
+    ok = release.alias_name("release-1.2.0+rc1")
+    # assert
+    assert ok == "release-1_2_0_rc1"
+    for reserved in ("latest", "v3"):
+        with pytest.raises(ReleaseError, match="--alias"):
+            release.alias_name(reserved)
+    assert release.registered_name("m:x", "fp32", "p/1", "tensorrt-rtx") == (
+        "engineforge.m_x.fp32.p_1.tensorrt-rtx")

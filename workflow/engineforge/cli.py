@@ -1,0 +1,138 @@
+"""The ``engineforge`` command: run the pipeline, sync tracking, cut and verify releases.
+
+Every :class:`EngineforgeError` becomes one line ``engineforge: <message>`` on stderr and
+exit code 2; a failed ``verify`` exits 1 with one line per problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from engineforge.errors import EngineforgeError, TrackingError
+
+REPO = Path(__file__).resolve().parents[2]  # the checkout holding Snakefile
+PROFILE = "workflow/profiles/default"
+
+
+def cmd_run(args) -> int:
+    # The Snakemake 9 Python API (snakemake.api.SnakemakeApi) does not read workflow
+    # profiles (only its CLI does), so hand over to the CLI: the flags of `make run`, then
+    # the user's (later flags win). Absolute paths: it also works outside the checkout.
+    exe = Path(sys.executable).with_name("snakemake")
+    exe = str(exe) if exe.exists() else shutil.which("snakemake") or "snakemake"
+    argv = [exe, "--workflow-profile", str(REPO / PROFILE), "--cores", "all"]
+    given = set(args.snakemake_args)
+    if not given & {"-s", "--snakefile"} and not any(
+            Path(f).is_file() for f in ("Snakefile", "workflow/Snakefile")):
+        argv += ["--snakefile", str(REPO / "Snakefile")]
+    argv += args.snakemake_args
+    os.execvp(argv[0], argv)
+    return 0  # not reached
+
+
+def cmd_sync(args) -> int:
+    from engineforge import tracking
+
+    try:
+        results = tracking.sync(args.artifacts)
+    except EngineforgeError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the server is still unreachable
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise TrackingError(f"upload to {tracking._redact(tracking.tracking_uri())} failed: "
+                            f"{first}; pending records kept.", key="MLFLOW_TRACKING_URI",
+                            fix="check that the tracking server is up, then rerun "
+                                "`engineforge sync`") from None
+    if not results:
+        print(f"nothing pending under {tracking.pending_dir(args.artifacts)}")
+    for r in results:
+        what = ("already logged" if r.get("reused")
+                else f"{len(r.get('children') or {})} child run(s)")
+        print(f"uploaded {r['record']}: parent run {r['parent']} ({what})")
+    return 0
+
+
+def cmd_release(args) -> int:
+    from engineforge import release
+
+    out = release.release(
+        args.version, config_path=args.config, artifacts=args.artifacts, out=args.out,
+        patterns=args.select, alias=args.alias, register_models=not args.no_register,
+        allow_failed=args.allow_failed, force=args.force)
+    engines = out["manifest"]["engines"]
+    size = out["bundle"].stat().st_size / 2**20
+    print(f"wrote {out['bundle']} ({len(engines)} engine(s), {size:.2f} MiB)")
+    for e in engines:
+        print(f"  {e['name']}  sha256={e['sha256'][:16]}  audit={e['audit']['verdict']}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from engineforge import release
+
+    n, problems = release.verify(args.bundle, extract_to=args.extract)
+    if problems:
+        print(f"FAILED: {args.bundle}", file=sys.stderr)
+        for p in problems:
+            print(f"  - {p}", file=sys.stderr)
+        return 1
+    print(f"OK: {n} engines verified" + (f", extracted to {args.extract}" if args.extract else ""))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="engineforge", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run the Snakemake pipeline (workflow profile, all cores)")
+    r.add_argument("snakemake_args", nargs=argparse.REMAINDER,
+                   help="passed to snakemake as they are (targets, --dry-run, ...)")
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("sync", help="upload tracking records left pending by an outage")
+    s.add_argument("--artifacts", default="artifacts", help="artifacts directory")
+    s.set_defaults(func=cmd_sync)
+
+    rel = sub.add_parser("release", help="bundle engines, register them in MLflow")
+    rel.add_argument("version", help="release version, e.g. 1.2.0")
+    rel.add_argument("--select", action="append", metavar="PATTERN",
+                     help="model/precision/profile/backend with shell wildcards "
+                          "(repeatable; default */*/*/*)")
+    rel.add_argument("--config", default="config.yaml", help="config file (default config.yaml)")
+    rel.add_argument("--artifacts", help="artifacts directory (default: the config's)")
+    rel.add_argument("--out", help="output directory (default <artifacts>/releases)")
+    rel.add_argument("--alias", help="registry alias (default release-<version>)")
+    rel.add_argument("--no-register", action="store_true", help="skip the Model Registry")
+    rel.add_argument("--allow-failed", action="store_true",
+                     help="include engines whose accuracy audit failed")
+    rel.add_argument("--force", action="store_true", help="replace an existing release")
+    rel.set_defaults(func=cmd_release)
+
+    v = sub.add_parser("verify", help="re-hash a release bundle against its manifest")
+    v.add_argument("bundle", help="engineforge-<version>.tar.gz")
+    v.add_argument("--extract", metavar="DIR", help="extract it there when it verifies")
+    v.set_defaults(func=cmd_verify)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"] and argv[1:2] not in (["-h"], ["--help"]):
+        # argparse cannot pass leading options (`run --dry-run`) through: take them as they are
+        args = argparse.Namespace(func=cmd_run, snakemake_args=argv[1:])
+    else:
+        args = parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except EngineforgeError as err:
+        print(f"engineforge: {err}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

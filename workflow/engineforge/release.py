@@ -1,0 +1,329 @@
+"""Release bundles: selected engines + their sidecars + a manifest, and their registration.
+
+``release`` picks built engines from the artifacts tree by ``model/precision/profile/backend``
+patterns, registers each tracked one in the MLflow Model Registry, then writes
+``engineforge-<version>.tar.gz`` (temp file + rename). ``verify`` re-hashes a bundle against
+its manifest without extracting it. Nothing here imports torch or ONNX.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fnmatch
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import subprocess
+import tarfile
+from pathlib import Path, PurePosixPath
+
+from engineforge import config as efconfig
+from engineforge import tracking
+from engineforge.errors import ReleaseError
+from engineforge.sidecar import atomic_path, read_json, sha256_file
+
+REPO = Path(__file__).resolve().parents[2]  # the checkout the workflow runs from
+ENGINE_FILES = ("engine.plan", "engine.onnx")
+MANIFEST = "manifest.json"
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+def bundle_name(version: str) -> str:
+    return f"engineforge-{version}"
+
+
+def registered_name(model: str, precision: str, profile: str, backend: str) -> str:
+    """``engineforge.<model>.<precision>.<profile>.<backend>``; MLflow forbids '/' and ':'."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", f"engineforge.{model}.{precision}.{profile}.{backend}")
+
+
+def alias_name(alias: str) -> str:
+    """MLflow aliases: [A-Za-z0-9_-] only, not 'latest', not 'v<digits>' (version aliases)."""
+    safe = re.sub(r"[^\w-]", "_", alias)
+    if not safe or safe.lower() == "latest" or re.fullmatch(r"[vV]\d+", safe):
+        raise ReleaseError(f"'{alias}' is not a usable MLflow alias (reserved).", key="--alias",
+                           fix="pick another name, e.g. release-<version> or production")
+    return safe
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _match(name: str, patterns: list[str]) -> bool:
+    # "tinycls" means "tinycls/*/*/*": missing trailing parts match anything.
+    full = ["/".join((p.split("/") + ["*"] * 4)[:max(4, p.count("/") + 1)]) for p in patterns]
+    return any(fnmatch.fnmatchcase(name, p) for p in full)
+
+
+def select(artifacts: Path, models: dict, patterns: list[str], allow_failed: bool):
+    """(chosen, excluded): every engine whose build.json exists, filtered and checked."""
+    chosen, excluded = [], []
+    for side in sorted(artifacts.glob("*/build/*/*/*/build.json")):
+        model, _, backend, precision, profile = side.relative_to(artifacts).parts[:5]
+        name = f"{model}/{precision}/{profile}/{backend}"
+        if not _match(name, patterns):
+            continue
+        engine = next((side.parent / f for f in ENGINE_FILES if (side.parent / f).is_file()),
+                      None)
+        build = read_json(side)
+        audit_path = artifacts / model / "audit" / backend / f"{precision}.json"
+        audit = read_json(audit_path)["result"] if audit_path.is_file() else {}
+        why = None
+        if model not in models:
+            why = "model not in the config (it could not be rebuilt)"
+        elif engine is None:
+            why = "engine file missing next to build.json"
+        elif sha256_file(engine) != build["outputs"].get("engine", {}).get("sha256"):
+            why = "engine differs from its build.json (rebuild it: `engineforge run`)"
+        elif audit.get("status") == "fail" and not allow_failed:
+            why = (f"audit verdict 'fail' ({'; '.join(audit.get('failures') or [])}); "
+                   "pass --allow-failed to include it")
+        if why:
+            excluded.append({"engine": name, "reason": why})
+        else:
+            chosen.append({"name": name, "model": model, "precision": precision,
+                           "profile": profile, "backend": backend, "engine": engine,
+                           "build": build, "audit_path": audit_path, "audit": audit})
+    return chosen, excluded
+
+
+def _entry(artifacts: Path, workdir: Path, config_path: Path, c: dict, commit: str | None):
+    """One engine's manifest entry; ``files`` maps bundle paths to source files."""
+    a, m, p, prof, b = artifacts, c["model"], c["precision"], c["profile"], c["backend"]
+    sidecars = {"export": a / m / "export" / "export.json",
+                "simplify": a / m / "simplify" / "simplify.json",
+                "precision": a / m / "precision" / p / "precision.json",
+                "build": c["engine"].parent / "build.json", "audit": c["audit_path"],
+                "bench": a / m / "bench" / b / p / f"{prof}.json"}
+    sidecars = {k: v for k, v in sidecars.items() if v.is_file()}
+    rel = lambda f: f.relative_to(a).as_posix()  # path inside the bundle
+    files = {rel(f): f for f in [c["engine"], *sidecars.values()]}
+    drift_path = a / m / "audit" / "drift.json"
+    rows = read_json(drift_path)["rows"] if drift_path.is_file() else []
+    drift = next((r for r in rows if r["precision"] == p and r["backend"] == b), {})
+    bench = read_json(sidecars["bench"])["result"] if "bench" in sidecars else {}
+    track = read_json(a / m / "track.json") if (a / m / "track.json").is_file() else {}
+    target = os.path.relpath(c["engine"].resolve(), workdir.resolve())
+    snake = ".venv/bin/snakemake --workflow-profile workflow/profiles/default --cores all"
+    if config_path.resolve() != REPO / "config.yaml":
+        snake += f" --configfile {config_path.resolve()}"
+    if workdir.resolve() != REPO:
+        snake += f" --directory {workdir.resolve()}"
+    entry = {
+        "name": c["name"], "model": m, "precision": p, "profile": prof, "backend": b,
+        "path": rel(c["engine"]), "sha256": c["build"]["outputs"]["engine"]["sha256"],
+        "bytes": c["engine"].stat().st_size,
+        "sidecars": {k: rel(v) for k, v in sidecars.items()},
+        "fingerprints": {k: read_json(sidecars[k])["fingerprint"]
+                         for k in ("export", "simplify", "precision", "build") if k in sidecars},
+        "tools": c["build"]["tools"], "device": c["build"]["device"],
+        "audit": {"verdict": c["audit"].get("status", "n/a"), "reason": c["audit"].get("reason"),
+                  "drift": {k: v for k, v in drift.items()
+                            if k not in ("precision", "backend", "status", "reason")}},
+        "bench": {"p50_ms_opt": ((bench.get("points") or {}).get("opt") or {}).get("p50_ms")},
+        "mlflow": {"record_id": track.get("record_id"), "tracking": track.get("status"),
+                   "run_id": (track.get("children") or {}).get(c["name"])},
+        "rebuild": [f"git checkout {commit or '<commit unknown: no git checkout>'}",
+                    "make env", f"{snake} {target}"],
+    }
+    return entry, files
+
+
+def _run_ids_by_record(client, experiment: str, record_id: str) -> dict:
+    """Child run ids of an uploaded record (track.json lacks them after `sync` or a reuse)."""
+    exp = client.get_experiment_by_name(experiment)
+    if not exp or not record_id:
+        return {}
+    runs = client.search_runs([exp.experiment_id],
+                              f"tags.`{tracking.RECORD_TAG}.parent` = '{record_id}'",
+                              max_results=1000)
+    return {r.info.run_name: r.info.run_id for r in runs}
+
+
+def _engine_source(client, run_id: str, engine_file: str, size: int) -> str:
+    """``runs:/<id>/build`` (engine + build.json) or, for older runs, the engine at the root."""
+    for sub in ("build", None):
+        arts = client.list_artifacts(run_id, sub) if sub else client.list_artifacts(run_id)
+        found = {PurePosixPath(x.path).name: x for x in arts if not x.is_dir}
+        if engine_file in found:
+            if found[engine_file].file_size not in (None, size):
+                raise ReleaseError(f"MLflow run {run_id} holds another {engine_file} "
+                                   f"({found[engine_file].file_size} bytes, not {size}).",
+                                   key="track.json", fix="rerun tracking: delete the model's "
+                                   "track.json and run `engineforge run`")
+            return f"runs:/{run_id}/build" if sub else f"runs:/{run_id}/{engine_file}"
+    raise ReleaseError(f"MLflow run {run_id} has no {engine_file} artifact.", key="track.json",
+                       fix="delete the model's track.json and run `engineforge run`")
+
+
+def register(entries: list[dict], version: str, alias: str, experiment: str, say) -> None:
+    """One registered model per engine, a new version from its child run, alias -> version."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    tracking.quick_failing_http()
+    uri = tracking.tracking_uri()
+    client = MlflowClient(tracking_uri=uri)  # the registry follows the tracking URI
+    name = None
+    try:
+        for e in entries:
+            m = e["mlflow"]
+            if not m["run_id"] and m["record_id"]:  # uploaded later by `sync`, or reused
+                ids = _run_ids_by_record(client, experiment, m["record_id"])
+                m["run_id"] = ids.get(e["name"])
+            if not m["run_id"]:
+                say(f"not registered {e['name']}: no MLflow run (run `engineforge sync`)")
+                continue
+            name = registered_name(e["model"], e["precision"], e["profile"], e["backend"])
+            source = _engine_source(client, m["run_id"], PurePosixPath(e["path"]).name,
+                                    e["bytes"])
+            try:
+                client.get_registered_model(name)
+            except MlflowException as err:
+                if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                client.create_registered_model(
+                    name, tags={"engineforge.model": e["model"]},
+                    description=f"engineforge engine {e['name']}")
+            tags = {"engineforge.release": version, "engineforge.sha256": e["sha256"],
+                    "engineforge.fingerprint.build": e["fingerprints"].get("build", ""),
+                    "engineforge.audit": e["audit"]["verdict"], "engineforge.name": e["name"]}
+            mv = client.create_model_version(name, source, run_id=m["run_id"], tags=tags,
+                                             description=f"engineforge release {version}")
+            client.set_registered_model_alias(name, alias, mv.version)
+            m.update(registered_model=name, version=str(mv.version), alias=alias, source=source)
+            say(f"registered {name} version {mv.version} (alias {alias})")
+    except ReleaseError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any registry failure fails the release
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise ReleaseError(f"registering {name or 'engines'} at {tracking._redact(uri)} failed: "
+                           f"{first}; no archive written.", key="MLFLOW_TRACKING_URI",
+                           fix="check the tracking server, or pass --no-register") from None
+
+
+def _add(tar: tarfile.TarFile, arcname: str, data: bytes, mtime: int) -> None:
+    info = tarfile.TarInfo(arcname)
+    info.size, info.mtime, info.mode = len(data), mtime, 0o644
+    tar.addfile(info, io.BytesIO(data))  # uid/gid 0, no user names: reproducible members
+
+
+def release(version: str, *, config_path: str | Path = "config.yaml",
+            artifacts: str | Path | None = None, out: str | Path | None = None,
+            patterns: list[str] | None = None, alias: str | None = None, register_models=True,
+            allow_failed=False, force=False, say=print) -> dict:
+    """Cut a release; returns {"bundle": path, "manifest": dict}."""
+    if not VERSION_RE.match(version):
+        raise ReleaseError(f"version '{version}' is not a file-name-safe string.", key="version",
+                           fix="use letters, digits and . _ + - (e.g. 1.2.0)")
+    alias = alias_name(alias or f"release-{version}")
+    config_path = Path(config_path)
+    cfg = efconfig.load(config_path)
+    workdir = config_path.parent  # Snakemake runs where the config's paths resolve
+    artifacts = Path(artifacts) if artifacts else workdir / cfg["artifacts"]
+    bundle = Path(out or artifacts / "releases") / f"{bundle_name(version)}.tar.gz"
+    if bundle.exists() and not force:
+        raise ReleaseError(f"release {version} already exists: {bundle}.", key="version",
+                           fix="bump the version, or pass --force to replace it")
+    patterns = patterns or ["*/*/*/*"]
+    chosen, excluded = select(artifacts, cfg["models"], patterns, allow_failed)
+    for x in excluded:
+        say(f"excluded {x['engine']}: {x['reason']}")
+    if not chosen:
+        raise ReleaseError(f"no built engine under {artifacts} matches {' '.join(patterns)}"
+                           f" ({len(excluded)} excluded).", key="--select",
+                           fix="check the pattern (model/precision/profile/backend) or build "
+                               "first: `engineforge run`")
+    commit = _git("rev-parse", "HEAD")
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no")) if commit else None
+    entries, files = [], {}
+    for c in chosen:
+        entry, f = _entry(artifacts, workdir, config_path, c, commit)
+        entries.append(entry)
+        files.update(f)
+    if register_models:  # before the archive: a failed registration leaves no bundle
+        register(entries, version, alias, cfg["experiment"], say)
+    created = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    used = sorted({e["model"] for e in entries})
+    manifest = {
+        "format": 1, "version": version, "created": created.isoformat().replace("+00:00", "Z"),
+        "git": {"commit": commit, "dirty": dirty},
+        "tracking_uri": tracking._redact(tracking.tracking_uri()) if register_models else None,
+        "alias": alias if register_models else None,
+        "config": {"path": str(config_path), "experiment": cfg["experiment"],
+                   "models": {m: cfg["models"][m] for m in used}},
+        "engines": entries, "excluded": excluded,
+        "files": {p: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+                  for p, f in sorted(files.items())},
+    }
+    root, mtime = bundle_name(version), int(created.timestamp())
+    with atomic_path(bundle) as tmp, open(tmp, "wb") as raw, \
+            gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        _add(tar, f"{root}/{MANIFEST}",
+             json.dumps(manifest, indent=2, sort_keys=True, default=str).encode(), mtime)
+        for path in sorted(files):  # deterministic member order
+            _add(tar, f"{root}/{path}", files[path].read_bytes(), mtime)
+    return {"bundle": bundle, "manifest": manifest}
+
+
+def _safe(name: str) -> bool:
+    p = PurePosixPath(name)
+    return not p.is_absolute() and ".." not in p.parts and "\\" not in name
+
+
+def verify(bundle: str | Path, extract_to: str | Path | None = None) -> tuple[int, list[str]]:
+    """(engines verified, problems). Reads members in memory; extracts only when clean."""
+    problems, seen, manifest = [], {}, None
+    try:
+        tar = tarfile.open(bundle, "r:gz")
+    except (OSError, tarfile.TarError) as err:
+        raise ReleaseError(f"cannot read {bundle}: {err}.", key="bundle",
+                           fix="pass an engineforge-<version>.tar.gz") from None
+    with tar:
+        for member in tar.getmembers():
+            if not _safe(member.name) or not (member.isfile() or member.isdir()):
+                problems.append(f"unsafe member {member.name!r} (absolute, '..' or a link)")
+                continue
+            if not member.isfile():
+                continue
+            parts = PurePosixPath(member.name).parts
+            data = tar.extractfile(member).read()
+            if parts[1:] == (MANIFEST,):
+                manifest = json.loads(data)
+            else:
+                rel = "/".join(parts[1:])
+                if rel in seen:
+                    problems.append(f"duplicate member {rel}")
+                seen[rel] = (hashlib.sha256(data).hexdigest(), len(data))
+        if manifest is None:
+            return 0, problems + [f"no {MANIFEST} in the bundle"]
+        listed = manifest.get("files", {})
+        for rel, want in sorted(listed.items()):
+            got = seen.get(rel)
+            if got is None:
+                problems.append(f"missing {rel}")
+            elif got != (want["sha256"], want["bytes"]):
+                problems.append(f"sha256 mismatch {rel}: manifest {want['sha256'][:12]}…, "
+                                f"file {got[0][:12]}…")
+        engines = {e["path"] for e in manifest.get("engines", [])}
+        for rel in sorted(seen):
+            if rel not in listed:
+                problems.append(f"not in the manifest: {rel}")
+            elif PurePosixPath(rel).name in ENGINE_FILES and rel not in engines:
+                problems.append(f"engine not listed in manifest engines: {rel}")
+        for e in manifest.get("engines", []):
+            if listed.get(e["path"], {}).get("sha256") != e["sha256"]:
+                problems.append(f"engine {e['name']}: sha256 differs from the files list")
+        if extract_to and not problems:
+            tar.extractall(extract_to, filter="data")
+    return len(engines), problems
