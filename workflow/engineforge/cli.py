@@ -85,7 +85,8 @@ def cmd_verify(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="engineforge", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="engineforge", description="Run the pipeline, sync tracking, cut and verify releases.")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run the Snakemake pipeline (workflow profile, all cores)")

@@ -183,7 +183,7 @@ def stage_slice(m: dict, stage: str, precision: str | None = None,
     # onnxsim's test shapes); dynamic dims stay symbolic, so other shapes do not matter.
     ref_shapes = {i: s["opt"] for i, s in next(iter(m["profiles"].values())).items()}
     if stage == "export":
-        return {k: m[k] for k in ("checkpoint", "inputs", "opset", "export")} | {
+        return {k: m[k] for k in ("checkpoint", "inputs", "opset", "export", "simplify")} | {
             "reference_shapes": ref_shapes, "task": m["task"],
             "reference_data": reference_data(m)}
     if stage == "simplify":

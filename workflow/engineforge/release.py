@@ -18,6 +18,7 @@ import os
 import re
 import subprocess
 import tarfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 from engineforge import config as efconfig
@@ -281,49 +282,62 @@ def _safe(name: str) -> bool:
     return not p.is_absolute() and ".." not in p.parts and "\\" not in name
 
 
+def _read(tar: tarfile.TarFile, problems: list[str]) -> tuple[dict | None, dict]:
+    """(manifest, {path below the bundle root: (sha256, bytes)}), streaming each member."""
+    manifest, seen = None, {}
+    for member in tar.getmembers():
+        if not _safe(member.name) or not (member.isfile() or member.isdir()):
+            problems.append(f"unsafe member {member.name!r} (absolute, '..' or a link)")
+            continue
+        parts = PurePosixPath(member.name).parts
+        rel = "/".join(parts[1:]) or member.name
+        if not member.isfile():
+            continue
+        if rel == MANIFEST:
+            try:
+                manifest = json.loads(tar.extractfile(member).read())
+            except ValueError as err:
+                problems.append(f"{MANIFEST} is not valid JSON: {err}")
+            continue
+        if rel in seen:
+            problems.append(f"duplicate member {rel}")
+        digest = hashlib.file_digest(tar.extractfile(member), "sha256").hexdigest()
+        seen[rel] = (digest, member.size)
+    return manifest, seen
+
+
 def verify(bundle: str | Path, extract_to: str | Path | None = None) -> tuple[int, list[str]]:
-    """(engines verified, problems). Reads members in memory; extracts only when clean."""
-    problems, seen, manifest = [], {}, None
+    """(engines in the manifest, problems). Nothing is written unless the bundle is clean."""
+    problems: list[str] = []
     try:
         tar = tarfile.open(bundle, "r:gz")
     except (OSError, tarfile.TarError) as err:
         raise ReleaseError(f"cannot read {bundle}: {err}.", key="bundle",
                            fix="pass an engineforge-<version>.tar.gz") from None
     with tar:
-        for member in tar.getmembers():
-            if not _safe(member.name) or not (member.isfile() or member.isdir()):
-                problems.append(f"unsafe member {member.name!r} (absolute, '..' or a link)")
-                continue
-            if not member.isfile():
-                continue
-            parts = PurePosixPath(member.name).parts
-            data = tar.extractfile(member).read()
-            if parts[1:] == (MANIFEST,):
-                manifest = json.loads(data)
-            else:
-                rel = "/".join(parts[1:])
-                if rel in seen:
-                    problems.append(f"duplicate member {rel}")
-                seen[rel] = (hashlib.sha256(data).hexdigest(), len(data))
+        try:
+            manifest, seen = _read(tar, problems)
+        except (OSError, EOFError, tarfile.TarError, zlib.error) as err:
+            return 0, problems + [f"corrupt archive: {err}"]
         if manifest is None:
-            return 0, problems + [f"no {MANIFEST} in the bundle"]
+            return 0, problems + [f"no readable {MANIFEST} in the bundle"]
         listed = manifest.get("files", {})
+        engines = {e["path"]: e for e in manifest.get("engines", [])}
         for rel, want in sorted(listed.items()):
             got = seen.get(rel)
             if got is None:
                 problems.append(f"missing {rel}")
             elif got != (want["sha256"], want["bytes"]):
                 problems.append(f"sha256 mismatch {rel}: manifest {want['sha256'][:12]}…, "
-                                f"file {got[0][:12]}…")
-        engines = {e["path"] for e in manifest.get("engines", [])}
+                                f"file {got[0][:12]}… ({got[1]} bytes)")
         for rel in sorted(seen):
             if rel not in listed:
                 problems.append(f"not in the manifest: {rel}")
             elif PurePosixPath(rel).name in ENGINE_FILES and rel not in engines:
-                problems.append(f"engine not listed in manifest engines: {rel}")
-        for e in manifest.get("engines", []):
-            if listed.get(e["path"], {}).get("sha256") != e["sha256"]:
-                problems.append(f"engine {e['name']}: sha256 differs from the files list")
+                problems.append(f"engine file not among the manifest's engines: {rel}")
+        for rel, e in sorted(engines.items()):
+            if listed.get(rel, {}).get("sha256") != e["sha256"]:
+                problems.append(f"engine {e['name']}: its sha256 differs from the files list")
         if extract_to and not problems:
-            tar.extractall(extract_to, filter="data")
+            tar.extractall(extract_to, filter="data")  # the stdlib's safe extraction filter
     return len(engines), problems

@@ -1,7 +1,7 @@
 rule build:
     input:
+        unpack(flags_mode_input),
         onnx=f"{A}/{{model}}/precision/{{precision}}/model.onnx",
-        fp32=f"{A}/{{model}}/precision/fp32/model.onnx",
     output:
         engine=f"{A}/{{model}}/build/{{backend}}/{{precision}}/{{profile}}/engine.plan",
         sidecar=f"{A}/{{model}}/build/{{backend}}/{{precision}}/{{profile}}/build.json",
@@ -30,7 +30,7 @@ rule build:
             Path(output.engine),
             Path(output.sidecar),
             Path(output.engine).parent,
-            fp32_onnx=Path(input.fp32),
+            fp32_onnx=Path(input.fp32) if "fp32" in input.keys() else None,
             timing_cache_dir=Path(params.timing_cache),
         )
 

@@ -79,6 +79,14 @@ def evaluation_input(wildcards):
     return {"evaluation": m["evaluation"]["path"]} if "evaluation" in m else {}
 
 
+def flags_mode_input(wildcards):
+    """TensorRT 10 flags mode builds the fp32 ONNX with builder precision flags."""
+    m = M(wildcards)
+    if wildcards.backend in ("tensorrt", "trtexec") and m["tensorrt"]["precision_mode"] == "flags":
+        return {"fp32": f"{A}/{wildcards.model}/precision/fp32/model.onnx"}
+    return {}
+
+
 def engine_path(model, backend, precision, profile):
     suffix = "onnx" if backend == "onnxruntime" else "plan"
     return f"{A}/{model}/build/{backend}/{precision}/{profile}/engine.{suffix}"

@@ -22,8 +22,6 @@ from engineforge.errors import BenchError, EngineforgeError
 from engineforge.sidecar import cpu_device, make_sidecar, read_json, write_json
 from engineforge.versions import tool_versions
 
-POINTS = ("min", "opt", "max")
-
 
 def time_callable(fn, warmup: int, iterations: int, batch: int = 1) -> dict:
     for _ in range(warmup):
@@ -69,7 +67,7 @@ def run(model: str, m: dict, backend: str, precision: str, profile: str, engine:
     if not ok:
         status, reason = "not_runnable", f"not runnable on {backend}: {why}"
     else:
-        for which in POINTS:
+        for which in m["bench"]["points"]:
             shapes = modelio.shapes_at(m["profiles"][profile], which)
             try:
                 points[which] = {"shapes": shapes,
@@ -107,7 +105,7 @@ def run_baseline(model: str, m: dict, profile: str, out: Path, root: Path = Path
         torch.set_num_threads(m["bench"]["threads"])
         points = {}
         try:
-            for which in POINTS:
+            for which in m["bench"]["points"]:
                 shapes = modelio.shapes_at(m["profiles"][profile], which)
                 feed = modelio.sample_inputs(m, shapes, seed=0)
                 args = tuple(torch.from_numpy(feed[n]) for n in m["inputs"])
