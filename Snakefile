@@ -23,9 +23,9 @@ include: "workflow/rules/track.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_targets(),
-    default_target: True
 
 
 onsuccess:

@@ -80,8 +80,13 @@ def test_mlflow_has_parent_and_child_runs(finished):
     assert "latency.opt.p50_ms" in child.data.metrics
     assert child.data.tags["engineforge.audit"] == "pass"
     assert child.data.params["precision"] == "fp32"
-    arts = {a.path for a in client.list_artifacts(child.info.run_id)}
-    assert {"build.json", "engine.onnx"} <= arts
+    assert {a.path for a in client.list_artifacts(child.info.run_id)} == {
+        "audit", "bench", "build"}
+    arts = {a.path for a in client.list_artifacts(child.info.run_id, "build")}
+    assert {"build/build.json", "build/engine.onnx"} <= arts
+    parent = next(r for r in parents if r.info.run_name == "tinycls")
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
+        "export", "simplify", "precision", "audit"}
 
 
 def test_rerun_and_touch_do_nothing(finished):

@@ -27,7 +27,7 @@ BACKEND_TOOLS = {
     "onnxruntime": ("onnxruntime-gpu",),
     "tensorrt-rtx": ("tensorrt_rtx_cu13_bindings", "polygraphy"),
     "tensorrt": ("tensorrt", "polygraphy"),
-    "trtexec": ("trtexec",),
+    "trtexec": (),  # the binary's banner version is added by the workflow (BACKENDS)
 }
 
 

@@ -1,32 +1,19 @@
 rule audit:
     input:
         unpack(evaluation_input),
-        engine=lambda w: engine_path(w.model, w.backend, w.precision, first_profile(w.model)),
+        engine=lambda w: engine_path(
+            w.model, w.backend, w.precision, first_profile(w.model)
+        ),
         reference=f"{A}/{{model}}/export/reference.npz",
     output:
         f"{A}/{{model}}/audit/{{backend}}/{{precision}}.json",
+    log:
+        f"{A}/{{model}}/logs/audit-{{backend}}-{{precision}}.log",
     params:
         config=slice_param("audit"),
         tools=tools_param("audit"),
-    log:
-        f"{A}/{{model}}/logs/audit-{{backend}}-{{precision}}.log",
     run:
-        from engineforge.stages import audit
-
-        efrunner.run_stage(
-            log[0],
-            f"{wildcards.model}-audit-{wildcards.backend}-{wildcards.precision}",
-            A,
-            audit.run,
-            wildcards.model,
-            M(wildcards),
-            wildcards.backend,
-            wildcards.precision,
-            Path(input.engine),
-            Path(input.reference),
-            Path(output[0]),
-            Path("."),
-        )
+        efjobs.run(rule, wildcards, input, output, params, log, MODELS, A)
 
 
 rule drift_matrix:
@@ -38,15 +25,4 @@ rule drift_matrix:
     log:
         f"{A}/{{model}}/logs/drift.log",
     run:
-        from engineforge.stages import audit
-
-        efrunner.run_stage(
-            log[0],
-            f"{wildcards.model}-drift",
-            A,
-            audit.drift_matrix,
-            wildcards.model,
-            [Path(p) for p in input],
-            Path(output.json),
-            Path(output.md),
-        )
+        efjobs.run(rule, wildcards, input, output, params, log, MODELS, A)

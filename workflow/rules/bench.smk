@@ -7,30 +7,14 @@ rule bench:
         build=f"{A}/{{model}}/build/{{backend}}/{{precision}}/{{profile}}/build.json",
     output:
         f"{A}/{{model}}/bench/{{backend}}/{{precision}}/{{profile}}.json",
+    log:
+        f"{A}/{{model}}/logs/bench-{{backend}}-{{precision}}-{{profile}}.log",
+    threads: workflow.cores
     params:
         config=slice_param("bench"),
         tools=tools_param("bench"),
-    threads: workflow.cores
-    log:
-        f"{A}/{{model}}/logs/bench-{{backend}}-{{precision}}-{{profile}}.log",
     run:
-        from engineforge.stages import bench
-
-        efrunner.run_stage(
-            log[0],
-            f"{wildcards.model}-bench-{wildcards.backend}-{wildcards.precision}-{wildcards.profile}",
-            A,
-            bench.run,
-            wildcards.model,
-            M(wildcards),
-            wildcards.backend,
-            wildcards.precision,
-            wildcards.profile,
-            Path(input.engine),
-            Path(input.build),
-            Path(output[0]),
-            Path(output[0]).parent,
-        )
+        efjobs.run(rule, wildcards, input, output, params, log, MODELS, A)
 
 
 rule bench_pytorch:
@@ -38,26 +22,14 @@ rule bench_pytorch:
         unpack(checkpoint_file),
     output:
         f"{A}/{{model}}/bench/pytorch/{{profile}}.json",
+    log:
+        f"{A}/{{model}}/logs/bench-pytorch-{{profile}}.log",
+    threads: workflow.cores
     params:
         config=lambda w: canonical_json(
             efconfig.stage_slice(MODELS[w.model], "baseline", profile=w.profile)
         ),
         checkpoint=lambda w: canonical_json(MODELS[w.model]["checkpoint"]),
         tools=tools_param("baseline"),
-    threads: workflow.cores
-    log:
-        f"{A}/{{model}}/logs/bench-pytorch-{{profile}}.log",
     run:
-        from engineforge.stages import bench
-
-        efrunner.run_stage(
-            log[0],
-            f"{wildcards.model}-bench-pytorch-{wildcards.profile}",
-            A,
-            bench.run_baseline,
-            wildcards.model,
-            M(wildcards),
-            wildcards.profile,
-            Path(output[0]),
-            Path("."),
-        )
+        efjobs.run(rule, wildcards, input, output, params, log, MODELS, A)

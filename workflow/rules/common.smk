@@ -7,6 +7,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 sys.path.insert(1, str(Path(workflow.basedir)))  # the shipped models/ package
 
 from engineforge import config as efconfig
+from engineforge import jobs as efjobs
 from engineforge import runner as efrunner
 from engineforge.errors import EngineforgeError
 from engineforge.sidecar import canonical_json
@@ -49,7 +50,16 @@ def slice_param(stage):
 
 
 def tools_param(stage):
-    return lambda w: canonical_json(tool_versions(stage, w.get("backend")))
+    """Tool versions as a params value; a backend's own version (e.g. the trtexec banner)
+    counts too, so an upgrade reruns exactly its builds."""
+
+    def versions(w):
+        tools = tool_versions(stage, w.get("backend"))
+        if w.get("backend"):
+            tools[w.backend] = str(BACKENDS[w.backend]["version"])
+        return canonical_json(tools)
+
+    return versions
 
 
 def checkpoint_inputs(wildcards):
@@ -81,10 +91,16 @@ def evaluation_input(wildcards):
 
 def flags_mode_input(wildcards):
     """TensorRT 10 flags mode builds the fp32 ONNX with builder precision flags."""
-    m = M(wildcards)
-    if wildcards.backend in ("tensorrt", "trtexec") and m["tensorrt"]["precision_mode"] == "flags":
-        return {"fp32": f"{A}/{wildcards.model}/precision/fp32/model.onnx"}
-    return {}
+    trt = M(wildcards)["tensorrt"]
+    if (
+        wildcards.backend not in ("tensorrt", "trtexec")
+        or trt["precision_mode"] != "flags"
+    ):
+        return {}
+    files = {"fp32": f"{A}/{wildcards.model}/precision/fp32/model.onnx"}
+    if wildcards.precision == "int8" and trt.get("int8_calibration_cache"):
+        files["calib_cache"] = trt["int8_calibration_cache"]
+    return files
 
 
 def engine_path(model, backend, precision, profile):
@@ -117,7 +133,9 @@ def model_targets(model):
         "simplified_onnx": f"{A}/{model}/simplify/model.onnx",
         "drift": f"{A}/{model}/audit/drift.json",
         "drift_md": f"{A}/{model}/audit/drift.md",
-        "precision": {p: f"{A}/{model}/precision/{p}/precision.json" for p in m["precisions"]},
+        "precision": {
+            p: f"{A}/{model}/precision/{p}/precision.json" for p in m["precisions"]
+        },
         "audit": {},
         "build": {},
         "bench": {},

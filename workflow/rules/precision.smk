@@ -5,24 +5,10 @@ rule precision:
     output:
         onnx=f"{A}/{{model}}/precision/{{precision}}/model.onnx",
         sidecar=f"{A}/{{model}}/precision/{{precision}}/precision.json",
+    log:
+        f"{A}/{{model}}/logs/precision-{{precision}}.log",
     params:
         config=slice_param("precision"),
         tools=tools_param("precision"),
-    log:
-        f"{A}/{{model}}/logs/precision-{{precision}}.log",
     run:
-        from engineforge.stages import precision
-
-        efrunner.run_stage(
-            log[0],
-            f"{wildcards.model}-precision-{wildcards.precision}",
-            A,
-            precision.run,
-            wildcards.model,
-            M(wildcards),
-            wildcards.precision,
-            Path(input.onnx),
-            Path(output.onnx),
-            Path(output.sidecar),
-            Path("."),
-        )
+        efjobs.run(rule, wildcards, input, output, params, log, MODELS, A)

@@ -4,22 +4,10 @@ rule simplify:
     output:
         onnx=f"{A}/{{model}}/simplify/model.onnx",
         sidecar=f"{A}/{{model}}/simplify/simplify.json",
+    log:
+        f"{A}/{{model}}/logs/simplify.log",
     params:
         config=slice_param("simplify"),
         tools=tools_param("simplify"),
-    log:
-        f"{A}/{{model}}/logs/simplify.log",
     run:
-        from engineforge.stages import simplify
-
-        efrunner.run_stage(
-            log[0],
-            f"{wildcards.model}-simplify",
-            A,
-            simplify.run,
-            wildcards.model,
-            M(wildcards),
-            Path(input.onnx),
-            Path(output.onnx),
-            Path(output.sidecar),
-        )
+        efjobs.run(rule, wildcards, input, output, params, log, MODELS, A)

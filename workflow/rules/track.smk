@@ -6,27 +6,15 @@ rule track:
         lambda w: flatten(model_targets(w.model)),
     output:
         f"{A}/{{model}}/track.json",
-    params:
-        experiment=EF["experiment"],
-    resources:
-        mlflow=1,
     log:
         f"{A}/{{model}}/logs/track.log",
+    resources:
+        mlflow=1,
+    params:
+        experiment=EF["experiment"],
+        targets=lambda w: model_targets(w.model),
     run:
-        from engineforge import tracking
-
-        record = tracking.build_record(
-            wildcards.model, M(wildcards), params.experiment, model_targets(wildcards.model)
-        )
-        efrunner.run_stage(
-            log[0],
-            f"{wildcards.model}-track",
-            A,
-            tracking.track,
-            record,
-            Path(output[0]),
-            A,
-        )
+        efjobs.run(rule, wildcards, input, output, params, log, MODELS, A)
 
 
 rule summary:
@@ -37,21 +25,10 @@ rule summary:
     output:
         md=f"{A}/summary.md",
         json=f"{A}/summary.json",
-    params:
-        backends=BACKENDS,
     log:
         f"{A}/logs/summary.log",
+    params:
+        backends=BACKENDS,
+        models=MODELS,
     run:
-        from engineforge import summary
-
-        efrunner.run_stage(
-            log[0],
-            "summary",
-            A,
-            summary.write,
-            Path(A),
-            MODELS,
-            params.backends,
-            Path(output.md),
-            Path(output.json),
-        )
+        efjobs.run(rule, wildcards, input, output, params, log, MODELS, A)

@@ -71,7 +71,9 @@ def run(model: str, m: dict, backend: str, precision: str, profile: str, onnx_in
                          tools=tools, outputs={"engine": Path(engine_out)},
                          sidecar_path=Path(sidecar_path), device=dev):
         return read_json(sidecar_path)
+    calib_cache = settings.get("int8_calibration_cache")
     req = BuildRequest(model=model, precision=precision, onnx_path=source,
+                       calib_cache=Path(calib_cache) if calib_cache else None,
                        engine_path=Path(engine_out), work_dir=work_dir,
                        profiles=profiles_for(m, profile), settings=settings,
                        timing_cache=timing_cache)
