@@ -87,8 +87,8 @@ def zoo_case() -> dict:
     raw = yaml.safe_load((ROOT / "config.yaml").read_text())
     raw["defaults"]["backends"] = ["onnxruntime", "tensorrt-rtx"]
     raw["defaults"]["bench"] = {"warmup": 2, "iterations": 10, "threads": 2}
-    raw["models"]["resnet18"]["profiles"]["bs16"] = {
-        "image": {"min": [8, 3, 224, 224], "opt": [16, 3, 224, 224], "max": [16, 3, 224, 224]}}
+    raw["models"]["resnet18"]["profiles"]["bs1"] = {
+        "image": {"min": [1, 3, 224, 224], "opt": [1, 3, 224, 224], "max": [1, 3, 224, 224]}}
     ws = workspace(raw)
     full, log = smk(ws)
     variants = len(list((ws / "artifacts").glob("*/build/*/*/*/build.json")))

@@ -7,11 +7,36 @@ named inputs/outputs to the stage functions in one readable place.
 from __future__ import annotations
 
 import importlib
+import threading
 from pathlib import Path
 
 from engineforge.runner import run_stage
 
 HERE = Path(".")
+
+# Jobs run as threads of one Snakemake process. Two threads importing intertwined packages
+# at once can deadlock on Python's per-module import locks (seen with
+# modelopt.onnx.autocast and modelopt.onnx.quantization), so each rule's heavy modules are
+# imported first, one thread at a time.
+_IMPORT_LOCK = threading.Lock()
+HEAVY = {
+    "export": ("torch", "onnx", "onnxruntime", "torch.onnx", "onnxscript"),
+    "simplify": ("onnx", "onnxsim"),
+    "precision": ("onnx", "onnxruntime", "modelopt.onnx.autocast",
+                  "modelopt.onnx.quantization"),
+    "audit": ("onnxruntime", "polygraphy.comparator", "polygraphy.backend.onnxrt"),
+    "build": ("onnx", "onnxruntime"),
+    "build_onnxruntime": ("onnxruntime",),
+    "bench": ("onnxruntime",),
+    "bench_pytorch": ("torch",),
+    "track": ("mlflow",),
+}
+
+
+def _preload(rule: str) -> None:
+    with _IMPORT_LOCK:
+        for name in HEAVY.get(rule, ()):
+            importlib.import_module(name)
 
 
 def _export(w, i, o, p, m, a):
@@ -74,6 +99,7 @@ JOBS = {"export": _export, "simplify": _simplify, "precision": _precision, "buil
 
 def run(rule: str, wildcards, input, output, params, log, models: dict, artifacts: str):
     """Run one job of ``rule`` in this process, through :func:`runner.run_stage`."""
+    _preload(rule)
     model = models.get(wildcards.get("model")) if hasattr(wildcards, "get") else None
     target, args, kwargs = JOBS[rule](wildcards, input, output, params, model, artifacts)
     module, func = target.split(":")

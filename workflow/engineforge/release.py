@@ -150,8 +150,13 @@ def _run_ids_by_record(client, experiment: str, record_id: str) -> dict:
     return {r.info.run_name: r.info.run_id for r in runs}
 
 
-def _engine_source(client, run_id: str, engine_file: str, size: int) -> str:
-    """``runs:/<id>/build`` (engine + build.json) or, for older runs, the engine at the root."""
+def _engine_source(client, run_id: str, engine_file: str, size: int) -> tuple[str, str]:
+    """(source URI, run holding it): ``runs:/<id>/build`` (engine + build.json), the run an
+    ``engineforge.ref.build`` tag points to (unchanged engines are logged once), or, for
+    older runs, the engine at the run's root."""
+    ref = client.get_run(run_id).data.tags.get(tracking.REF_TAG + ".build")
+    if ref:
+        run_id = ref.split("/")[1]  # runs:/<id>/build
     for sub in ("build", None):
         arts = client.list_artifacts(run_id, sub) if sub else client.list_artifacts(run_id)
         found = {PurePosixPath(x.path).name: x for x in arts if not x.is_dir}
@@ -161,7 +166,8 @@ def _engine_source(client, run_id: str, engine_file: str, size: int) -> str:
                                    f"({found[engine_file].file_size} bytes, not {size}).",
                                    key="track.json", fix="rerun tracking: delete the model's "
                                    "track.json and run `engineforge run`")
-            return f"runs:/{run_id}/build" if sub else f"runs:/{run_id}/{engine_file}"
+            return (f"runs:/{run_id}/build" if sub else f"runs:/{run_id}/{engine_file}",
+                    run_id)
     raise ReleaseError(f"MLflow run {run_id} has no {engine_file} artifact.", key="track.json",
                        fix="delete the model's track.json and run `engineforge run`")
 
@@ -185,8 +191,8 @@ def register(entries: list[dict], version: str, alias: str, experiment: str, say
                 say(f"not registered {e['name']}: no MLflow run (run `engineforge sync`)")
                 continue
             name = registered_name(e["model"], e["precision"], e["profile"], e["backend"])
-            source = _engine_source(client, m["run_id"], PurePosixPath(e["path"]).name,
-                                    e["bytes"])
+            source, source_run = _engine_source(client, m["run_id"],
+                                                PurePosixPath(e["path"]).name, e["bytes"])
             try:
                 client.get_registered_model(name)
             except MlflowException as err:
@@ -198,7 +204,7 @@ def register(entries: list[dict], version: str, alias: str, experiment: str, say
             tags = {"engineforge.release": version, "engineforge.sha256": e["sha256"],
                     "engineforge.fingerprint.build": e["fingerprints"].get("build", ""),
                     "engineforge.audit": e["audit"]["verdict"], "engineforge.name": e["name"]}
-            mv = client.create_model_version(name, source, run_id=m["run_id"], tags=tags,
+            mv = client.create_model_version(name, source, run_id=source_run, tags=tags,
                                              description=f"engineforge release {version}")
             client.set_registered_model_alias(name, alias, mv.version)
             m.update(registered_model=name, version=str(mv.version), alias=alias, source=source)

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 DEFAULT_URI = "sqlite:///mlflow.db"
 RECORD_TAG = "engineforge.record_id"
 CACHE_TAG = "engineforge.cache"  # engineforge.cache.<group> = fingerprint of that stage output
+REF_TAG = "engineforge.ref"  # engineforge.ref.<group> = runs:/<id>/<dir> holding the same files
 
 
 def _stage_files(artifact_dir: str, sidecar_path) -> list[list[str]]:
@@ -151,12 +152,34 @@ def upload(record: dict, uri: str | None = None) -> dict:
                               max_results=1)
     if done:
         return {"parent": done[0].info.run_id, "children": {}, "reused": True}
-    parent = _log_run(client, exp_id, record["parent"], record["id"], None)
-    children = {c["name"]: _log_run(client, exp_id, c, record["id"], parent)
+    parent = _log_run(client, exp_id, _dedupe(client, record["parent"]), record["id"], None)
+    children = {c["name"]: _log_run(client, exp_id, _dedupe(client, c), record["id"], parent)
                 for c in record["children"]}
     # Tag the parent last: a crash midway leaves no "done" marker, so sync retries.
     client.set_tag(parent, RECORD_TAG, record["id"])
     return {"parent": parent, "children": children, "reused": False}
+
+
+def _dedupe(client, run: dict) -> dict:
+    """Files of a stage output already held by a finished run are referenced, not re-sent.
+
+    A one-precision change then uploads that precision's files only. The holding run keeps
+    the cache tag; this run gets ``engineforge.ref.<group> = runs:/<id>/<dir>``.
+    """
+    run = {**run, "tags": dict(run["tags"]), "artifacts": list(run["artifacts"])}
+    exps = [e.experiment_id for e in client.search_experiments()]
+    for key, fp in list(run["tags"].items()):
+        if not key.startswith(CACHE_TAG + "."):
+            continue
+        group = key[len(CACHE_TAG) + 1:]
+        held = client.search_runs(exps, f"tags.`{key}` = '{fp}' and "
+                                  "attributes.status = 'FINISHED'", max_results=1)
+        if held:
+            folder = group.replace(".", "/")
+            del run["tags"][key]
+            run["tags"][f"{REF_TAG}.{group}"] = f"runs:/{held[0].info.run_id}/{folder}"
+            run["artifacts"] = [a for a in run["artifacts"] if a[1] != folder]
+    return run
 
 
 def _log_run(client, exp_id: str, run: dict, record_id: str, parent: str | None) -> str:

@@ -1,0 +1,68 @@
+"""Tracking records: idempotent uploads, deduplicated artifacts, and the pending queue."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from engineforge import cache, tracking
+
+
+def _record(tmp_path, rid, fp="f" * 64, metric=1.0):
+    art = tmp_path / "export.json"
+    art.write_text('{"x": 1}')
+    run = {"name": "m", "tags": {f"{tracking.CACHE_TAG}.export": fp},
+           "params": {"p": "1"}, "metrics": {"t": metric}, "artifacts": [[str(art), "export"]]}
+    child = {"name": "m/fp32/p/onnxruntime", "tags": {}, "params": {}, "metrics": {"lat": 2.0},
+             "artifacts": []}
+    return {"experiment": "t", "model": "m", "id": rid, "parent": run, "children": [child]}
+
+
+@pytest.fixture
+def uri(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path}/t.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def test_upload_is_idempotent(tmp_path, uri):
+    # execute
+    first = tracking.upload(_record(tmp_path, "r1"))
+    again = tracking.upload(_record(tmp_path, "r1"))
+    # assert
+    assert again["reused"] and again["parent"] == first["parent"]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    assert len(runs) == 2  # one parent, one child, logged once
+
+
+def test_unchanged_stage_files_are_referenced_not_uploaded(tmp_path, uri):
+    # setup: a first record holds the export files
+    first = tracking.upload(_record(tmp_path, "r1"))
+    # execute: a new record (another metric) with the same export fingerprint
+    second = tracking.upload(_record(tmp_path, "r2", metric=3.0))
+    # assert
+    client = MlflowClient(uri)
+    run = client.get_run(second["parent"])
+    assert run.data.tags[f"{tracking.REF_TAG}.export"] == f"runs:/{first['parent']}/export"
+    assert f"{tracking.CACHE_TAG}.export" not in run.data.tags
+    assert client.list_artifacts(second["parent"]) == []
+    assert cache.lookup("export", "f" * 64) == first["parent"]  # the holder stays the cache
+
+
+def test_unreachable_server_keeps_the_record_pending(tmp_path, monkeypatch, uri):
+    # setup
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    record = _record(tmp_path, "r3")
+    # execute
+    status = tracking.track(record, tmp_path / "track.json", tmp_path / "artifacts")
+    # assert
+    assert status["status"] == "pending"
+    pending = list(tracking.pending_dir(tmp_path / "artifacts").glob("*.json"))
+    assert len(pending) == 1
+    # execute: the server is back (here: a reachable store)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    uploaded = tracking.sync(tmp_path / "artifacts")
+    # assert
+    assert len(uploaded) == 1 and not list(pending[0].parent.glob("*.json"))
