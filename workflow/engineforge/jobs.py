@@ -33,6 +33,11 @@ HEAVY = {
 }
 
 
+# torch.onnx.export (both exporters) and torch.export keep process-global state: two
+# exports in two threads at once fail spuriously, so export jobs take turns.
+_EXCLUSIVE = {"export": threading.Lock()}
+
+
 def _preload(rule: str) -> None:
     with _IMPORT_LOCK:
         for name in HEAVY.get(rule, ()):
@@ -105,4 +110,8 @@ def run(rule: str, wildcards, input, output, params, log, models: dict, artifact
     module, func = target.split(":")
     fn = getattr(importlib.import_module(f"engineforge.{module}"), func)
     job_id = "-".join([rule, *[str(v) for v in wildcards]]) if len(wildcards) else rule
-    return run_stage(log[0], job_id, artifacts, fn, *args, **kwargs)
+    lock = _EXCLUSIVE.get(rule)
+    if lock is None:
+        return run_stage(log[0], job_id, artifacts, fn, *args, **kwargs)
+    with lock:
+        return run_stage(log[0], job_id, artifacts, fn, *args, **kwargs)
