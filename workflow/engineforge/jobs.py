@@ -33,9 +33,12 @@ HEAVY = {
 }
 
 
-# torch.onnx.export (both exporters) and torch.export keep process-global state: two
-# exports in two threads at once fail spuriously, so export jobs take turns.
-_EXCLUSIVE = {"export": threading.Lock()}
+# Libraries with process-global state take turns, one lock per library: torch.onnx.export
+# and torch.export (two concurrent exports failed spuriously), ModelOpt (global loggers,
+# Polygraphy's global logger inside AutoCast) and Polygraphy's comparator. Jobs of
+# different libraries still run side by side.
+_EXCLUSIVE = {"export": threading.Lock(), "precision": threading.Lock(),
+              "audit": threading.Lock()}
 
 
 def _preload(rule: str) -> None:
