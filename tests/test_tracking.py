@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from mlflow.tracking import MlflowClient
-
 from engineforge import cache, tracking
+from mlflow.tracking import MlflowClient
 
 
 def _record(tmp_path, rid, fp="f" * 64, metric=1.0):

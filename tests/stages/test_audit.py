@@ -91,6 +91,30 @@ def test_unloadable_variant_is_not_runnable_result(exported):
     assert side["result"]["reason"].startswith("not runnable on onnxruntime:")
 
 
+def test_bf16_variant_is_audited_by_onnx_reference_when_ort_cannot_run_it(exported):
+    # setup: a real bf16 variant (ModelOpt AutoCast); ORT's CPU provider has no bf16 Conv
+    from engineforge.stages import precision
+
+    m, tmp = exported
+    precision.run("tinycls", m, "bf16", tmp / "e/model.onnx", tmp / "p/bf16.onnx",
+                  tmp / "p/bf16.json", tmp)
+    build = _ort_build(tmp / "p/bf16.onnx", tmp / "b/engine.onnx", tmp)
+    # execute
+    side = audit.run("tinycls", m, "onnxruntime", "bf16", tmp / "b/engine.onnx",
+                     tmp / "e/ref.npz", tmp / "a/bf16.json", root=tmp)
+    matrix = audit.drift_matrix("tinycls", [tmp / "a/bf16.json"], tmp / "a/drift.json",
+                                tmp / "a/drift.md")
+    # assert: ORT says why not; the emulated audit measures real bf16 drift
+    r = side["result"]
+    assert build["status"] == "not_runnable" and r["status"] == "not_runnable"
+    emu = r["emulated"]
+    (out,) = emu["outputs"].values()
+    assert 0 < out["max_abs"] < 0.5 and out["cosine"] > 0.99
+    assert emu["task"]["samples"] == 32 and emu["status"] in ("pass", "fail")
+    backends = [row["backend"] for row in matrix["rows"]]
+    assert backends == ["onnx-reference (emulated)", "onnxruntime"]
+
+
 def test_drift_matrix_rows_and_markdown(exported):
     # setup
     m, tmp = exported

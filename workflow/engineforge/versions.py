@@ -18,7 +18,7 @@ STAGE_TOOLS = {
     "export": ("torch", "torchvision", "onnx", "onnxscript"),
     "simplify": ("onnx", "onnxsim"),
     "precision": ("onnx", "nvidia-modelopt", "onnxruntime-gpu"),
-    "audit": ("polygraphy", "onnxruntime-gpu", "torch"),
+    "audit": ("polygraphy", "onnxruntime-gpu", "onnx", "torch"),
     "build": ("onnxruntime-gpu",),
     "bench": ("onnxruntime-gpu", "torch"),
     "baseline": ("torch",),
