@@ -191,9 +191,13 @@ def drift_matrix(model: str, audits: list[Path], json_out: Path, md_out: Path) -
             row["accuracy_drop"] = r["task"]["accuracy_drop"]
         rows.append(row)
     order = {p: i for i, p in enumerate(("fp32", "fp16", "bf16", "int8", "fp8"))}
-    rows.sort(key=lambda r: (r["backend"], order.get(r["precision"], 9)))
+    backend_order = {b: i for i, b in enumerate(
+        ("onnxruntime", f"{onnx_reference.NAME} (emulated)", "tensorrt-rtx", "tensorrt",
+         "trtexec"))}
+    rows.sort(key=lambda r: (backend_order.get(r["backend"], 9), order.get(r["precision"], 9)))
     matrix = {"model": model, "reference": REFERENCE, "rows": rows}
     write_json(json_out, matrix)
+    notes: list[str] = []
     lines = [f"# Drift matrix — {model} (reference: PyTorch fp32)", "",
              "| precision | backend | " + " | ".join(HEADLINE) + " |",
              "|---|---|" + "---|" * len(HEADLINE)]
@@ -202,9 +206,11 @@ def drift_matrix(model: str, audits: list[Path], json_out: Path, md_out: Path) -
         for key in HEADLINE:
             v = r.get(key)
             if key == "status" and r.get("reason"):
-                v = r["reason"]
+                notes += [r["reason"]] if r["reason"] not in notes else []
+                v = f"not runnable [{notes.index(r['reason']) + 1}]"
             cells.append("—" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v))
         lines.append(f"| {r['precision']} | {r['backend']} | " + " | ".join(cells) + " |")
+    lines += [""] + [f"{i}. {n}" for i, n in enumerate(notes, 1)] if notes else []
     from engineforge.sidecar import atomic_path
 
     with atomic_path(md_out) as tmp:
