@@ -208,7 +208,9 @@ def drift_matrix(model: str, audits: list[Path], json_out: Path, md_out: Path) -
             if key == "status" and r.get("reason"):
                 notes += [r["reason"]] if r["reason"] not in notes else []
                 v = f"not runnable [{notes.index(r['reason']) + 1}]"
-            cells.append("—" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v))
+            spec = ".6f" if key == "cosine" else ".4g"
+            cells.append("—" if v is None else format(v, spec) if isinstance(v, float)
+                         else str(v))
         lines.append(f"| {r['precision']} | {r['backend']} | " + " | ".join(cells) + " |")
     lines += [""] + [f"{i}. {n}" for i, n in enumerate(notes, 1)] if notes else []
     from engineforge.sidecar import atomic_path
