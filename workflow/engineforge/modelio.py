@@ -24,18 +24,6 @@ def dynamic_dims(m: dict) -> dict[str, dict[int, str]]:
             for name, spec in m["inputs"].items()}
 
 
-def dim_ranges(m: dict) -> dict[str, tuple[int, int]]:
-    """{dim_name: (min, max)} over every profile."""
-    ranges: dict[str, tuple[int, int]] = {}
-    for profile in m["profiles"].values():
-        for iname, axes in dynamic_dims(m).items():
-            for axis, dname in axes.items():
-                lo, hi = profile[iname]["min"][axis], profile[iname]["max"][axis]
-                cur = ranges.get(dname, (lo, hi))
-                ranges[dname] = (min(cur[0], lo), max(cur[1], hi))
-    return ranges
-
-
 def shapes_at(profile: dict, which: str) -> dict[str, list[int]]:
     """{input: shape} at min/opt/max of one profile."""
     return {iname: list(s[which]) for iname, s in profile.items()}
