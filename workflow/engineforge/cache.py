@@ -23,7 +23,6 @@ from pathlib import Path
 from engineforge.sidecar import atomic_path, fingerprint, read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)
-TAG = "engineforge.cache"
 _unreachable: dict[str, str] = {}  # tracking URI -> first error: stop asking it in this process
 
 
@@ -42,19 +41,14 @@ def _client():
 
 def lookup(group: str, fingerprint: str) -> str | None:
     """Run id of a finished run holding ``group`` with this fingerprint, or None."""
-    from engineforge.tracking import tracking_uri
+    from engineforge.tracking import find_holder, tracking_uri
 
     if not enabled() or tracking_uri() in _unreachable:
         return None
     try:
         client = _client()
-        exps = [e.experiment_id for e in client.search_experiments()]
-        if not exps:
-            return None
-        runs = client.search_runs(
-            exps, f"tags.`{TAG}.{group}` = '{fingerprint}' and attributes.status = 'FINISHED'",
-            max_results=1)
-        return runs[0].info.run_id if runs else None
+        return find_holder(client, group, fingerprint,
+                           [e.experiment_id for e in client.search_experiments()])
     except Exception as err:  # noqa: BLE001 - the cache is an optimisation, never a failure
         _unreachable[tracking_uri()] = str(err).splitlines()[0][:200]
         log.warning("cache lookup for %s failed; no more lookups in this run: %s", group,

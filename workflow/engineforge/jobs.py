@@ -6,6 +6,7 @@ named inputs/outputs to the stage functions in one readable place.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import threading
 from pathlib import Path
@@ -88,10 +89,7 @@ def _bench_pytorch(w, i, o, p, m, a):
 
 
 def _track(w, i, o, p, m, a):
-    from engineforge import tracking
-
-    record = tracking.build_record(w.model, m, p.experiment, p.targets)
-    return "tracking:track", (record, Path(o[0]), a), {}
+    return "tracking:track_model", (w.model, m, p.experiment, p.targets, Path(o[0]), a), {}
 
 
 def _summary(w, i, o, p, m, a):
@@ -113,8 +111,5 @@ def run(rule: str, wildcards, input, output, params, log, models: dict, artifact
     module, func = target.split(":")
     fn = getattr(importlib.import_module(f"engineforge.{module}"), func)
     job_id = "-".join([rule, *[str(v) for v in wildcards]]) if len(wildcards) else rule
-    lock = _EXCLUSIVE.get(rule)
-    if lock is None:
-        return run_stage(log[0], job_id, artifacts, fn, *args, **kwargs)
-    with lock:
+    with _EXCLUSIVE.get(rule) or contextlib.nullcontext():
         return run_stage(log[0], job_id, artifacts, fn, *args, **kwargs)

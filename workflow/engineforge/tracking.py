@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from pathlib import Path
 
 from engineforge.sidecar import canonical_json, read_json, write_json
@@ -30,6 +31,18 @@ def _stage_files(artifact_dir: str, sidecar_path) -> list[list[str]]:
     side = read_json(sidecar_path)
     files = [str(sidecar_path)] + [o["path"] for o in side["outputs"].values()]
     return [[f, artifact_dir] for f in files]
+
+
+def find_holder(client, group: str, fingerprint: str, experiment_ids: list[str]) -> str | None:
+    """Run id of a FINISHED run holding ``group``'s files with this fingerprint, or None.
+
+    The one query behind both the build cache and artifact deduplication.
+    """
+    if not experiment_ids:
+        return None
+    runs = client.search_runs(experiment_ids, f"tags.`{CACHE_TAG}.{group}` = '{fingerprint}' "
+                              "and attributes.status = 'FINISHED'", max_results=1)
+    return runs[0].info.run_id if runs else None
 
 
 def tracking_uri() -> str:
@@ -152,32 +165,33 @@ def upload(record: dict, uri: str | None = None) -> dict:
                               max_results=1)
     if done:
         return {"parent": done[0].info.run_id, "children": {}, "reused": True}
-    parent = _log_run(client, exp_id, _dedupe(client, record["parent"]), record["id"], None)
-    children = {c["name"]: _log_run(client, exp_id, _dedupe(client, c), record["id"], parent)
+    exps = [e.experiment_id for e in client.search_experiments()]
+    parent = _log_run(client, exp_id, _dedupe(client, record["parent"], exps), record["id"],
+                      None)
+    children = {c["name"]: _log_run(client, exp_id, _dedupe(client, c, exps), record["id"],
+                                    parent)
                 for c in record["children"]}
     # Tag the parent last: a crash midway leaves no "done" marker, so sync retries.
     client.set_tag(parent, RECORD_TAG, record["id"])
     return {"parent": parent, "children": children, "reused": False}
 
 
-def _dedupe(client, run: dict) -> dict:
+def _dedupe(client, run: dict, experiment_ids: list[str]) -> dict:
     """Files of a stage output already held by a finished run are referenced, not re-sent.
 
     A one-precision change then uploads that precision's files only. The holding run keeps
     the cache tag; this run gets ``engineforge.ref.<group> = runs:/<id>/<dir>``.
     """
     run = {**run, "tags": dict(run["tags"]), "artifacts": list(run["artifacts"])}
-    exps = [e.experiment_id for e in client.search_experiments()]
     for key, fp in list(run["tags"].items()):
         if not key.startswith(CACHE_TAG + "."):
             continue
         group = key[len(CACHE_TAG) + 1:]
-        held = client.search_runs(exps, f"tags.`{key}` = '{fp}' and "
-                                  "attributes.status = 'FINISHED'", max_results=1)
-        if held:
+        holder = find_holder(client, group, fp, experiment_ids)
+        if holder:
             folder = group.replace(".", "/")
             del run["tags"][key]
-            run["tags"][f"{REF_TAG}.{group}"] = f"runs:/{held[0].info.run_id}/{folder}"
+            run["tags"][f"{REF_TAG}.{group}"] = f"runs:/{holder}/{folder}"
             run["artifacts"] = [a for a in run["artifacts"] if a[1] != folder]
     return run
 
@@ -192,7 +206,7 @@ def _log_run(client, exp_id: str, run: dict, record_id: str, parent: str | None)
         tags[RECORD_TAG + ".parent"] = record_id
     r = client.create_run(exp_id, run_name=run["name"], tags=tags)
     rid = r.info.run_id
-    ts = int(__import__("time").time() * 1000)
+    ts = int(time.time() * 1000)
     client.log_batch(rid, metrics=[Metric(k, v, ts, 0) for k, v in run["metrics"].items()],
                      params=[Param(k, v) for k, v in run["params"].items()], tags=[])
     for path, artifact_dir in run["artifacts"]:
@@ -204,6 +218,12 @@ def _log_run(client, exp_id: str, run: dict, record_id: str, parent: str | None)
 
 def pending_dir(artifacts: str | Path) -> Path:
     return Path(artifacts) / "_tracking" / "pending"
+
+
+def track_model(model: str, m: dict, experiment: str, sidecars: dict, out: Path,
+                artifacts: str | Path) -> dict:
+    """The track stage: assemble the model's record from its sidecars, then :func:`track`."""
+    return track(build_record(model, m, experiment, sidecars), out, artifacts)
 
 
 def track(record: dict, out: Path, artifacts: str | Path) -> dict:
