@@ -1,6 +1,7 @@
 """Load, validate and resolve config.yaml into per-model settings.
 
-Layers, later wins: built-in ``defaults.yaml`` < config ``defaults:`` < the model.
+Layers, later wins: built-in defaults (``settings.Settings``) < config ``defaults:`` < the
+model.
 Validation errors become one :class:`ConfigError` line naming the key and what
 is allowed; nothing here imports torch or ONNX.
 """
@@ -19,23 +20,24 @@ from engineforge.errors import ConfigError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SCHEMA_PATH = PACKAGE_DIR.parent / "schemas" / "config.schema.yaml"
-DEFAULTS_PATH = PACKAGE_DIR / "defaults.yaml"
-
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
-QUANTIZED = ("int8", "fp8")
-BACKENDS = ("onnxruntime", "tensorrt-rtx", "tensorrt", "trtexec")
-SETTINGS_KEYS = ("opset", "precisions", "backends", "export", "simplify", "precision",
-                 "tolerances", "bench", "tensorrt")
 
 
 @functools.cache
-def _schema() -> dict:
-    return yaml.safe_load(SCHEMA_PATH.read_text())
+def schema() -> dict:
+    """config.schema.yaml with its ``settings`` definitions generated from the typed
+    settings and the backend registry (see settings.py)."""
+    from engineforge.backends import names
+    from engineforge.settings import settings_schema
+
+    doc = yaml.safe_load(SCHEMA_PATH.read_text())
+    doc["$defs"].update(settings_schema(names()))
+    return doc
 
 
-@functools.cache
 def builtin_defaults() -> dict:
-    return yaml.safe_load(DEFAULTS_PATH.read_text())
+    from engineforge.settings import builtin_defaults as defaults
+
+    return defaults()
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -60,7 +62,7 @@ def validate(raw: Any) -> None:
     if not isinstance(raw, dict):
         raise ConfigError(f"the config must be a mapping, got {type(raw).__name__}.",
                           fix="start from the repository's config.yaml")
-    validator = jsonschema.Draft202012Validator(_schema())
+    validator = jsonschema.Draft202012Validator(schema())
     errors = list(validator.iter_errors(raw))
     if not errors:
         return
@@ -76,12 +78,12 @@ def validate(raw: Any) -> None:
     if len(parts) >= 2 and parts[0] == "models":
         model = str(parts[1])
     allowed = ""
-    schema = best.schema if isinstance(best.schema, dict) else {}
-    if "enum" in schema:
-        allowed = f" Allowed: {', '.join(map(str, schema['enum']))}."
+    failed = best.schema if isinstance(best.schema, dict) else {}
+    if "enum" in failed:
+        allowed = f" Allowed: {', '.join(map(str, failed['enum']))}."
     raise ConfigError(f"invalid config at '{key}': {best.message}.{allowed}", model=model, key=key,
-                      fix="correct that key (see the comments in config.yaml and "
-                          "workflow/schemas/config.schema.yaml)")
+                      fix="correct that key (see the comments in config.yaml, or "
+                          "`engineforge schema` for every key)")
 
 
 def resolve(raw: dict, root: str | os.PathLike = ".") -> dict:
@@ -119,7 +121,7 @@ def _check_model(name: str, m: dict, root: Path) -> None:
             raise ConfigError(f"{section} data '{m[section]['path']}' does not exist.",
                               model=name, key=f"models.{name}.{section}.path",
                               fix="create the .npz or remove the section")
-    needs_calib = [p for p in m["precisions"] if p in QUANTIZED]
+    needs_calib = [p for p in m["precisions"] if p in ("int8", "fp8")]
     if needs_calib and "calibration" not in m:
         raise ConfigError(f"precisions {needs_calib} need calibration data.", model=name,
                           key=f"models.{name}.calibration",
@@ -165,50 +167,3 @@ def load(path: str | os.PathLike) -> dict:
     return resolve(raw, path.parent)
 
 
-# --- config slices: what each stage's output depends on -------------------------------
-
-def reference_data(m: dict) -> dict | None:
-    """The data set the export's reference inputs come from: evaluation, else calibration."""
-    return m.get("evaluation") or m.get("calibration")
-
-
-def stage_slice(m: dict, stage: str, precision: str | None = None,
-                profile: str | None = None, backend: str | None = None) -> dict:
-    """The part of a model's settings that a stage's output depends on.
-
-    Used for fingerprints and as Snakemake ``params`` so that editing one
-    precision's settings reruns only that precision's jobs.
-    """
-    # export and simplify see one shape only: the first profile's opt (reference data,
-    # onnxsim's test shapes); dynamic dims stay symbolic, so other shapes do not matter.
-    ref_shapes = {i: s["opt"] for i, s in next(iter(m["profiles"].values())).items()}
-    if stage == "export":
-        return {k: m[k] for k in ("checkpoint", "inputs", "opset", "export", "simplify")} | {
-            "reference_shapes": ref_shapes, "task": m["task"],
-            "reference_data": reference_data(m)}
-    if stage == "simplify":
-        return {"simplify": m["simplify"], "reference_shapes": ref_shapes}
-    if stage == "precision":
-        s = {"precision": precision, "settings": m["precision"].get(precision, {})}
-        if precision in QUANTIZED:
-            s["calibration"] = m["calibration"]
-        return s
-    if stage == "audit":
-        return {"precision": precision, "task": m["task"],
-                "tolerance": m["tolerances"].get(precision, {}),
-                "evaluation": m.get("evaluation")}
-    if stage == "build":
-        shapes = m["profiles"] if profile == "all" else m["profiles"].get(profile)
-        s = {"backend": backend, "precision": precision, "profile": profile, "shapes": shapes}
-        if backend != "onnxruntime":
-            s["tensorrt"] = m["tensorrt"]
-        return s
-    if stage == "bench":
-        s = {"backend": backend, "precision": precision, "profile": profile,
-             "shapes": m["profiles"].get(profile), "bench": m["bench"]}
-        if backend != "onnxruntime":
-            s["tensorrt"] = m["tensorrt"]
-        return s
-    if stage == "baseline":
-        return {"profile": profile, "shapes": m["profiles"].get(profile), "bench": m["bench"]}
-    raise ValueError(f"unknown stage {stage}")

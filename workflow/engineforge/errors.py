@@ -20,6 +20,9 @@ class EngineforgeError(Exception):
         self.fix = fix
         super().__init__(self.__str__())
 
+    def __reduce__(self):  # crosses the worker-process boundary with model/key/fix intact
+        return (_rebuild, (type(self), self.message, self.model, self.key, self.fix))
+
     def __str__(self) -> str:
         where = [f"stage={self.stage}"]
         if self.model:
@@ -30,6 +33,10 @@ class EngineforgeError(Exception):
         if self.fix:
             text += f" Fix: {self.fix}"
         return text
+
+
+def _rebuild(cls, message, model, key, fix):
+    return cls(message, model=model, key=key, fix=fix)
 
 
 class ConfigError(EngineforgeError):
@@ -72,3 +79,15 @@ class BackendUnavailable(EngineforgeError):
     """A backend cannot run here. Not a failure: the result says 'skipped: <reason>'."""
 
     stage = "build"
+
+
+class JobCrashed(EngineforgeError):
+    """A job's worker process died (signal, abort, out of memory)."""
+
+    stage = "job"
+
+
+class JobTimedOut(EngineforgeError):
+    """A job ran past its time limit and was killed."""
+
+    stage = "job"

@@ -1,28 +1,173 @@
-"""Glue between Snakemake rules and stage modules.
+"""The stage runner: one skeleton around every stage body.
 
-Rules call :func:`run_stage`, which sends the stage's log records to the
-rule's ``log:`` file, turns a known error into one line (model, stage, key,
-fix) and records it for the end-of-run failure list. Unexpected exceptions
-keep their traceback in the log file, never on the terminal.
+For each Snakemake job the runner builds a :class:`~engineforge.job.Job`, computes the
+fingerprint (input content hashes + settings + tool versions + device), asks the MLflow
+cache, runs the stage body (in a crash-isolated child process for stages that touch native
+code), publishes the outputs atomically, writes the sidecar, and records a failure as one
+line (model, stage, key, fix) for the end-of-run list. Stage bodies never import tracking
+or the cache.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
+import os
+import shutil
 import sys
 import threading
+import time
 import traceback
+import uuid
+from dataclasses import replace
 from pathlib import Path
 
+from engineforge import cache, worker
 from engineforge.errors import EngineforgeError
+from engineforge.job import Canonical, Job
+from engineforge.sidecar import fingerprint, make_sidecar, sha256_file, write_json
 
-FAILURES = "_failures"
+DEFAULT_TIMEOUT_S = 3600.0
 
 
 class StageFailed(Exception):
     """Raised to Snakemake: its text is the one line the user reads."""
 
 
+def stage_module(stage: str):
+    from engineforge.stages import STAGES
+
+    return importlib.import_module(STAGES[stage])
+
+
+def timeout_s() -> float:
+    return float(os.environ.get("ENGINEFORGE_JOB_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+
+
+# -- called from the rules ---------------------------------------------------------------------
+def run_rule(stage: str, wildcards, input, output, params, log, artifacts: str) -> None:
+    """Snakemake's ``run:`` body of every rule: turn the rule's objects into a Job, run it."""
+    w = dict(wildcards.items())
+    if "backend" in params.keys():  # rules that hold their backend in the path
+        w["backend"] = params.backend
+    named_in = {k: Path(v) for k, v in input.items() if isinstance(v, str)}
+    named_out = {k: Path(v) for k, v in output.items()}
+    extra = [Path(f) for f in input if Path(f) not in named_in.values()]
+    settings = params.settings.value if "settings" in params.keys() else None
+    tools = params.tools.value if "tools" in params.keys() else {}
+    job = Job(stage=stage, model=w.get("model"), wildcards=w, inputs=named_in,
+              outputs=named_out, settings=settings, tools=tools, device=None,
+              log=Path(log[0]), artifacts=artifacts, extra_inputs=extra)
+    run_job(job, artifacts)
+
+
+def run_job(job: Job, artifacts: str) -> None:
+    job_id = "-".join([job.stage, *job.wildcards.values()])
+    failure = Path(artifacts) / "_failures" / f"{job_id}.txt"
+    job.log.parent.mkdir(parents=True, exist_ok=True)
+    job.log.write_text("")
+    try:
+        _run(job, job_id)
+        failure.unlink(missing_ok=True)
+    except EngineforgeError as err:
+        if err.stage in ("engineforge", "job"):
+            err.stage = job.stage
+        err.model = err.model or job.model
+        _append_log(job.log, f"ERROR {err}")
+        _record(failure, str(err))
+        raise StageFailed(str(err)) from None
+    except (worker.UnexpectedError, Exception) as err:  # noqa: BLE001 - a bug or a tool failure
+        if not isinstance(err, worker.UnexpectedError):
+            _append_log(job.log, f"unexpected error:\n{traceback.format_exc()}")
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        name = "" if isinstance(err, worker.UnexpectedError) else f"{type(err).__name__}: "
+        line = f"[{job_id}] unexpected {name}{first} (traceback: {job.log})"
+        _record(failure, line)
+        raise StageFailed(line) from None
+
+
+def _run(job: Job, job_id: str) -> None:
+    stage = stage_module(job.stage)
+    if hasattr(stage, "device"):  # what the output is specific to (engines: the GPU class)
+        job = replace(job, device=stage.device(job))
+    sidecar_path = job.outputs.get("sidecar")
+    fp = None
+    if sidecar_path is not None:
+        hashes = {role: sha256_file(p) for role, p in job.inputs.items()}
+        fp = fingerprint(hashes, Canonical(job.settings).dump(), job.tools, job.device)
+        group = stage.cache_group(job) if hasattr(stage, "cache_group") else None
+        if group and cache.restore(group, fp, {k: v for k, v in job.outputs.items()
+                                               if k != "sidecar"}, sidecar_path):
+            return
+    staging = _Staging(job)
+    try:
+        t0 = time.perf_counter()
+        if getattr(stage, "ISOLATED", True):
+            result = worker.run_isolated("engineforge.runner:body", staging.job,
+                                         log_path=job.log, timeout_s=timeout_s(), job=job_id)
+        else:
+            with _log_to(job.log):
+                result = body(staging.job)
+        if sidecar_path is not None:
+            side = make_sidecar(
+                stage=job.stage, model=job.model or "", inputs=job.inputs, input_hashes=hashes,
+                config_slice=Canonical(job.settings).dump(), tools=job.tools,
+                outputs={k: v for k, v in staging.job.outputs.items() if k != "sidecar"},
+                result=result.model_dump(mode="json") if result is not None else {},
+                device=job.device)
+            side["wall_s"] = round(time.perf_counter() - t0, 3)
+            side["outputs"] = {k: {**v, "path": str(job.outputs[k])}
+                               for k, v in side["outputs"].items()}
+            write_json(staging.job.outputs["sidecar"], side)
+        staging.publish()
+    finally:
+        staging.cleanup()
+
+
+def body(job: Job):
+    """The stage body, wherever it runs (child process or this thread)."""
+    return stage_module(job.stage).run(job)
+
+
+class _Staging:
+    """Outputs are written under a hidden directory beside each and renamed into place
+    afterwards, so an interrupted job never leaves a file a later run would trust. Every
+    file the body leaves there (e.g. ONNX external data) is published with its output."""
+
+    def __init__(self, job: Job):
+        self.key = f".staging-{job.stage}-{uuid.uuid4().hex[:8]}"
+        self.dirs: dict[Path, Path] = {}
+        staged = {}
+        for role, path in job.outputs.items():
+            d = self.dirs.setdefault(path.parent, path.parent / self.key)
+            d.mkdir(parents=True, exist_ok=True)
+            staged[role] = d / path.name
+        self.final = job.outputs
+        self.job = job.with_outputs(staged)
+
+    def publish(self) -> None:
+        declared = {self.job.outputs[r]: self.final[r] for r in self.final}
+        sidecars = [s for s in declared if s.name.endswith(".json")]
+        for staged_dir in self.dirs.values():
+            for f in sorted(staged_dir.iterdir()):
+                if f not in declared:  # companions first (external data), never trusted alone
+                    os.replace(f, staged_dir.parent / f.name)
+        for src, dest in declared.items():
+            if src not in sidecars:
+                if not src.exists():
+                    raise EngineforgeError(f"the {self.job.stage} stage wrote no {dest.name}",
+                                           fix="report this bug")
+                os.replace(src, dest)
+        for src in sidecars:  # the sidecar last: it vouches for the rest
+            if src.exists():
+                os.replace(src, declared[src])
+
+    def cleanup(self) -> None:
+        for d in self.dirs.values():
+            shutil.rmtree(d, ignore_errors=True)
+
+
+# -- logs and failures --------------------------------------------------------------------------
 class _ThreadFilter(logging.Filter):
     def __init__(self):
         super().__init__()
@@ -32,34 +177,29 @@ class _ThreadFilter(logging.Filter):
         return record.thread == self.thread
 
 
-def run_stage(log_path, failure_id: str, artifacts: str, fn, *args, **kwargs):
-    log_path = Path(log_path)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(log_path, mode="w")
-    handler.addFilter(_ThreadFilter())
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    if root.level > logging.INFO or root.level == logging.NOTSET:
-        root.setLevel(logging.INFO)
-    failure = Path(artifacts) / FAILURES / f"{failure_id}.txt"
-    try:
-        out = fn(*args, **kwargs)
-        failure.unlink(missing_ok=True)
-        return out
-    except EngineforgeError as err:
-        logging.getLogger("engineforge").error("%s", err)
-        _record(failure, str(err))
-        raise StageFailed(str(err)) from None
-    except Exception as err:  # noqa: BLE001 - a bug or an unforeseen tool failure
-        logging.getLogger("engineforge").error("unexpected error:\n%s", traceback.format_exc())
-        line = (f"[{failure_id}] unexpected {type(err).__name__}: "
-                f"{(str(err).strip().splitlines() or [''])[0][:300]} (traceback: {log_path})")
-        _record(failure, line)
-        raise StageFailed(line) from None
-    finally:
-        root.removeHandler(handler)
-        handler.close()
+class _log_to:
+    """Records of this thread go to ``path`` (in-process bodies: jobs share the process)."""
+
+    def __init__(self, path: Path):
+        self.handler = logging.FileHandler(path, mode="a")
+        self.handler.addFilter(_ThreadFilter())
+        self.handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def __enter__(self):
+        root = logging.getLogger()
+        root.addHandler(self.handler)
+        if root.level > logging.INFO or root.level == logging.NOTSET:
+            root.setLevel(logging.INFO)
+
+    def __exit__(self, *exc):
+        logging.getLogger().removeHandler(self.handler)
+        self.handler.close()
+
+
+def _append_log(path: Path, text: str) -> None:
+    with open(path, "a") as f:
+        f.write(text.rstrip() + "\n")
 
 
 def _record(path: Path, text: str) -> None:
@@ -73,25 +213,14 @@ def fail_fast(err: EngineforgeError) -> None:
     sys.exit(1)
 
 
-def backend_availability(names) -> dict:
-    from engineforge.backends import get_backend
-
-    out = {}
-    for name in sorted(names):
-        avail = get_backend(name).availability()
-        out[name] = {"ok": avail.ok, "reason": avail.reason, "how": avail.how,
-                     "version": avail.version, "line": avail.line(name)}
-    return out
-
-
 def print_file(path) -> None:
     path = Path(path)
     if path.exists():
         print(path.read_text())
 
 
-def print_failures(artifacts, models) -> None:
-    files = sorted((Path(artifacts) / FAILURES).glob("*.txt"))
+def print_failures(artifacts) -> None:
+    files = sorted((Path(artifacts) / "_failures").glob("*.txt"))
     if not files:
         return
     print(f"\nengineforge: {len(files)} job(s) failed; the other models went on:",

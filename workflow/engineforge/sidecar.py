@@ -73,9 +73,11 @@ def cpu_device() -> str:
 
 def make_sidecar(*, stage: str, model: str, inputs: dict[str, str | os.PathLike],
                  config_slice: dict, tools: dict, outputs: dict[str, str | os.PathLike],
-                 result: dict | None = None, device: str | None = None) -> dict:
+                 result: dict | None = None, device: str | None = None,
+                 input_hashes: dict[str, str] | None = None) -> dict:
     """Build a sidecar dict; ``inputs``/``outputs`` map roles to file paths."""
-    input_hashes = {role: sha256_file(p) for role, p in inputs.items()}
+    if input_hashes is None:
+        input_hashes = {role: sha256_file(p) for role, p in inputs.items()}
     output_hashes = {role: {"path": str(p), "sha256": sha256_file(p),
                             "bytes": os.path.getsize(p)}
                      for role, p in outputs.items() if Path(p).is_file()}

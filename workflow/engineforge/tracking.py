@@ -16,6 +16,7 @@ import os
 import time
 from pathlib import Path
 
+from engineforge.settings import Section
 from engineforge.sidecar import canonical_json, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -78,10 +79,9 @@ def _metrics(prefix: str, obj, out: dict) -> dict:
 def build_record(model: str, m: dict, experiment: str, sidecars: dict) -> dict:
     """Assemble the record from stage sidecars.
 
-    ``sidecars``: {"export": path, "simplify": path, "drift": path, "precision": {p: path},
-    "audit": {(backend, p): path}, "build": {(backend, p, profile): path},
-    "bench": {(backend, p, profile): path}, "baseline": {profile: path},
-    "artifacts": {"onnx": {p: path}, "engine": {(b, p, prof): path}}}
+    ``m``: checkpoint, opset, precisions, backends, task, profiles. ``sidecars``: the
+    ``Layout.model_outputs`` dict (export, simplify, drift, precision, audit, build, bench,
+    baseline paths by role).
     """
     export, simplify = read_json(sidecars["export"]), read_json(sidecars["simplify"])
     parent = {
@@ -142,7 +142,7 @@ def build_record(model: str, m: dict, experiment: str, sidecars: dict) -> dict:
                      "engineforge.bench": bench.get("status", "n/a")},
             "params": _flat("", {"backend": backend, "precision": precision,
                                  "profile": profile, "device": build.get("device"),
-                                 "precision_config": prec["config"].get("settings"),
+                                 "precision_config": prec["config"].get("method"),
                                  "shapes": m["profiles"].get(profile),
                                  "tools": build["tools"]}, {}),
             "metrics": metrics,
@@ -220,10 +220,33 @@ def pending_dir(artifacts: str | Path) -> Path:
     return Path(artifacts) / "_tracking" / "pending"
 
 
-def track_model(model: str, m: dict, experiment: str, sidecars: dict, out: Path,
-                artifacts: str | Path) -> dict:
-    """The track stage: assemble the model's record from its sidecars, then :func:`track`."""
-    return track(build_record(model, m, experiment, sidecars), out, artifacts)
+# -- the track stage (one job per model; the runner calls run) ---------------------------------
+ISOLATED = False  # MLflow client only; `resources: mlflow=1` serializes the writers
+TOOLS = ()
+
+
+class Settings(Section):
+    experiment: str
+    model: dict                       # checkpoint, opset, precisions, backends, task, profiles
+    builds: dict[str, list[str]]      # usable backend -> profiles it builds
+
+
+def settings(m: dict, w: dict, experiment: str, builds: dict[str, list[str]]) -> Settings:
+    keys = ("checkpoint", "opset", "precisions", "backends", "task", "profiles")
+    return Settings(experiment=experiment, model={k: m[k] for k in keys}, builds=builds)
+
+
+def model_outputs(layout, model: str, s: Settings) -> dict:
+    return layout.model_outputs(model, s.model["precisions"], s.builds, list(s.model["profiles"]))
+
+
+def run(job) -> None:
+    from engineforge.layout import Layout
+
+    s: Settings = job.settings
+    sidecars = model_outputs(Layout(job.artifacts), job.model, s)
+    record = build_record(job.model, s.model, s.experiment, sidecars)
+    track(record, job.outputs["track"], job.artifacts)
 
 
 def track(record: dict, out: Path, artifacts: str | Path) -> dict:

@@ -13,24 +13,6 @@ import json
 import os
 from importlib import metadata
 
-# stage -> distributions that affect its output
-STAGE_TOOLS = {
-    "export": ("torch", "torchvision", "onnx", "onnxscript"),
-    "simplify": ("onnx", "onnxsim"),
-    "precision": ("onnx", "nvidia-modelopt", "onnxruntime-gpu"),
-    "audit": ("polygraphy", "onnxruntime-gpu", "onnx", "torch"),
-    "build": ("onnxruntime-gpu",),
-    "bench": ("onnxruntime-gpu", "torch"),
-    "baseline": ("torch",),
-}
-BACKEND_TOOLS = {
-    "onnxruntime": ("onnxruntime-gpu",),
-    "tensorrt-rtx": ("tensorrt_rtx_cu13_bindings", "polygraphy"),
-    "tensorrt": ("tensorrt", "polygraphy"),
-    "trtexec": (),  # the binary's banner version is added by the workflow (BACKENDS)
-}
-
-
 def _overrides() -> dict:
     raw = os.environ.get("ENGINEFORGE_TOOL_VERSIONS")
     return json.loads(raw) if raw else {}
@@ -46,8 +28,19 @@ def version(dist: str) -> str:
         return "absent"
 
 
+def versions(dists) -> dict:
+    return {d: version(d) for d in dists}
+
+
 def tool_versions(stage: str, backend: str | None = None) -> dict:
-    names = list(STAGE_TOOLS.get(stage, ()))
+    """Versions of the tools a stage's output depends on (its ``TOOLS``), plus the
+    backend's own (``Backend.tools``) for per-backend jobs."""
+    import importlib
+
+    from engineforge.backends import backend_class
+    from engineforge.stages import STAGES
+
+    dists = list(getattr(importlib.import_module(STAGES[stage]), "TOOLS", ()))
     if backend:
-        names = list(BACKEND_TOOLS.get(backend, ())) + [n for n in names if stage != "build"]
-    return {n: version(n) for n in names}
+        dists = list(backend_class(backend).tools) + dists
+    return versions(dists)

@@ -1,28 +1,26 @@
 rule audit:
     input:
-        unpack(evaluation_input),
-        engine=lambda w: engine_path(
-            w.model, w.backend, w.precision, first_profile(w.model)
-        ),
-        reference=f"{A}/{{model}}/export/reference.npz",
+        unpack(data_input("evaluation")),
+        engine=lambda w: engine_of(w, first_profile(w.model)),
+        reference=L.export("reference.npz"),
     output:
-        f"{A}/{{model}}/audit/{{backend}}/{{precision}}.json",
+        sidecar=L.audit(),
     log:
-        f"{A}/{{model}}/logs/audit-{{backend}}-{{precision}}.log",
+        L.log("audit-{backend}-{precision}"),
     params:
-        config=slice_param("audit"),
+        settings=settings_param("audit"),
         tools=tools_param("audit"),
     run:
-        efjobs.run(rule, wildcards, input, output, params, log, MODELS, A)
+        run_stage("audit", wildcards, input, output, params, log)
 
 
 rule drift_matrix:
     input:
-        lambda w: list(model_targets(w.model)["audit"].values()),
+        lambda w: list(model_outputs(w.model)["audit"].values()),
     output:
-        json=f"{A}/{{model}}/audit/drift.json",
-        md=f"{A}/{{model}}/audit/drift.md",
+        json=L.drift("json"),
+        md=L.drift("md"),
     log:
-        f"{A}/{{model}}/logs/drift.log",
+        L.log("drift"),
     run:
-        efjobs.run(rule, wildcards, input, output, params, log, MODELS, A)
+        run_stage("drift", wildcards, input, output, params, log)

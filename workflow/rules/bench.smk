@@ -3,33 +3,30 @@
 
 rule bench:
     input:
-        engine=lambda w: engine_path(w.model, w.backend, w.precision, w.profile),
-        build=f"{A}/{{model}}/build/{{backend}}/{{precision}}/{{profile}}/build.json",
+        engine=engine_of,
+        build=L.build(),
     output:
-        f"{A}/{{model}}/bench/{{backend}}/{{precision}}/{{profile}}.json",
+        sidecar=L.bench(),
     log:
-        f"{A}/{{model}}/logs/bench-{{backend}}-{{precision}}-{{profile}}.log",
+        L.log("bench-{backend}-{precision}-{profile}"),
     threads: workflow.cores
     params:
-        config=slice_param("bench"),
+        settings=settings_param("bench"),
         tools=tools_param("bench"),
     run:
-        efjobs.run(rule, wildcards, input, output, params, log, MODELS, A)
+        run_stage("bench", wildcards, input, output, params, log)
 
 
 rule bench_pytorch:
     input:
-        unpack(checkpoint_file),
+        unpack(checkpoint_input),
     output:
-        f"{A}/{{model}}/bench/pytorch/{{profile}}.json",
+        sidecar=L.baseline(),
     log:
-        f"{A}/{{model}}/logs/bench-pytorch-{{profile}}.log",
+        L.log("bench-pytorch-{profile}"),
     threads: workflow.cores
     params:
-        config=lambda w: canonical_json(
-            efconfig.stage_slice(MODELS[w.model], "baseline", profile=w.profile)
-        ),
-        checkpoint=lambda w: canonical_json(MODELS[w.model]["checkpoint"]),
+        settings=settings_param("baseline"),
         tools=tools_param("baseline"),
     run:
-        efjobs.run(rule, wildcards, input, output, params, log, MODELS, A)
+        run_stage("baseline", wildcards, input, output, params, log)

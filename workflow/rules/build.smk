@@ -1,26 +1,20 @@
-rule build:
-    input:
-        unpack(flags_mode_input),
-        onnx=f"{A}/{{model}}/precision/{{precision}}/model.onnx",
-    output:
-        engine=f"{A}/{{model}}/build/{{backend}}/{{precision}}/{{profile}}/engine.plan",
-        sidecar=f"{A}/{{model}}/build/{{backend}}/{{precision}}/{{profile}}/build.json",
-    log:
-        f"{A}/{{model}}/logs/build-{{backend}}-{{precision}}-{{profile}}.log",
-    wildcard_constraints:
-        backend="tensorrt-rtx|tensorrt|trtexec",
-    params:
-        config=slice_param("build"),
-        tools=tools_param("build"),
-        timing_cache=f"{A}/_timing_cache",
-    run:
-        efjobs.run(rule, wildcards, input, output, params, log, MODELS, A)
+# One build rule per registered backend (its engine file name is its own); everything
+# about a backend comes from its module's self-description.
+for _backend in efbackends.names():
 
-
-# ONNX Runtime's "engine" is an optimized ONNX model: same body, another file name.
-use rule build as build_onnxruntime with:
-    output:
-        engine=f"{A}/{{model}}/build/{{backend}}/{{precision}}/{{profile}}/engine.onnx",
-        sidecar=f"{A}/{{model}}/build/{{backend}}/{{precision}}/{{profile}}/build.json",
-    wildcard_constraints:
-        backend="onnxruntime",
+    rule:
+        name:
+            f"build_{_backend.replace('-', '_')}"
+        input:
+            unpack(build_input(_backend)),
+        output:
+            engine=L.engine(_backend),
+            sidecar=L.build(_backend),
+        log:
+            L.log(f"build-{_backend}-{{precision}}-{{profile}}"),
+        params:
+            backend=_backend,
+            settings=settings_param("build", backend=_backend),
+            tools=tools_param("build", _backend),
+        run:
+            run_stage("build", wildcards, input, output, params, log)

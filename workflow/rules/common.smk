@@ -1,16 +1,20 @@
-# Config validation, path templates, input functions and the stage runner.
-# Nothing heavy is imported here: parsing the workflow must stay fast.
+# Config validation, the artifact layout, input functions and params.
+# Nothing heavy is imported here (no torch, no ONNX Runtime, no binaries run):
+# parsing the workflow must stay fast. Backends and stages come from their registries.
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 sys.path.insert(1, str(Path(workflow.basedir)))  # the shipped models/ package
 
+from engineforge import backends as efbackends
 from engineforge import config as efconfig
-from engineforge import jobs as efjobs
 from engineforge import runner as efrunner
+from engineforge import settings as efsettings
 from engineforge.errors import EngineforgeError
-from engineforge.sidecar import canonical_json
+from engineforge.job import Canonical
+from engineforge.layout import ALL_PROFILES, Layout, files_of
+from engineforge.stages import export as efexport
 from engineforge.versions import tool_versions
 
 try:
@@ -20,92 +24,93 @@ except EngineforgeError as err:
 
 MODELS = EF["models"]
 A = EF["artifacts"]
-BACKENDS = efrunner.backend_availability(
-    {b for m in MODELS.values() for b in m["backends"]}
-)
+L = Layout(A)
+# Availability of every backend a model asks for (package metadata / cached probes only).
+AVAILABLE = {
+    b: efbackends.get_backend(b).availability()
+    for b in sorted({b for m in MODELS.values() for b in m["backends"]})
+}
 
 
 wildcard_constraints:
     model="|".join(MODELS) or "^$",
-    precision="fp32|fp16|bf16|int8|fp8",
-    backend="onnxruntime|tensorrt-rtx|tensorrt|trtexec",
+    precision="|".join(efsettings.PRECISIONS),
+    backend="|".join(efbackends.names()),
     profile="[A-Za-z0-9][A-Za-z0-9_-]*",
 
 
-def M(wildcards):
-    return MODELS[wildcards.model]
+def run_stage(stage, wildcards, input, output, params, log):
+    efrunner.run_rule(stage, wildcards, input, output, params, log, A)
 
 
-def slice_param(stage):
-    """Config slice of a stage as a params value: editing it reruns only its jobs."""
-    return lambda w: canonical_json(
-        efconfig.stage_slice(
-            MODELS[w.model],
-            stage,
-            precision=w.get("precision"),
-            profile=w.get("profile"),
-            backend=w.get("backend"),
-        )
-    )
+def settings_param(stage, **fixed):
+    """The stage's typed config slice: the params value, the slice the stage sees and the
+    slice in the fingerprint are this one object (editing it reruns only its jobs).
+    ``fixed``: values a rule holds in its paths instead of wildcards (a build's backend)."""
+    stage_settings = efrunner.stage_module(stage).settings
+    return lambda w: Canonical(stage_settings(MODELS[w.model], dict(w.items()) | fixed))
 
 
-def tools_param(stage):
+def tools_param(stage, backend=None):
     """Tool versions as a params value; a backend's own version (e.g. the trtexec banner)
-    counts too, so an upgrade reruns exactly its builds."""
+    counts too, so an upgrade reruns exactly its jobs."""
 
     def versions(w):
-        tools = tool_versions(stage, w.get("backend"))
-        if w.get("backend"):
-            tools[w.backend] = str(BACKENDS[w.backend]["version"])
-        return canonical_json(tools)
+        backend_ = backend or w.get("backend")
+        tools = tool_versions(stage, backend_)
+        if backend_:
+            tools[backend_] = str(AVAILABLE[backend_].version)
+        return Canonical(tools)
 
     return versions
 
 
-def checkpoint_inputs(wildcards):
-    m = M(wildcards)
-    files = {}
-    if m["checkpoint"].get("path"):
-        files["checkpoint"] = m["checkpoint"]["path"]
-    if efconfig.reference_data(m):
-        files["reference_data"] = efconfig.reference_data(m)["path"]
+def checkpoint_input(w):
+    """The checkpoint file and the project's model-definition source (editing either
+    re-exports that model)."""
+    m = MODELS[w.model]
+    files = {"checkpoint": m["checkpoint"]["path"]} if m["checkpoint"].get("path") else {}
+    arch = efexport.arch_source(m["checkpoint"])
+    return files | ({"arch_source": arch} if arch else {})
+
+
+def data_input(*sections):
+    def files(w):
+        m = MODELS[w.model]
+        return {s: m[s]["path"] for s in sections if s in m}
+
     return files
 
 
-def checkpoint_file(wildcards):
-    path = M(wildcards)["checkpoint"].get("path")
-    return {"checkpoint": path} if path else {}
-
-
-def calibration_input(wildcards):
-    m = M(wildcards)
-    if wildcards.precision in efconfig.QUANTIZED:
-        return {"calibration": m["calibration"]["path"]}
+def calibration_input(w):
+    if w.precision in efsettings.QUANTIZED:
+        return {"calibration": MODELS[w.model]["calibration"]["path"]}
     return {}
 
 
-def evaluation_input(wildcards):
-    m = M(wildcards)
-    return {"evaluation": m["evaluation"]["path"]} if "evaluation" in m else {}
+def build_input(backend):
+    """What a backend builds from: the precision's ONNX, or (TensorRT 10 flags mode) the
+    fp32 ONNX plus calibration; or the PyTorch model for backends that build from it."""
+    cls = efbackends.backend_class(backend)
 
+    def files(w):
+        m = MODELS[w.model]
+        if cls.builds_from == "torch":
+            return checkpoint_input(w)
+        if not cls.flags_mode or m["tensorrt"]["precision_mode"] != "flags":
+            return {"onnx": L.precision("model.onnx", w.model, w.precision)}
+        out = {"fp32": L.precision("model.onnx", w.model, "fp32")}
+        if w.precision == "int8":
+            cache = m["tensorrt"].get("int8_calibration_cache")
+            out |= {"calib_cache": cache} if cache else {}
+            out |= {"calibration": m["calibration"]["path"]} if "calibration" in m else {}
+        return out
 
-def flags_mode_input(wildcards):
-    """TensorRT 10 flags mode builds the fp32 ONNX with builder precision flags."""
-    trt = M(wildcards)["tensorrt"]
-    if (
-        wildcards.backend not in ("tensorrt", "trtexec")
-        or trt["precision_mode"] != "flags"
-    ):
-        return {}
-    files = {"fp32": f"{A}/{wildcards.model}/precision/fp32/model.onnx"}
-    if wildcards.precision == "int8" and trt.get("int8_calibration_cache"):
-        files["calib_cache"] = trt["int8_calibration_cache"]
     return files
 
 
-def engine_path(model, backend, precision, profile):
-    suffix = "onnx" if backend == "onnxruntime" else "plan"
-    return f"{A}/{model}/build/{backend}/{precision}/{profile}/engine.{suffix}"
+def engine_of(w, profile=None):
+    return L.engine(w.backend, w.model, w.precision, profile or w.profile)
 
 
 def first_profile(model):
@@ -113,62 +118,32 @@ def first_profile(model):
 
 
 def usable_backends(model):
-    return [b for b in MODELS[model]["backends"] if BACKENDS[b]["ok"]]
+    return [b for b in MODELS[model]["backends"] if AVAILABLE[b].ok]
 
 
-def build_profiles(model, backend):
+def builds(model):
+    """Usable backend -> the profiles it builds (``all``: one engine with every profile)."""
     m = MODELS[model]
-    profiles = list(m["profiles"])
-    if backend != "onnxruntime" and m["tensorrt"]["multi_profile_engine"]:
-        profiles.append("all")
-    return profiles
-
-
-def model_targets(model):
-    """Every per-model output that the tracking record reads."""
-    m = MODELS[model]
-    t = {
-        "export": f"{A}/{model}/export/export.json",
-        "simplify": f"{A}/{model}/simplify/simplify.json",
-        "simplified_onnx": f"{A}/{model}/simplify/model.onnx",
-        "drift": f"{A}/{model}/audit/drift.json",
-        "drift_md": f"{A}/{model}/audit/drift.md",
-        "precision": {
-            p: f"{A}/{model}/precision/{p}/precision.json" for p in m["precisions"]
-        },
-        "audit": {},
-        "build": {},
-        "bench": {},
-        "baseline": {
-            prof: f"{A}/{model}/bench/pytorch/{prof}.json" for prof in m["profiles"]
-        },
-        "artifacts": {"engine": {}},
-    }
+    out = {}
     for b in usable_backends(model):
-        for p in m["precisions"]:
-            t["audit"][(b, p)] = f"{A}/{model}/audit/{b}/{p}.json"
-            for prof in build_profiles(model, b):
-                key = (b, p, prof)
-                t["build"][key] = f"{A}/{model}/build/{b}/{p}/{prof}/build.json"
-                t["artifacts"]["engine"][key] = engine_path(model, b, p, prof)
-                if prof != "all":
-                    t["bench"][key] = f"{A}/{model}/bench/{b}/{p}/{prof}.json"
-    return t
+        multi = efbackends.backend_class(b).multi_profile
+        extra = [ALL_PROFILES] if multi and m["tensorrt"]["multi_profile_engine"] else []
+        out[b] = list(m["profiles"]) + extra
+    return out
 
 
-def flatten(obj):
-    if isinstance(obj, dict):
-        return [f for v in obj.values() for f in flatten(v)]
-    return [obj]
+def model_outputs(model):
+    m = MODELS[model]
+    return L.model_outputs(model, m["precisions"], builds(model), list(m["profiles"]))
 
 
 def all_targets():
-    return [f"{A}/summary.md"] + [f"{A}/{m}/track.json" for m in MODELS]
+    return [L.summary("md")] + [L.track(m) for m in MODELS]
 
 
 def print_summary():
-    efrunner.print_file(f"{A}/summary.md")
+    efrunner.print_file(L.summary("md"))
 
 
 def print_failures():
-    efrunner.print_failures(A, MODELS)
+    efrunner.print_failures(A)

@@ -1,14 +1,15 @@
 rule export:
     input:
-        unpack(checkpoint_inputs),
+        unpack(checkpoint_input),
+        unpack(data_input("evaluation", "calibration")),
     output:
-        onnx=f"{A}/{{model}}/export/model.onnx",
-        reference=f"{A}/{{model}}/export/reference.npz",
-        sidecar=f"{A}/{{model}}/export/export.json",
+        onnx=L.export("model.onnx"),
+        reference=L.export("reference.npz"),
+        sidecar=L.export("export.json"),
     log:
-        f"{A}/{{model}}/logs/export.log",
+        L.log("export"),
     params:
-        config=slice_param("export"),
+        settings=settings_param("export"),
         tools=tools_param("export"),
     run:
-        efjobs.run(rule, wildcards, input, output, params, log, MODELS, A)
+        run_stage("export", wildcards, input, output, params, log)

@@ -1,14 +1,14 @@
 rule precision:
     input:
         unpack(calibration_input),
-        onnx=f"{A}/{{model}}/simplify/model.onnx",
+        onnx=L.simplify("model.onnx"),
     output:
-        onnx=f"{A}/{{model}}/precision/{{precision}}/model.onnx",
-        sidecar=f"{A}/{{model}}/precision/{{precision}}/precision.json",
+        onnx=L.precision("model.onnx"),
+        sidecar=L.precision("precision.json"),
     log:
-        f"{A}/{{model}}/logs/precision-{{precision}}.log",
+        L.log("precision-{precision}"),
     params:
-        config=slice_param("precision"),
+        settings=settings_param("precision"),
         tools=tools_param("precision"),
     run:
-        efjobs.run(rule, wildcards, input, output, params, log, MODELS, A)
+        run_stage("precision", wildcards, input, output, params, log)

@@ -1,13 +1,13 @@
 rule simplify:
     input:
-        onnx=f"{A}/{{model}}/export/model.onnx",
+        onnx=L.export("model.onnx"),
     output:
-        onnx=f"{A}/{{model}}/simplify/model.onnx",
-        sidecar=f"{A}/{{model}}/simplify/simplify.json",
+        onnx=L.simplify("model.onnx"),
+        sidecar=L.simplify("simplify.json"),
     log:
-        f"{A}/{{model}}/logs/simplify.log",
+        L.log("simplify"),
     params:
-        config=slice_param("simplify"),
+        settings=settings_param("simplify"),
         tools=tools_param("simplify"),
     run:
-        efjobs.run(rule, wildcards, input, output, params, log, MODELS, A)
+        run_stage("simplify", wildcards, input, output, params, log)

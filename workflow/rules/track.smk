@@ -3,32 +3,49 @@
 
 rule track:
     input:
-        lambda w: flatten(model_targets(w.model)),
+        lambda w: files_of({k: v for k, v in model_outputs(w.model).items() if k != "engine"}),
+        lambda w: list(model_outputs(w.model)["engine"].values()),
     output:
-        f"{A}/{{model}}/track.json",
+        track=L.track(),
     log:
-        f"{A}/{{model}}/logs/track.log",
+        L.log("track"),
     resources:
         mlflow=1,
     params:
-        experiment=EF["experiment"],
-        targets=lambda w: model_targets(w.model),
+        settings=lambda w: Canonical(
+            efrunner.stage_module("track").settings(
+                MODELS[w.model], dict(w.items()), EF["experiment"], builds(w.model)
+            )
+        ),
     run:
-        efjobs.run(rule, wildcards, input, output, params, log, MODELS, A)
+        run_stage("track", wildcards, input, output, params, log)
 
 
 rule summary:
     input:
-        [f"{A}/{m}/audit/drift.json" for m in MODELS],
-        [flatten(model_targets(m)["bench"]) for m in MODELS],
-        [flatten(model_targets(m)["baseline"]) for m in MODELS],
+        [L.drift("json", m) for m in MODELS],
+        [files_of(model_outputs(m)["bench"]) for m in MODELS],
+        [files_of(model_outputs(m)["baseline"]) for m in MODELS],
     output:
-        md=f"{A}/summary.md",
-        json=f"{A}/summary.json",
+        md=L.summary("md"),
+        json=L.summary("json"),
     log:
         f"{A}/logs/summary.log",
     params:
-        backends=BACKENDS,
-        models=MODELS,
+        settings=Canonical(
+            efrunner.stage_module("summary").Settings(
+                models={
+                    m: {
+                        "precisions": MODELS[m]["precisions"],
+                        "backends": usable_backends(m),
+                        "profile": first_profile(m),
+                    }
+                    for m in MODELS
+                },
+                skipped_backends={
+                    b: a.line(b) for b, a in AVAILABLE.items() if not a.ok
+                },
+            )
+        ),
     run:
-        efjobs.run(rule, wildcards, input, output, params, log, MODELS, A)
+        run_stage("summary", wildcards, input, output, params, log)

@@ -1,10 +1,13 @@
-"""Engine backends: one module each, same contract (see base.Backend)."""
+"""Engine backends: one module each, one line here (see base.Backend for the contract)."""
 
 from __future__ import annotations
 
+import functools
+import importlib
+
 from engineforge.backends.base import Availability, Backend, BuildRequest
 
-_REGISTRY = {
+REGISTRY = {
     "onnxruntime": "engineforge.backends.onnxruntime:OnnxRuntimeBackend",
     "tensorrt-rtx": "engineforge.backends.tensorrt:TensorRTRTXBackend",
     "tensorrt": "engineforge.backends.tensorrt:TensorRTBackend",
@@ -12,11 +15,23 @@ _REGISTRY = {
 }
 
 
+def names() -> list[str]:
+    """Backend names in registry order (also the drift matrix's row order)."""
+    return list(REGISTRY)
+
+
+@functools.cache
+def backend_class(name: str) -> type[Backend]:
+    try:
+        module, cls = REGISTRY[name].split(":")
+    except KeyError:
+        raise KeyError(f"unknown backend {name!r}; registered: {names()}") from None
+    return getattr(importlib.import_module(module), cls)
+
+
 def get_backend(name: str) -> Backend:
-    import importlib
-
-    module, cls = _REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module), cls)()
+    return backend_class(name)()
 
 
-__all__ = ["Availability", "Backend", "BuildRequest", "get_backend"]
+__all__ = ["Availability", "Backend", "BuildRequest", "REGISTRY", "backend_class",
+           "get_backend", "names"]

@@ -1,16 +1,20 @@
-"""The contract every backend follows.
+"""The contract every backend follows, and the facts it declares about itself.
 
-A backend turns a precision variant's ONNX into an engine for one optimization
-profile (``build``), says whether it can do so here (``availability``), and,
-where the engine can execute on this machine, times it (``bench``) and hands a
-Polygraphy runner to the audit (``runner``). Heavy libraries are imported
-lazily inside methods, so importing a backend never needs TensorRT.
+A backend module defines one :class:`Backend` subclass and adds one line to
+``backends/__init__.py``. Its class attributes describe it — what it builds from,
+its artifact's file name, device class, precisions, settings section, the tools
+whose versions matter, timing-cache and multi-profile support — and everything
+else (wildcard constraints, engine paths, build rules, tool-version params,
+release file lists, drift-matrix order, the config schema's backend enum) is
+derived from the registry. Heavy libraries are imported lazily inside methods,
+so importing a backend never needs TensorRT.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Literal
 
 
 @dataclass(frozen=True)
@@ -33,19 +37,31 @@ class BuildRequest:
     model: str
     precision: str                      # fp32/fp16/bf16/int8/fp8
     onnx_path: Path                     # the precision variant (graph mode) or fp32 (flags)
-    engine_path: Path                   # where the engine goes (written atomically)
-    work_dir: Path                      # logs, layer info, timing cache links
+    engine_path: Path                   # where the engine goes
+    work_dir: Path                      # logs, layer info
     profiles: list[dict]                # [{input: {min, opt, max}}], one engine, >=1 profile
-    settings: dict = field(default_factory=dict)   # the model's `tensorrt:` (or bench) settings
+    settings: dict = field(default_factory=dict)   # the backend's settings section
     calib_cache: Path | None = None     # TensorRT 10 flags-mode int8
+    calib_npz: Path | None = None       # TensorRT 10 flags-mode int8 calibration batches
     timing_cache: Path | None = None
 
 
 class Backend:
-    name = "base"
-    engine_suffix = ".engine"
+    # -- self-description (class attributes; read without instantiating or importing) --
+    name: ClassVar[str] = "base"
+    builds_from: ClassVar[Literal["onnx", "torch"]] = "onnx"   # precision ONNX or the model
+    artifact: ClassVar[str] = "engine.plan"        # engine file name in the build directory
+    device_class: ClassVar[str] = "gpu"            # cpu | gpu | rtx: what an engine targets
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "bf16", "int8", "fp8")
+    settings_section: ClassVar[str | None] = None  # config section passed as settings
+    tools: ClassVar[tuple[str, ...]] = ()          # distributions whose version changes output
+    timing_cache: ClassVar[bool] = False           # reuses a timing cache per device+version
+    multi_profile: ClassVar[bool] = False          # can hold every profile in one engine
+    flags_mode: ClassVar[bool] = False             # TensorRT 10 builder precision flags
+    bench_threads: ClassVar[bool] = True           # CPU bench: takes every core
 
     def availability(self) -> Availability:
+        """Cheap: no heavy import, no binary run (it is called while Snakemake parses)."""
         raise NotImplementedError
 
     def build(self, req: BuildRequest) -> dict:
@@ -58,9 +74,31 @@ class Backend:
 
     def bench(self, engine_path: Path, shapes: dict[str, list[int]], settings: dict,
               work_dir: Path) -> dict:
-        """Latency stats at one set of input shapes."""
+        """Latency stats at one set of input shapes (the fields of ``results.BenchPoint``)."""
         raise NotImplementedError
 
     def runner(self, engine_path: Path):
         """A Polygraphy runner for the audit."""
         raise NotImplementedError
+
+    def device(self) -> str:
+        """The device class an engine is specific to (part of the build fingerprint)."""
+        from engineforge.sidecar import cpu_device
+
+        if self.device_class == "cpu":
+            return cpu_device()
+        return gpu_device() if self.device_class == "gpu" else self.device_class
+
+
+def gpu_device() -> str:
+    """``<GPU name>:sm<cc>`` of the first CUDA GPU, ``gpu:unknown`` without one."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return "gpu:unknown"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "gpu:unknown"
+    major, minor = torch.cuda.get_device_capability(0)
+    return f"{torch.cuda.get_device_name(0)}:sm{major}.{minor}"

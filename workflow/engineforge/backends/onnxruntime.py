@@ -20,6 +20,17 @@ from engineforge.sidecar import atomic_path
 OPT_LEVEL = "ORT_ENABLE_EXTENDED"
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    for dist in OnnxRuntimeBackend.tools:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
 def providers() -> list[str]:
     """CPU always; CUDA where onnxruntime-gpu finds a usable GPU."""
     import onnxruntime as ort
@@ -55,14 +66,14 @@ def session(path: str | Path, threads: int | None = None, optimize: bool = False
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
-    engine_suffix = ".onnx"
+    artifact = "engine.onnx"
+    device_class = "cpu"
+    tools = ("onnxruntime-gpu", "onnxruntime")
 
     def availability(self) -> Availability:
         if importlib.util.find_spec("onnxruntime") is None:
             return Availability(False, "onnxruntime is not installed", "make env")
-        import onnxruntime as ort
-
-        return Availability(True, version=ort.__version__)
+        return Availability(True, version=_version())
 
     def build(self, req: BuildRequest) -> dict:
         import onnxruntime as ort
@@ -105,7 +116,7 @@ class OnnxRuntimeBackend(Backend):
         names = [o.name for o in sess.get_outputs()]
         stats = time_callable(lambda: sess.run(names, feed), settings["warmup"],
                               settings["iterations"], batch=next(iter(shapes.values()))[0])
-        stats["providers"] = sess.get_providers()
+        stats["extra"] = {"providers": sess.get_providers()}
         return stats
 
     def runner(self, engine_path: Path):

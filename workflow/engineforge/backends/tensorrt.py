@@ -97,14 +97,15 @@ class _PolygraphyTensorRT(Backend):
 
     # -- what is installed, what can run --------------------------------------------------
     def availability(self) -> Availability:
+        # Package metadata only: this runs while Snakemake parses the workflow.
         if importlib.util.find_spec(self.module) is None:
             return self._absent()
-        try:
-            version = importlib.import_module(self.module).__version__
-        except Exception as err:  # noqa: BLE001 - a broken install is "not available"
-            return Availability(False, f"{self.module} is installed but cannot be imported: "
-                                       f"{str(err).splitlines()[0][:200]}", "reinstall it")
-        return Availability(True, version=version)
+        from importlib import metadata
+
+        for dist in self.tools:
+            with contextlib.suppress(metadata.PackageNotFoundError):
+                return Availability(True, version=metadata.version(dist))
+        return Availability(True, version="unknown")
 
     def _absent(self) -> Availability:
         raise NotImplementedError
@@ -273,7 +274,7 @@ class _PolygraphyTensorRT(Backend):
         except Exception as err:  # noqa: BLE001
             raise BenchError(f"{self.name} cannot run {engine_path} at {shapes}: "
                              f"{str(err).strip()[:400]}") from None
-        return stats | {"copy_outputs_to_host": copy_out}
+        return stats | {"extra": {"copy_outputs_to_host": copy_out}}
 
 
 def _profile_for(engine, shapes: dict[str, list[int]]) -> int:
@@ -291,6 +292,11 @@ class TensorRTBackend(_PolygraphyTensorRT):
 
     name = "tensorrt"
     module = "tensorrt"
+    settings_section = "tensorrt"
+    tools = ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "polygraphy")
+    timing_cache = True
+    multi_profile = True
+    flags_mode = True
 
     def _absent(self) -> Availability:
         return Availability(False, "the tensorrt Python package (full builder) is not installed",
@@ -308,12 +314,13 @@ class TensorRTBackend(_PolygraphyTensorRT):
         return False, kwargs                     # builder flags need a weakly typed network
 
     def _calibrator(self, req: BuildRequest):
-        npz, cache = req.settings.get("calib_npz"), req.calib_cache
+        npz, cache = req.calib_npz, req.calib_cache
         if not npz and not (cache and Path(cache).exists()):
             raise BuildError("flags-mode int8 needs calibration data", model=req.model,
-                             key="tensorrt.calib_npz",
-                             fix="give a calibration .npz (input name -> [N, ...] array) or a "
-                                 "calibration cache, or use precision_mode: graph (Q/DQ ONNX)")
+                             key=f"models.{req.model}.calibration",
+                             fix="give the model calibration data (input name -> [N, ...] "
+                                 "array) or tensorrt.int8_calibration_cache, or use "
+                                 "precision_mode: graph (Q/DQ ONNX)")
         import numpy as np
         from polygraphy.backend.trt import Calibrator
 
@@ -339,6 +346,10 @@ class TensorRTRTXBackend(_PolygraphyTensorRT):
     name = "tensorrt-rtx"
     module = "tensorrt_rtx_bindings"
     rtx = True
+    device_class = "rtx:sm80/86/89/12x (ahead-of-time, built on CPU)"
+    settings_section = "tensorrt"
+    tools = ("tensorrt_rtx_cu13_bindings", "polygraphy")
+    multi_profile = True
 
     def _absent(self) -> Availability:
         return Availability(False, "tensorrt_rtx_bindings is not installed",

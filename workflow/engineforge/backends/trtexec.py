@@ -321,9 +321,48 @@ def _run(cmd: list[str], log_path: Path) -> int:
             return 127
 
 
+def _probe_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "engineforge" / "trtexec-versions.json"
+
+
+def probe_version(path: str) -> tuple[int, int, int] | None:
+    """TensorRT version of a trtexec binary; cached on (path, size, mtime) so that parsing
+    the workflow runs ``trtexec --help`` only when the binary changed."""
+    st = os.stat(path)
+    key = f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
+    cache_file = _probe_cache()
+    try:
+        known = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return tuple(known[key]) if known[key] else None
+    # `trtexec --help` prints the &&&& RUNNING banner (with the version) before the help.
+    try:
+        p = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=120,
+                           check=False)
+        version = parse_version(p.stdout + p.stderr)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        version = None
+    known[key] = list(version) if version else None
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass  # a cache only
+    return version
+
+
 class TrtexecBackend(Backend):
     name = "trtexec"
-    engine_suffix = ".engine"
+    artifact = "engine.plan"
+    settings_section = "tensorrt"
+    timing_cache = True
+    multi_profile = True
+    flags_mode = True
 
     def __init__(self, binary: str | None = None):
         self.binary = binary
@@ -336,14 +375,8 @@ class TrtexecBackend(Backend):
         return shutil.which(name) or ""
 
     def _version(self, path: str) -> tuple[int, int, int] | None:
-        # `trtexec --help` prints the &&&& RUNNING banner (with the version) before the help.
         if path not in self._versions:
-            try:
-                p = subprocess.run([path, "--help"], capture_output=True, text=True,
-                                   timeout=120, check=False)
-                self._versions[path] = parse_version(p.stdout + p.stderr)
-            except (OSError, subprocess.SubprocessError, ValueError):
-                self._versions[path] = None
+            self._versions[path] = probe_version(path)
         return self._versions[path]
 
     def availability(self, settings: dict | None = None) -> Availability:
@@ -429,8 +462,17 @@ class TrtexecBackend(Backend):
                 log.warning("%s: exportTimes mean %.4g ms vs stdout %.4g ms", engine_path,
                             stats["latency_ms_mean"], stdout_mean)
         profile = work / "profile.json"
-        return {"backend": self.name, **stats, "source": source,
-                "trt_version": _vstr(version), "shapes": shapes,
-                "pinned": pinned_bench_settings(settings), "command": cmd,
-                "log": str(log_path), "summary": summary,
-                "layer_profile": parse_export_profile(profile) if profile.is_file() else []}
+        batch = next(iter(shapes.values()))[0] if shapes else 1
+        extra = {"source": source, "trt_version": _vstr(version),
+                 "pinned": pinned_bench_settings(settings), "command": cmd,
+                 "log": str(log_path), "summary": summary, "trtexec": stats,
+                 "layer_profile": parse_export_profile(profile) if profile.is_file() else []}
+        pinned = pinned_bench_settings(settings)
+        return {"batch": batch, "p50_ms": stats["latency_ms_p50"],
+                "p90_ms": stats["latency_ms_p90"], "p95_ms": stats["latency_ms_p95"],
+                "p99_ms": stats["latency_ms_p99"], "mean_ms": stats["latency_ms_mean"],
+                "min_ms": stats.get("latency_ms_min", stats["latency_ms_p50"]),
+                "cv": stats.get("latency_ms_cv_pct", 0.0) / 100,
+                "throughput_per_s": (stats.get("throughput_qps") or 0.0) * batch,
+                "iterations": stats.get("count", pinned["iterations"]),
+                "warmup": pinned["warmup_ms"], "extra": extra}

@@ -17,9 +17,30 @@ import numpy as np
 
 from engineforge import modelio
 from engineforge.backends import get_backend, onnx_reference
-from engineforge.config import stage_slice
-from engineforge.sidecar import make_sidecar, read_json, write_json
-from engineforge.versions import tool_versions
+from engineforge.results import AuditResult, Measurement
+from engineforge.settings import Section, Tolerance
+
+TOOLS = ("polygraphy", "onnxruntime-gpu", "onnx", "torch")
+
+
+class Settings(Section):
+    backend: str
+    precision: str
+    task: str
+    tolerance: Tolerance
+    inputs: dict
+    labels: str | None = None       # labels array of the evaluation data (None: unlabelled)
+    eval_batch: int = 1             # batch size of the accuracy pass (the first profile's max)
+
+
+def settings(m: dict, w: dict) -> Settings:
+    first = next(iter(m["profiles"].values()))
+    labelled = "evaluation" in m and m["task"] == "classification"
+    return Settings(backend=w["backend"], precision=w["precision"], task=m["task"],
+                    tolerance=m["tolerances"][w["precision"]], inputs=m["inputs"],
+                    labels=m["evaluation"].get("labels", "labels") if labelled else None,
+                    eval_batch=next(iter(first.values()))["max"][0])
+
 
 REFERENCE = "pytorch"
 
@@ -81,15 +102,15 @@ def compare(reference: dict, feed: dict, runner, task: str) -> dict:
     return outputs
 
 
-def task_accuracy(runner, m: dict, eval_path: Path, eval_ref: dict, max_batch: int) -> dict:
+def task_accuracy(runner, s: Settings, eval_path: Path, eval_ref: dict) -> dict:
     """Accuracy of the variant and of the PyTorch reference on labelled data."""
     data = modelio.load_npz(eval_path)
-    labels = data[m["evaluation"].get("labels", "labels")]
-    names = list(m["inputs"])
+    labels = data[s.labels]
+    names, max_batch = list(s.inputs), s.eval_batch
     preds = []
     with runner:
         for start in range(0, len(labels), max_batch):
-            feed = {n: data[n][start:start + max_batch].astype(modelio.input_dtype(m, n))
+            feed = {n: data[n][start:start + max_batch].astype(modelio.input_dtype(s.inputs, n))
                     for n in names}
             out = runner.infer(feed)
             preds.append(top1(np.asarray(next(iter(out.values())), dtype=np.float32)))
@@ -99,122 +120,53 @@ def task_accuracy(runner, m: dict, eval_path: Path, eval_ref: dict, max_batch: i
             "samples": len(labels)}
 
 
-def verdict(metrics: dict, tol: dict, task: str) -> tuple[bool, list[str]]:
+def verdict(metrics: dict, tol: Tolerance, task: str) -> tuple[bool, list[str]]:
     """Pass/fail against the precision's tolerances; lists every violated limit."""
     failures = []
     for name, s in metrics["outputs"].items():
-        if "max_abs" in tol and s["max_abs"] > tol["max_abs"]:
-            failures.append(f"{name}: max_abs {s['max_abs']:.3g} > {tol['max_abs']}")
-        if "cosine_min" in tol and s["cosine"] < tol["cosine_min"]:
-            failures.append(f"{name}: cosine {s['cosine']:.6f} < {tol['cosine_min']}")
-        if (task == "classification" and "top1_min" in tol
-                and s["top1_agreement"] < tol["top1_min"]):
-            failures.append(f"{name}: top1 {s['top1_agreement']:.3f} < {tol['top1_min']}")
+        if s["max_abs"] > tol.max_abs:
+            failures.append(f"{name}: max_abs {s['max_abs']:.3g} > {tol.max_abs}")
+        if s["cosine"] < tol.cosine_min:
+            failures.append(f"{name}: cosine {s['cosine']:.6f} < {tol.cosine_min}")
+        if task == "classification" and s["top1_agreement"] < tol.top1_min:
+            failures.append(f"{name}: top1 {s['top1_agreement']:.3f} < {tol.top1_min}")
     task_m = metrics.get("task")
-    if task_m and "accuracy_drop_max" in tol and task_m["accuracy_drop"] > tol[
-            "accuracy_drop_max"]:
+    if task_m and task_m["accuracy_drop"] > tol.accuracy_drop_max:
         failures.append(f"accuracy drop {task_m['accuracy_drop']:.4f} > "
-                        f"{tol['accuracy_drop_max']}")
+                        f"{tol.accuracy_drop_max}")
     return not failures, failures
 
 
-def run(model: str, m: dict, backend: str, precision: str, engine: Path, reference: Path,
-        out: Path, root: Path = Path(".")) -> dict:
+def run(job) -> AuditResult:
+    s: Settings = job.settings
     t0 = time.perf_counter()
-    feed, ref_out, eval_ref = _reference(Path(reference))
-    be = get_backend(backend)
-    tol = m["tolerances"].get(precision, {})
-    ok, why = be.runnable(precision)
-    result: dict = {"backend": backend, "precision": precision, "tolerance": tol}
+    engine = job.inputs["engine"]
+    feed, ref_out, eval_ref = _reference(job.inputs["reference"])
+    be = get_backend(s.backend)
+    ok, why = be.runnable(s.precision)
 
     def measure(make_runner) -> dict:
-        metrics = {"outputs": compare(ref_out, feed, make_runner(), m["task"])}
-        if "evaluation" in m and m["task"] == "classification":
-            first = next(iter(m["profiles"].values()))
-            max_batch = next(iter(first.values()))["max"][0]
-            metrics["task"] = task_accuracy(make_runner(), m, root / m["evaluation"]["path"],
-                                            eval_ref, max_batch)
-        passed, failures = verdict(metrics, tol, m["task"])
+        metrics = {"outputs": compare(ref_out, feed, make_runner(), s.task)}
+        if s.labels:
+            metrics["task"] = task_accuracy(make_runner(), s, job.inputs["evaluation"], eval_ref)
+        passed, failures = verdict(metrics, s.tolerance, s.task)
         return {"status": "pass" if passed else "fail", "failures": failures, **metrics}
 
+    result: dict = {}
     if not ok:
-        result |= {"status": "not_runnable", "reason": f"not runnable on {backend}: {why}"}
+        result = {"status": "not_runnable", "reason": f"not runnable on {s.backend}: {why}"}
     else:
         try:
-            result |= measure(lambda: be.runner(Path(engine)))
+            result = measure(lambda: be.runner(engine))
         except NotRunnable as err:
-            result |= {"status": "not_runnable", "reason": f"not runnable on {backend}: {err}"}
+            result = {"status": "not_runnable", "reason": f"not runnable on {s.backend}: {err}"}
             # The ONNX variant itself can still be audited by the ONNX spec's arithmetic.
             if onnx_reference.usable(engine):
                 try:
                     result["emulated"] = measure(
                         lambda: onnx_reference.OnnxReferenceRunner(engine))
                 except NotRunnable as err2:
-                    result["emulated"] = {"status": "not_runnable", "reason": str(err2)}
-    result["time_s"] = round(time.perf_counter() - t0, 3)
-    side = make_sidecar(stage="audit", model=model,
-                        inputs={"engine": engine, "reference": reference},
-                        config_slice=stage_slice(m, "audit", precision=precision),
-                        tools=tool_versions("audit", backend), outputs={}, result=result)
-    write_json(out, side)
-    return side
-
-
-HEADLINE = ("status", "max_abs", "p99_abs", "mean_rel", "cosine", "top1_agreement", "accuracy",
-            "accuracy_drop")
-
-
-def drift_matrix(model: str, audits: list[Path], json_out: Path, md_out: Path) -> dict:
-    """Rows precision × backend, columns the headline metrics (worst output)."""
-    rows = []
-    results = []
-    for path in audits:
-        r = read_json(path)["result"]
-        results.append(r)
-        if r.get("emulated"):
-            results.append({**r["emulated"], "precision": r["precision"],
-                            "backend": f"{onnx_reference.NAME} (emulated)"})
-    for r in results:
-        row = {"precision": r["precision"], "backend": r["backend"], "status": r["status"],
-               "reason": r.get("reason")}
-        outs = r.get("outputs") or {}
-        if outs:
-            row["max_abs"] = max(o["max_abs"] for o in outs.values())
-            row["p99_abs"] = max(o["p99_abs"] for o in outs.values())
-            row["mean_rel"] = max(o["mean_rel"] for o in outs.values())
-            row["cosine"] = min(o["cosine"] for o in outs.values())
-            if all("top1_agreement" in o for o in outs.values()):
-                row["top1_agreement"] = min(o["top1_agreement"] for o in outs.values())
-        if r.get("task"):
-            row["accuracy"] = r["task"]["accuracy"]
-            row["reference_accuracy"] = r["task"]["reference_accuracy"]
-            row["accuracy_drop"] = r["task"]["accuracy_drop"]
-        rows.append(row)
-    order = {p: i for i, p in enumerate(("fp32", "fp16", "bf16", "int8", "fp8"))}
-    backend_order = {b: i for i, b in enumerate(
-        ("onnxruntime", f"{onnx_reference.NAME} (emulated)", "tensorrt-rtx", "tensorrt",
-         "trtexec"))}
-    rows.sort(key=lambda r: (backend_order.get(r["backend"], 9), order.get(r["precision"], 9)))
-    matrix = {"model": model, "reference": REFERENCE, "rows": rows}
-    write_json(json_out, matrix)
-    notes: list[str] = []
-    lines = [f"# Drift matrix — {model} (reference: PyTorch fp32)", "",
-             "| precision | backend | " + " | ".join(HEADLINE) + " |",
-             "|---|---|" + "---|" * len(HEADLINE)]
-    for r in rows:
-        cells = []
-        for key in HEADLINE:
-            v = r.get(key)
-            if key == "status" and r.get("reason"):
-                notes += [r["reason"]] if r["reason"] not in notes else []
-                v = f"not runnable [{notes.index(r['reason']) + 1}]"
-            spec = ".6f" if key == "cosine" else ".4g"
-            cells.append("—" if v is None else format(v, spec) if isinstance(v, float)
-                         else str(v))
-        lines.append(f"| {r['precision']} | {r['backend']} | " + " | ".join(cells) + " |")
-    lines += [""] + [f"{i}. {n}" for i, n in enumerate(notes, 1)] if notes else []
-    from engineforge.sidecar import atomic_path
-
-    with atomic_path(md_out) as tmp:
-        tmp.write_text("\n".join(lines) + "\n")
-    return matrix
+                    result["emulated"] = Measurement(status="not_runnable", reason=str(err2))
+    return AuditResult(backend=s.backend, precision=s.precision,
+                       tolerance=s.tolerance.model_dump(), **result,
+                       time_s=round(time.perf_counter() - t0, 3))

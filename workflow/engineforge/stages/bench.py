@@ -1,9 +1,9 @@
-"""Stage 6 — latency at each profile's min/opt/max shapes, and the eager-PyTorch baseline.
+"""Stage 6 — latency of one engine at its profile's min/opt/max shapes.
 
-Warm-up, then timed iterations; p50/p90/p95/p99, mean, throughput and the
-coefficient of variation are recorded with the device and thread count. The
-PyTorch baseline runs on the same shapes and threads, so every variant shows
-a speedup ratio.
+Warm-up, then timed iterations; p50/p90/p95/p99, mean, throughput and the coefficient
+of variation, with the device and thread count. Every backend returns the same
+:class:`~engineforge.results.BenchPoint` fields. An engine that cannot run here is a
+result ("not runnable on <backend>: <reason>"), not an error.
 """
 
 from __future__ import annotations
@@ -12,18 +12,38 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from engineforge import modelio
-from engineforge.backends import get_backend
-from engineforge.config import stage_slice
-from engineforge.errors import BenchError, EngineforgeError
-from engineforge.sidecar import cpu_device, make_sidecar, read_json, write_json
-from engineforge.versions import tool_versions
+from engineforge.backends import backend_class, get_backend
+from engineforge.errors import EngineforgeError
+from engineforge.layout import Layout
+from engineforge.results import BenchPoint, BenchResult
+from engineforge.settings import BenchSettings, Section
+
+TOOLS = ()  # the backend's own tools and version are added (see the rules' tools param)
+
+
+class Settings(Section):
+    backend: str
+    precision: str
+    profile: str
+    shapes: dict[str, dict[str, list[int]]]   # the profile: input -> min/opt/max
+    bench: BenchSettings
+    backend_settings: dict[str, Any] | None = None
+
+
+def settings(m: dict, w: dict) -> Settings:
+    section = backend_class(w["backend"]).settings_section
+    return Settings(backend=w["backend"], precision=w["precision"], profile=w["profile"],
+                    shapes=m["profiles"][w["profile"]], bench=m["bench"],
+                    backend_settings=m[section] if section else None)
 
 
 def time_callable(fn, warmup: int, iterations: int, batch: int = 1) -> dict:
+    """BenchPoint fields (less shapes) from timing ``fn``."""
     for _ in range(warmup):
         fn()
     times = np.empty(iterations)
@@ -42,6 +62,8 @@ def time_callable(fn, warmup: int, iterations: int, batch: int = 1) -> dict:
 
 
 def device_info() -> dict:
+    from engineforge.sidecar import cpu_device
+
     info = {"device": cpu_device(), "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count()}
     try:
@@ -55,76 +77,27 @@ def device_info() -> dict:
     return info
 
 
-def run(model: str, m: dict, backend: str, precision: str, profile: str, engine: Path,
-        build_sidecar: Path, out: Path, work_dir: Path) -> dict:
+def run(job) -> BenchResult:
     """Bench one engine at its profile's min/opt/max; 'not runnable' is a result."""
-    be = get_backend(backend)
-    build = read_json(build_sidecar)["result"]
-    settings = {**m["tensorrt"], **m["bench"]}  # trtexec/TensorRT timing knobs + counts
+    s: Settings = job.settings
+    be = get_backend(s.backend)
+    knobs = {**(s.backend_settings or {}), **s.bench.model_dump()}  # timing knobs + counts
+    work = Path(Layout(job.artifacts).bench_work(job.model, s.backend, s.precision, s.profile))
     points: dict = {}
     status, reason = "ok", None
-    ok, why = be.runnable(precision)
+    ok, why = be.runnable(s.precision)
     if not ok:
-        status, reason = "not_runnable", f"not runnable on {backend}: {why}"
+        status, reason = "not_runnable", f"not runnable on {s.backend}: {why}"
     else:
-        for which in m["bench"]["points"]:
-            shapes = modelio.shapes_at(m["profiles"][profile], which)
+        for which in s.bench.points:
+            shapes = modelio.shapes_at(s.shapes, which)
             try:
-                points[which] = {"shapes": shapes,
-                                 **be.bench(Path(engine), shapes, settings, Path(work_dir))}
+                stats = be.bench(job.inputs["engine"], shapes, knobs, work)
             except EngineforgeError as err:
-                status, reason = "not_runnable", f"not runnable on {backend}: {err.message}"
+                status, reason = "not_runnable", f"not runnable on {s.backend}: {err.message}"
                 points = {}
                 break
-    result = {"status": status, "reason": reason, "backend": backend, "precision": precision,
-              "profile": profile, "points": points, "build": build, "threads":
-              m["bench"]["threads"], **device_info()}
-    side = make_sidecar(stage="bench", model=model, inputs={"engine": engine},
-                        config_slice=stage_slice(m, "bench", precision=precision,
-                                                 profile=profile, backend=backend),
-                        tools=tool_versions("bench", backend), outputs={}, result=result,
-                        device=device_info()["device"])
-    write_json(out, side)
-    return side
-
-
-def run_baseline(model: str, m: dict, profile: str, out: Path, root: Path = Path(".")) -> dict:
-    """Eager PyTorch on the same shapes and thread count (the speedup denominator)."""
-    import torch
-
-    from engineforge.stages.export import load_module
-
-    if m["checkpoint"]["kind"] == "onnx":
-        result = {"status": "not_runnable", "reason": "no PyTorch checkpoint (onnx input)",
-                  "points": {}}
-    else:
-        net = load_module(model, m, Path(root))
-        if not isinstance(net, torch.nn.Module):
-            net = net.module()
-        prev = torch.get_num_threads()
-        torch.set_num_threads(m["bench"]["threads"])
-        points = {}
-        try:
-            for which in m["bench"]["points"]:
-                shapes = modelio.shapes_at(m["profiles"][profile], which)
-                feed = modelio.sample_inputs(m, shapes, seed=0)
-                args = tuple(torch.from_numpy(feed[n]) for n in m["inputs"])
-                with torch.inference_mode():
-                    stats = time_callable(lambda a=args: net(*a), m["bench"]["warmup"],
-                                          m["bench"]["iterations"],
-                                          batch=next(iter(shapes.values()))[0])
-                points[which] = {"shapes": shapes, **stats}
-        except Exception as err:  # noqa: BLE001
-            raise BenchError(f"eager PyTorch failed at {which} shapes: {err}", model=model,
-                             key=f"models.{model}.profiles.{profile}") from None
-        finally:
-            torch.set_num_threads(prev)
-        result = {"status": "ok", "reason": None, "points": points}
-    result |= {"backend": "pytorch", "profile": profile, "threads": m["bench"]["threads"],
-               **device_info()}
-    side = make_sidecar(stage="baseline", model=model, inputs={},
-                        config_slice=stage_slice(m, "baseline", profile=profile),
-                        tools=tool_versions("baseline"), outputs={}, result=result,
-                        device=device_info()["device"])
-    write_json(out, side)
-    return side
+            points[which] = BenchPoint(shapes=shapes, **stats)
+    return BenchResult(status=status, reason=reason, backend=s.backend, precision=s.precision,
+                       profile=s.profile, points=points, threads=s.bench.threads,
+                       device=device_info())

@@ -1,92 +1,92 @@
 """Stage 5 — engine build per backend × precision × optimization profile.
 
-Dispatches to the backend module (onnxruntime, tensorrt-rtx, tensorrt,
-trtexec). Graph mode builds from the precision's ONNX (strongly typed, the
-only mode of TensorRT 11); TensorRT 10's ``precision_mode: flags`` builds the
-fp32 ONNX with builder flags instead. The profile name ``all`` builds one
-engine holding every profile of the model.
+Dispatches to the backend named by the job. Graph mode builds from the precision's
+ONNX (strongly typed, the only mode of TensorRT 11); TensorRT 10's
+``precision_mode: flags`` builds the fp32 ONNX with builder flags instead (backends with
+``flags_mode``). The profile name ``all`` builds one engine holding every profile.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from engineforge import cache
-from engineforge.backends import BuildRequest, get_backend
-from engineforge.config import stage_slice
+from engineforge.backends import BuildRequest, backend_class, get_backend
 from engineforge.errors import BuildError, EngineforgeError
-from engineforge.sidecar import cpu_device, make_sidecar, read_json, write_json
-from engineforge.versions import tool_versions
+from engineforge.layout import ALL_PROFILES, Layout
+from engineforge.results import BuildResult
+from engineforge.settings import Section
 
-ALL_PROFILES = "all"
+TOOLS = ()  # the backend's own tools and version are added (see tools())
+
+
+class Settings(Section):
+    backend: str
+    precision: str
+    profile: str
+    profiles: list[dict]                 # input shapes of each profile in the engine
+    precision_mode: str = "graph"        # graph | flags
+    backend_settings: dict[str, Any] | None = None
+
+
+def flags_mode(m: dict, backend: str) -> bool:
+    cls = backend_class(backend)
+    return cls.flags_mode and m["tensorrt"]["precision_mode"] == "flags"
 
 
 def profiles_for(m: dict, profile: str) -> list[dict]:
-    if profile == ALL_PROFILES:
-        return list(m["profiles"].values())
-    return [m["profiles"][profile]]
+    return list(m["profiles"].values()) if profile == ALL_PROFILES else [m["profiles"][profile]]
 
 
-def device_class(backend: str) -> str:
-    """What an engine is specific to: the target GPU class, or the CPU for ORT."""
-    if backend == "onnxruntime":
-        return cpu_device()
-    if backend == "tensorrt-rtx":
-        return "rtx:sm80/86/89/12x (ahead-of-time, built on CPU)"
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            cc = ".".join(map(str, torch.cuda.get_device_capability(0)))
-            return f"{torch.cuda.get_device_name(0)}:sm{cc}"
-    except Exception:  # noqa: BLE001
-        pass
-    return "gpu:unknown"
+def settings(m: dict, w: dict) -> Settings:
+    section = backend_class(w["backend"]).settings_section
+    return Settings(backend=w["backend"], precision=w["precision"], profile=w["profile"],
+                    profiles=profiles_for(m, w["profile"]),
+                    precision_mode="flags" if flags_mode(m, w["backend"]) else "graph",
+                    backend_settings=m[section] if section else None)
 
 
-def run(model: str, m: dict, backend: str, precision: str, profile: str, onnx_in: Path,
-        engine_out: Path, sidecar_path: Path, work_dir: Path, fp32_onnx: Path | None = None,
-        calib: Path | None = None, timing_cache_dir: Path | None = None) -> dict:
-    be = get_backend(backend)
+def cache_group(job) -> str:
+    return "build"
+
+
+def device(job) -> str:
+    return get_backend(job.backend).device()
+
+
+def run(job) -> BuildResult:
+    s: Settings = job.settings
+    be = get_backend(s.backend)
     avail = be.availability()
     if not avail.ok:
-        raise BuildError(avail.line(backend), model=model, key=f"models.{model}.backends",
+        raise BuildError(avail.line(s.backend), model=job.model,
+                         key=f"models.{job.model}.backends",
                          fix=avail.how or "remove the backend from the list")
-    settings = dict(m["tensorrt"])
-    flags_mode = backend in ("tensorrt", "trtexec") and settings["precision_mode"] == "flags"
-    source = Path(fp32_onnx) if flags_mode and fp32_onnx else Path(onnx_in)
-    if calib is not None:
-        settings["calib_npz"] = str(calib)
-    work_dir = Path(work_dir)
+    flags = s.precision_mode == "flags"
+    source = job.inputs["fp32"] if flags else job.inputs.get("onnx")
+    engine = job.outputs["engine"]
+    work_dir = Path(Layout(job.artifacts).build_dir(s.backend, job.model, s.precision,
+                                                    s.profile))
     work_dir.mkdir(parents=True, exist_ok=True)
-    dev = device_class(backend)
     timing_cache = None
-    if timing_cache_dir is not None and backend != "onnxruntime":
-        safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in f"{dev}-{avail.version}")
-        timing_cache = Path(timing_cache_dir) / f"timing-{safe}.cache"
+    if be.timing_cache:
+        safe = "".join(c if c.isalnum() or c in "-._" else "_"
+                       for c in f"{job.device}-{avail.version}")
+        timing_cache = Path(Layout(job.artifacts).timing_cache_dir()) / f"timing-{safe}.cache"
         timing_cache.parent.mkdir(parents=True, exist_ok=True)
-    tools = tool_versions("build", backend) | {backend: str(avail.version)}
-    config_slice = stage_slice(m, "build", precision=precision, profile=profile, backend=backend)
-    if cache.try_restore("build", inputs={"onnx": source}, config_slice=config_slice,
-                         tools=tools, outputs={"engine": Path(engine_out)},
-                         sidecar_path=Path(sidecar_path), device=dev):
-        return read_json(sidecar_path)
-    calib_cache = settings.get("int8_calibration_cache")
-    req = BuildRequest(model=model, precision=precision, onnx_path=source,
-                       calib_cache=Path(calib_cache) if calib_cache else None,
-                       engine_path=Path(engine_out), work_dir=work_dir,
-                       profiles=profiles_for(m, profile), settings=settings,
-                       timing_cache=timing_cache)
+    req = BuildRequest(model=job.model, precision=s.precision, onnx_path=source,
+                       engine_path=engine, work_dir=work_dir, profiles=s.profiles,
+                       settings=dict(s.backend_settings or {}),
+                       calib_cache=job.inputs.get("calib_cache"),
+                       calib_npz=job.inputs.get("calibration"), timing_cache=timing_cache)
     try:
-        result = be.build(req)
+        facts = be.build(req)
+        facts.pop("engine_bytes", None)
     except EngineforgeError as err:
-        err.model = err.model or model
+        err.model = err.model or job.model
         raise
-    result |= {"backend": backend, "precision": precision, "profile": profile,
-               "precision_mode": "flags" if flags_mode else "graph",
-               "backend_version": avail.version}
-    side = make_sidecar(stage="build", model=model, inputs={"onnx": source},
-                        config_slice=config_slice, tools=tools,
-                        outputs={"engine": engine_out}, result=result, device=dev)
-    write_json(sidecar_path, side)
-    return side
+    return BuildResult(
+        status=facts.pop("status", "ok"), reason=facts.pop("reason", None), backend=s.backend,
+        precision=s.precision, profile=s.profile, precision_mode=s.precision_mode,
+        backend_version=avail.version, build_time_s=facts.pop("build_time_s"),
+        engine_bytes=engine.stat().st_size, extra=facts)

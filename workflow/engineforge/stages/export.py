@@ -18,23 +18,46 @@ from pathlib import Path
 
 import numpy as np
 
-from engineforge import cache, modelio
-from engineforge.config import reference_data, stage_slice
+from engineforge import modelio
 from engineforge.errors import ExportError
-from engineforge.sidecar import atomic_path, make_sidecar, read_json, write_json
-from engineforge.versions import tool_versions
+from engineforge.results import ExportResult
+from engineforge.settings import ExportSettings, Section
 
 log = logging.getLogger(__name__)
 
+TOOLS = ("torch", "torchvision", "onnx", "onnxscript")
 
-def load_module(model: str, m: dict, root: Path):
+
+class Settings(Section):
+    checkpoint: dict
+    inputs: dict
+    opset: int
+    export: ExportSettings
+    optimize: bool          # optimize in the exporter (only when onnxsim does not run next)
+    reference_shapes: dict[str, list[int]]
+    task: str
+    labelled: bool          # save reference outputs on the evaluation set too
+
+
+def settings(m: dict, w: dict) -> Settings:
+    first = next(iter(m["profiles"].values()))
+    return Settings(checkpoint=m["checkpoint"], inputs=m["inputs"], opset=m["opset"],
+                    export=m["export"], optimize=not m["simplify"]["enabled"],
+                    reference_shapes={i: s["opt"] for i, s in first.items()},
+                    task=m["task"], labelled="evaluation" in m)
+
+
+def cache_group(job) -> str:
+    return "export"
+
+
+def load_module(model: str, ckpt: dict, path: Path | None):
     """Build the torch.nn.Module (or ExportedProgram) a checkpoint describes."""
     import torch
 
-    ckpt = m["checkpoint"]
     kind = ckpt["kind"]
     key = f"models.{model}.checkpoint"
-    path = root / ckpt["path"] if ckpt.get("path") else None
+    root = Path(".")
     try:
         if kind == "torchscript":
             return torch.jit.load(str(path), map_location="cpu").eval()
@@ -89,36 +112,35 @@ def _load_state_dict(model: str, path: Path, key: str) -> dict:
     return state
 
 
-def _export(net, model: str, m: dict, example: tuple, tmp: Path) -> dict:
+def _export(net, model: str, m: Settings, example: tuple, tmp: Path) -> dict:
     """Dynamo first, TorchScript exporter as fallback. Returns export facts."""
     import torch
 
-    names = list(m["inputs"])
-    dyn = modelio.dynamic_dims(m)
+    names = list(m.inputs)
+    dyn = modelio.dynamic_dims(m.inputs)
     # Named, unbounded dims: the ONNX keeps the names, and profile ranges (which only the
     # engine builds use) can change without a re-export.
     dims = {d: torch.export.Dim(d) for axes in dyn.values() for d in axes.values()}
     facts: dict = {"exporter": None, "fallback_reason": None}
     errors = []
-    order = ["dynamo", "torchscript"] if m["export"]["exporter"] == "dynamo" else [
-        "torchscript"]
-    if not m["export"]["fallback"]:
+    order = ["dynamo", "torchscript"] if m.export.exporter == "dynamo" else ["torchscript"]
+    if not m.export.fallback:
         order = order[:1]
     for exporter in order:
         try:
             if exporter == "dynamo":
                 shapes = tuple({a: dims[d] for a, d in dyn[n].items()} or None for n in names)
                 program = torch.onnx.export(net, example, dynamo=True, input_names=names,
-                                            dynamic_shapes=shapes, opset_version=m["opset"],
+                                            dynamic_shapes=shapes, opset_version=m.opset,
                                             # onnxsim folds and fuses next; optimize only
                                             # when it is off (saves ~1 s on resnet18)
-                                            optimize=not m["simplify"]["enabled"],
+                                            optimize=m.optimize,
                                             verbose=False)
                 program.save(str(tmp), external_data=False)
             else:
                 torch.onnx.export(net, example, str(tmp), dynamo=False, input_names=names,
                                   dynamic_axes={n: dyn[n] for n in names if dyn[n]},
-                                  opset_version=m["opset"], do_constant_folding=True)
+                                  opset_version=m.opset, do_constant_folding=True)
             facts["exporter"] = exporter
             break
         except Exception as err:  # noqa: BLE001 - recorded, then the fallback runs
@@ -140,94 +162,66 @@ def _onnx_outputs(path: Path) -> list[str]:
     return [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
 
 
-def run(model: str, m: dict, onnx_out: Path, reference_out: Path, sidecar_path: Path,
-        root: Path = Path(".")) -> dict:
+def run(job) -> ExportResult:
     import torch
 
     t0 = time.perf_counter()
-    root = Path(root)
-    onnx_out, reference_out = Path(onnx_out), Path(reference_out)
-    ckpt = m["checkpoint"]
-    first_profile = next(iter(m["profiles"].values()))
-    opt_shapes = modelio.shapes_at(first_profile, "opt")
-    data = modelio.load_npz(root / reference_data(m)["path"]) if reference_data(m) else None
-    feed = modelio.sample_inputs(m, opt_shapes, seed=m["export"]["seed"], data=data)
-    inputs = {"checkpoint": root / ckpt["path"]} if ckpt.get("path") else {}
-    if reference_data(m):
-        inputs["reference_data"] = root / reference_data(m)["path"]
-    arch_source = _arch_source(ckpt, root)
-    if arch_source:
-        inputs["arch_source"] = arch_source
-    if cache.try_restore("export", inputs=inputs, config_slice=stage_slice(m, "export"),
-                         tools=tool_versions("export"),
-                         outputs={"onnx": onnx_out, "reference": reference_out},
-                         sidecar_path=Path(sidecar_path)):
-        return read_json(sidecar_path)
-
-    with atomic_path(onnx_out) as tmp:
-        if ckpt["kind"] == "onnx":
-            shutil.copyfile(root / ckpt["path"], tmp)
-            facts = {"exporter": "none (onnx checkpoint)", "fallback_reason": None}
-            reference = _run_onnx(tmp, feed)
-            eval_ref = _run_onnx(tmp, _eval_feed(m, root)) if "evaluation" in m else {}
-            ref_source = "onnxruntime on the given ONNX (no PyTorch checkpoint)"
-        else:
-            net = load_module(model, m, root)
-            example = tuple(torch.from_numpy(feed[n]) for n in m["inputs"])
-            facts = _export(net, model, m, example, tmp)
-            runnable = net.module() if hasattr(net, "module") and not isinstance(
-                net, torch.nn.Module) else net
-            out_names = _onnx_outputs(tmp)
-            reference = _run_torch(runnable, feed, m, out_names)
-            eval_ref = (_run_torch(runnable, _eval_feed(m, root), m, out_names)
-                        if "evaluation" in m else {})
-            ref_source = "pytorch eager (cpu, fp32)"
-        _check(model, tmp)
-        arrays = {f"in:{k}": v for k, v in feed.items()}
-        arrays |= {f"out:{k}": v for k, v in reference.items()}
-        arrays |= {f"eval_out:{k}": v for k, v in eval_ref.items()}
-        with atomic_path(reference_out) as rtmp, open(rtmp, "wb") as f:
-            np.savez(f, **arrays)
-
-    result = {**facts, "reference": ref_source, "opset": m["opset"],
-              "outputs": list(reference), "time_s": round(time.perf_counter() - t0, 3)}
-    side = make_sidecar(stage="export", model=model, inputs=inputs,
-                        config_slice=stage_slice(m, "export"),
-                        tools=tool_versions("export"),
-                        outputs={"onnx": onnx_out, "reference": reference_out}, result=result)
-    write_json(sidecar_path, side)
-    return side
+    m, model = job.settings, job.model
+    onnx_out, reference_out = job.outputs["onnx"], job.outputs["reference"]
+    ref_path = job.inputs.get("evaluation") or job.inputs.get("calibration")
+    data = modelio.load_npz(ref_path) if ref_path else None
+    feed = modelio.sample_inputs(m.inputs, m.reference_shapes, seed=m.export.seed, data=data)
+    eval_feed = _eval_feed(m, job.inputs["evaluation"]) if m.labelled else None
+    if m.checkpoint["kind"] == "onnx":
+        shutil.copyfile(job.inputs["checkpoint"], onnx_out)
+        facts = {"exporter": "none (onnx checkpoint)", "fallback_reason": None}
+        reference = _run_onnx(onnx_out, feed)
+        eval_ref = _run_onnx(onnx_out, eval_feed) if eval_feed else {}
+        ref_source = "onnxruntime on the given ONNX (no PyTorch checkpoint)"
+    else:
+        net = load_module(model, m.checkpoint, job.inputs.get("checkpoint"))
+        example = tuple(torch.from_numpy(feed[n]) for n in m.inputs)
+        facts = _export(net, model, m, example, onnx_out)
+        runnable = net.module() if hasattr(net, "module") and not isinstance(
+            net, torch.nn.Module) else net
+        out_names = _onnx_outputs(onnx_out)
+        reference = _run_torch(runnable, feed, m.inputs, out_names)
+        eval_ref = _run_torch(runnable, eval_feed, m.inputs, out_names) if eval_feed else {}
+        ref_source = "pytorch eager (cpu, fp32)"
+    _check(model, onnx_out)
+    arrays = {f"in:{k}": v for k, v in feed.items()}
+    arrays |= {f"out:{k}": v for k, v in reference.items()}
+    arrays |= {f"eval_out:{k}": v for k, v in eval_ref.items()}
+    with open(reference_out, "wb") as f:
+        np.savez(f, **arrays)
+    return ExportResult(**facts, reference=ref_source, opset=m.opset, outputs=list(reference),
+                        time_s=round(time.perf_counter() - t0, 3))
 
 
-def _arch_source(ckpt: dict, root: Path) -> Path | None:
-    """The project's own model-definition file, so that editing it re-exports.
-
-    Installed packages (torchvision, ...) are covered by their versions instead.
-    """
+def arch_source(ckpt: dict, root: Path = Path(".")) -> str | None:
+    """The project's own model-definition file (``models/digits_cnn.py`` for
+    ``models.digits_cnn:Net``), so that editing it re-exports. Found on the file system, not
+    imported: this runs while Snakemake parses. Installed packages (torchvision, ...) are
+    covered by their versions instead."""
     if ckpt["kind"] != "state_dict":
         return None
-    if str(root.resolve()) not in sys.path:
-        sys.path.insert(0, str(root.resolve()))
-    try:
-        spec = importlib.util.find_spec(ckpt["arch"].split(":")[0])
-    except (ImportError, ValueError):
-        return None
-    origin = Path(spec.origin) if spec and spec.origin else None
-    if origin and origin.is_file() and "site-packages" not in origin.parts:
-        return origin
+    parts = ckpt["arch"].split(":")[0].split(".")
+    for candidate in (Path(*parts).with_suffix(".py"), Path(*parts) / "__init__.py"):
+        if (root / candidate).is_file():
+            return candidate.as_posix()
     return None
 
 
-def _eval_feed(m: dict, root: Path) -> dict:
-    data = modelio.load_npz(root / m["evaluation"]["path"])
-    return {n: data[n].astype(modelio.input_dtype(m, n)) for n in m["inputs"]}
+def _eval_feed(m: Settings, path: Path) -> dict:
+    data = modelio.load_npz(path)
+    return {n: data[n].astype(modelio.input_dtype(m.inputs, n)) for n in m.inputs}
 
 
-def _run_torch(net, feed: dict, m: dict, out_names: list[str]) -> dict:
+def _run_torch(net, feed: dict, inputs: dict, out_names: list[str]) -> dict:
     import torch
 
     with torch.inference_mode():
-        out = net(*(torch.from_numpy(feed[n]) for n in m["inputs"]))
+        out = net(*(torch.from_numpy(feed[n]) for n in inputs))
     outs = out if isinstance(out, (tuple, list)) else [out]
     return {name: o.detach().float().numpy() for name, o in zip(out_names, outs)}
 

@@ -7,8 +7,8 @@
 - int8 / fp8: ModelOpt explicit Q/DQ (``modelopt.onnx.quantization.quantize``), calibrated
   on CPU with the first ``calib_size`` samples of the model's calibration data.
 
-ModelOpt works in a temporary directory beside the output; the result is moved into place
-only after ``onnx.checker`` accepts it, so an interrupted job leaves nothing a rerun trusts.
+ModelOpt writes into the runner's staging directory; the result (with any external data
+file) is published only after ``onnx.checker`` accepts it.
 """
 
 from __future__ import annotations
@@ -16,24 +16,39 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
-import os
 import shutil
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from engineforge import cache
-from engineforge.config import stage_slice
 from engineforge.errors import PrecisionError
-from engineforge.sidecar import make_sidecar, read_json, write_json
-from engineforge.versions import tool_versions
+from engineforge.results import PrecisionResult
+from engineforge.settings import (QUANTIZED, AutocastSettings, Fp32Settings, QuantizeSettings,
+                                  Section)
 
 log = logging.getLogger(__name__)
 
+TOOLS = ("onnx", "nvidia-modelopt", "onnxruntime-gpu")
 METHODS = {"fp32": "copy", "fp16": "autocast", "bf16": "autocast", "int8": "qdq", "fp8": "qdq"}
+
+
+class Settings(Section):
+    precision: str
+    method: AutocastSettings | QuantizeSettings | Fp32Settings
+    inputs: dict | None = None    # the model's inputs (quantized variants read calibration)
+
+
+def settings(m: dict, w: dict) -> Settings:
+    p = w["precision"]
+    kind = {"copy": Fp32Settings, "autocast": AutocastSettings, "qdq": QuantizeSettings}
+    return Settings(precision=p, method=kind[METHODS[p]](**m["precision"][p]),
+                    inputs=m["inputs"] if p in QUANTIZED else None)
+
+
+def cache_group(job) -> str:
+    return f"precision.{job.precision}"
 
 
 @contextlib.contextmanager
@@ -56,23 +71,22 @@ def _quiet_modelopt():
         reroute()
 
 
-def _calibration(model: str, m: dict, precision: str, root: Path,
-                 n: int | None) -> tuple[Path, dict[str, np.ndarray]]:
+def _calibration(model: str, inputs: dict, precision: str, path: Path | None,
+                 n: int | None) -> dict[str, np.ndarray]:
     """The first ``n`` samples (all if None) of every input, cast to the input's dtype."""
-    if "calibration" not in m:
+    if path is None:
         raise PrecisionError(f"{precision} needs calibration data.", model=model,
                              key=f"models.{model}.calibration",
                              fix="add calibration: {path: calib/<file>.npz}")
     key = f"models.{model}.calibration.path"
-    path = root / m["calibration"]["path"]
     data = {}
     with np.load(path) as npz:
-        for name, spec in m["inputs"].items():
+        for name, spec in inputs.items():
             if name not in npz.files:
                 raise PrecisionError(
                     f"calibration data '{path}' has no array '{name}' "
                     f"(it has {sorted(npz.files)}).", model=model, key=key,
-                    fix=f"save one array per model input, named {sorted(m['inputs'])}")
+                    fix=f"save one array per model input, named {sorted(inputs)}")
             arr = npz[name]
             if n is not None and len(arr) < n:
                 lower = (f" or lower models.{model}.precision.{precision}.calib_size"
@@ -81,44 +95,42 @@ def _calibration(model: str, m: dict, precision: str, root: Path,
                     f"calibration data '{path}' has {len(arr)} samples of '{name}', "
                     f"{precision} needs {n}.", model=model, key=key, fix=f"add samples{lower}")
             data[name] = np.ascontiguousarray(arr[:n].astype(spec.get("dtype", "float32")))
-    return path, data
+    return data
 
 
-def _autocast(model: str, m: dict, precision: str, onnx_in: Path, out: Path,
-              root: Path) -> tuple[Path | None, dict]:
+def _autocast(job, onnx_in: Path, out: Path) -> dict:
     from modelopt.onnx.autocast import convert_to_mixed_precision
     from modelopt.onnx.utils import save_onnx
 
     # Polygraphy's seeded random inputs (AutoCast's default) drive the node classification:
     # deterministic, and fp16/bf16 stay independent of the calibration data (only the
     # quantized variants rebuild when it changes).
-    calib, data = None, None
-    s = m["precision"][precision]
+    s = job.settings.method
     with _quiet_modelopt():
         proto = convert_to_mixed_precision(
-            onnx_path=str(onnx_in), low_precision_type=precision,
-            keep_io_types=s["keep_io_types"], data_max=s["data_max"], init_max=s["init_max"],
-            nodes_to_exclude=s["nodes_to_exclude"], op_types_to_exclude=s["op_types_to_exclude"],
-            calibration_data=data, providers=["cpu"])
+            onnx_path=str(onnx_in), low_precision_type=job.precision,
+            keep_io_types=s.keep_io_types, data_max=s.data_max, init_max=s.init_max,
+            nodes_to_exclude=list(s.nodes_to_exclude),
+            op_types_to_exclude=list(s.op_types_to_exclude),
+            calibration_data=None, providers=["cpu"])
     save_onnx(proto, str(out))  # switches to external data above 2 GB
-    ref = f"calibration[:{len(next(iter(data.values())))}]" if data else "random"
-    return calib, {"reference_data": ref} | _type_split(proto)
+    return {"reference_data": "random"} | _type_split(proto)
 
 
-def _qdq(model: str, m: dict, precision: str, onnx_in: Path, out: Path,
-         root: Path) -> tuple[Path, dict]:
+def _qdq(job, onnx_in: Path, out: Path) -> dict:
     from modelopt.onnx.quantization import quantize
 
-    s = m["precision"][precision]
-    calib, data = _calibration(model, m, precision, root, s["calib_size"])
+    s = job.settings.method
+    data = _calibration(job.model, job.settings.inputs, job.precision,
+                        job.inputs.get("calibration"), s.calib_size)
     with _quiet_modelopt():
-        quantize(onnx_path=str(onnx_in), quantize_mode=precision, calibration_data=data,
-                 calibration_method=s["calibration_method"], calibration_eps=["cpu"],
-                 op_types_to_exclude=s["op_types_to_exclude"] or None,
-                 nodes_to_exclude=s["nodes_to_exclude"] or None,
-                 high_precision_dtype=s["high_precision_dtype"], output_path=str(out),
+        quantize(onnx_path=str(onnx_in), quantize_mode=job.precision, calibration_data=data,
+                 calibration_method=s.calibration_method, calibration_eps=["cpu"],
+                 op_types_to_exclude=list(s.op_types_to_exclude) or None,
+                 nodes_to_exclude=list(s.nodes_to_exclude) or None,
+                 high_precision_dtype=s.high_precision_dtype, output_path=str(out),
                  log_level="WARNING")
-    return calib, {"calibration_samples": len(next(iter(data.values())))}
+    return {"calibration_samples": len(next(iter(data.values())))}
 
 
 def _type_split(proto) -> dict:
@@ -161,78 +173,51 @@ def _summary(path: Path) -> dict:
                          default=None)}
 
 
-def run(model: str, m: dict, precision: str, onnx_in: Path, out_onnx: Path,
-        sidecar_path: Path, root: Path = Path(".")) -> dict:
-    """Write ``out_onnx`` (``precision`` variant of ``onnx_in``) and its sidecar; return it."""
+def run(job) -> PrecisionResult:
+    """Write the ``precision`` variant of the simplified ONNX (the runner publishes it with
+    any external data file, only after ``onnx.checker`` accepted it)."""
     import onnx
 
-    onnx_in, out_onnx, root = Path(onnx_in), Path(out_onnx), Path(root)
+    model, precision = job.model, job.precision
+    onnx_in, out = job.inputs["onnx"], job.outputs["onnx"]
     method = METHODS[precision]
-    calib_in = ({"calibration": Path(root) / m["calibration"]["path"]}
-                if method == "qdq" and "calibration" in m else {})
-    if cache.try_restore(f"precision.{precision}", inputs={"onnx": onnx_in} | calib_in,
-                         config_slice=stage_slice(m, "precision", precision=precision),
-                         tools=tool_versions("precision"), outputs={"onnx": out_onnx},
-                         sidecar_path=sidecar_path):
-        return read_json(sidecar_path)
     if method != "copy":  # import first, so that time_s is the conversion alone
         importlib.import_module("modelopt.onnx." + ("autocast" if method == "autocast"
                                                     else "quantization"))
-    out_onnx.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_onnx.name}.", dir=out_onnx.parent))
-    work = tmp / out_onnx.name  # same name, so an external-data reference stays valid
-    try:
-        start = time.perf_counter()
-        calib, extra = None, {}
-        if method == "copy":
-            for rel in _external_files(onnx_in):
-                shutil.copyfile(onnx_in.parent / rel, tmp / rel)
-            shutil.copyfile(onnx_in, work)
-        else:
-            convert = _autocast if method == "autocast" else _qdq
-            try:
-                calib, extra = convert(model, m, precision, onnx_in, work, root)
-            except PrecisionError:
-                raise
-            except Exception as err:  # noqa: BLE001 - any ModelOpt failure is one line
-                reason = " ".join(f"{type(err).__name__}: {err}".split())
-                key = f"models.{model}.precision.{precision}"
-                raise PrecisionError(
-                    f"ModelOpt {method} to {precision} failed: {reason}", model=model, key=key,
-                    fix=f"exclude the failing nodes or op types ({key}.nodes_to_exclude / "
-                        f"op_types_to_exclude) or drop {precision} from "
-                        f"models.{model}.precisions") from None
-        elapsed = time.perf_counter() - start
+    start = time.perf_counter()
+    extra: dict = {}
+    if method == "copy":
+        for rel in _external_files(onnx_in):
+            shutil.copyfile(onnx_in.parent / rel, out.parent / rel)
+        shutil.copyfile(onnx_in, out)
+    else:
+        convert = _autocast if method == "autocast" else _qdq
         try:
-            onnx.checker.check_model(str(work))  # path-based: works above 2 GB too
-        except onnx.checker.ValidationError as err:
+            extra = convert(job, onnx_in, out)
+        except PrecisionError:
+            raise
+        except Exception as err:  # noqa: BLE001 - any ModelOpt failure is one line
+            reason = " ".join(f"{type(err).__name__}: {err}".split())
+            key = f"models.{model}.precision.{precision}"
             raise PrecisionError(
-                f"{precision} ONNX fails onnx.checker: {' '.join(str(err).split())}",
-                model=model, key=f"models.{model}.precision.{precision}",
-                fix="report it with the input ONNX; exclude the offending nodes meanwhile"
-            ) from None
-        # publish: external data first, the .onnx (what Snakemake trusts) last
-        refs = set(_external_files(work))
-        data_files = [p for p in tmp.iterdir() if p.name in refs and p.is_file()]
-        for p in data_files:
-            os.replace(p, out_onnx.parent / p.name)
-        os.replace(work, out_onnx)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-    summary = _summary(out_onnx)
+                f"ModelOpt {method} to {precision} failed: {reason}", model=model, key=key,
+                fix=f"exclude the failing nodes or op types ({key}.nodes_to_exclude / "
+                    f"op_types_to_exclude) or drop {precision} from "
+                    f"models.{model}.precisions") from None
+    elapsed = time.perf_counter() - start
+    try:
+        onnx.checker.check_model(str(out))  # path-based: works above 2 GB too
+    except onnx.checker.ValidationError as err:
+        raise PrecisionError(
+            f"{precision} ONNX fails onnx.checker: {' '.join(str(err).split())}",
+            model=model, key=f"models.{model}.precision.{precision}",
+            fix="report it with the input ONNX; exclude the offending nodes meanwhile"
+        ) from None
+    summary = _summary(out)
     if method == "qdq" and not summary["quantize_linear"] + summary["dequantize_linear"]:
         extra["warning"] = ("ModelOpt inserted no Q/DQ nodes (no node passed its quantization "
                             f"rules): this {precision} variant computes in high precision")
         log.warning("%s/%s: %s", model, precision, extra["warning"])
-    outputs = {"onnx": out_onnx} | {f"external_data:{p.name}": out_onnx.parent / p.name
-                                    for p in data_files}
-    result = {"precision": precision, "method": method, "time_s": round(elapsed, 3),
-              "bytes": sum(os.path.getsize(p) for p in outputs.values())} | summary | extra
-    sidecar = make_sidecar(
-        stage="precision", model=model,
-        inputs={"onnx": onnx_in} | ({"calibration": calib} if calib else {}),
-        config_slice=stage_slice(m, "precision", precision=precision),
-        tools=tool_versions("precision"), outputs=outputs, result=result)
-    write_json(sidecar_path, sidecar)
-    return sidecar
+    files = [out] + [out.parent / rel for rel in _external_files(out)]
+    return PrecisionResult(precision=precision, method=method, time_s=round(elapsed, 3),
+                           bytes=sum(f.stat().st_size for f in files), **summary, extra=extra)

@@ -12,39 +12,49 @@ import shutil
 import time
 from pathlib import Path
 
-from engineforge import cache, modelio
-from engineforge.config import stage_slice
 from engineforge.errors import SimplifyError
-from engineforge.sidecar import atomic_path, make_sidecar, read_json, write_json
-from engineforge.versions import tool_versions
+from engineforge.results import SimplifyResult
+from engineforge.settings import Section
 
 log = logging.getLogger(__name__)
+
+TOOLS = ("onnx", "onnxsim")
+
+
+class Settings(Section):
+    enabled: bool
+    test_shapes: dict[str, list[int]]   # the first profile's opt shapes (onnxsim's check)
+
+
+def settings(m: dict, w: dict) -> Settings:
+    first = next(iter(m["profiles"].values()))
+    return Settings(enabled=m["simplify"]["enabled"],
+                    test_shapes={i: s["opt"] for i, s in first.items()})
+
+
+def cache_group(job) -> str:
+    return "simplify"
 
 
 def op_counts(model) -> dict[str, int]:
     return dict(collections.Counter(n.op_type for n in model.graph.node))
 
 
-def run(model: str, m: dict, onnx_in: Path, onnx_out: Path, sidecar_path: Path) -> dict:
+def run(job) -> SimplifyResult:
     import onnx
     import onnxsim
 
-    if cache.try_restore("simplify", inputs={"onnx": onnx_in},
-                         config_slice=stage_slice(m, "simplify"), tools=tool_versions("simplify"),
-                         outputs={"onnx": onnx_out}, sidecar_path=sidecar_path):
-        return read_json(sidecar_path)
+    model, onnx_in, onnx_out = job.model, job.inputs["onnx"], job.outputs["onnx"]
     t0 = time.perf_counter()
     original = onnx.load(str(onnx_in))
     before = len(original.graph.node)
     kept_reason = None
     simplified = None
-    if not m["simplify"]["enabled"]:
+    if not job.settings.enabled:
         kept_reason = "simplify.enabled is false"
     else:
-        # Shapes of the first profile's opt point; dynamic dims stay symbolic.
-        opt = modelio.shapes_at(next(iter(m["profiles"].values())), "opt")
         try:
-            simplified, ok = onnxsim.simplify(original, test_input_shapes=opt,
+            simplified, ok = onnxsim.simplify(original, test_input_shapes=job.settings.test_shapes,
                                               check_n=1, skip_shape_inference=False)
             if not ok:
                 kept_reason = "onnxsim's own check found different outputs"
@@ -55,27 +65,17 @@ def run(model: str, m: dict, onnx_in: Path, onnx_out: Path, sidecar_path: Path) 
             kept_reason = f"onnxsim failed: {type(err).__name__}: {str(err)[:300]}"
     if kept_reason:
         log.warning("%s: keeping the unsimplified model: %s", model, kept_reason)
-
-    with atomic_path(onnx_out) as tmp:
-        if kept_reason:
-            shutil.copyfile(onnx_in, tmp)
-        else:
-            onnx.save(simplified, str(tmp))
-        try:
-            onnx.checker.check_model(str(tmp))
-        except Exception as err:  # noqa: BLE001
-            raise SimplifyError(f"onnx.checker rejects the model: {err}".splitlines()[0],
-                                model=model, key=f"models.{model}.simplify.enabled",
-                                fix="set simplify.enabled: false to keep the export") from None
-    after = before if kept_reason else len(simplified.graph.node)
-    result = {"simplified": kept_reason is None, "kept_reason": kept_reason,
-              "nodes_before": before, "nodes_after": after,
-              "ops_before": op_counts(original),
-              "ops_after": op_counts(original if kept_reason else simplified),
-              "time_s": round(time.perf_counter() - t0, 3)}
-    side = make_sidecar(stage="simplify", model=model, inputs={"onnx": onnx_in},
-                        config_slice=stage_slice(m, "simplify"),
-                        tools=tool_versions("simplify"), outputs={"onnx": onnx_out},
-                        result=result)
-    write_json(sidecar_path, side)
-    return side
+        shutil.copyfile(onnx_in, onnx_out)
+    else:
+        onnx.save(simplified, str(onnx_out))
+    try:
+        onnx.checker.check_model(str(onnx_out))
+    except Exception as err:  # noqa: BLE001
+        raise SimplifyError(f"onnx.checker rejects the model: {err}".splitlines()[0],
+                            model=model, key=f"models.{model}.simplify.enabled",
+                            fix="set simplify.enabled: false to keep the export") from None
+    kept = original if kept_reason else simplified
+    return SimplifyResult(simplified=kept_reason is None, kept_reason=kept_reason,
+                          nodes_before=before, nodes_after=len(kept.graph.node),
+                          ops_before=op_counts(original), ops_after=op_counts(kept),
+                          time_s=round(time.perf_counter() - t0, 3))

@@ -1,0 +1,59 @@
+"""The one typed object a stage body receives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from engineforge.sidecar import canonical_json
+
+
+@dataclass(frozen=True)
+class Job:
+    """One Snakemake job as a stage sees it.
+
+    ``inputs``/``outputs`` are the rule's named files exactly as declared (outputs point
+    into a staging directory while the body runs; the runner publishes them). ``settings``
+    is the stage's typed config slice — the same object that is the rule's ``params`` and
+    goes into the fingerprint.
+    """
+
+    stage: str
+    model: str | None
+    wildcards: dict[str, str]
+    inputs: dict[str, Path]
+    outputs: dict[str, Path]
+    settings: Any
+    tools: dict[str, str]
+    device: str | None
+    log: Path
+    artifacts: str = "artifacts"
+    extra_inputs: list[Path] = field(default_factory=list)  # unnamed inputs (reports)
+
+    def __getattr__(self, name):  # job.precision, job.backend, job.profile
+        wildcards = self.__dict__.get("wildcards") or {}
+        if name in wildcards:
+            return wildcards[name]
+        raise AttributeError(name)
+
+    def with_outputs(self, outputs: dict[str, Path]) -> Job:
+        return replace(self, outputs=outputs)
+
+
+class Canonical:
+    """A params value: compared by Snakemake through its repr, the canonical JSON."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def dump(self):
+        v = self.value
+        return v.model_dump(mode="json") if isinstance(v, BaseModel) else v
+
+    def __repr__(self) -> str:
+        return canonical_json(self.dump())
+
+    __str__ = __repr__

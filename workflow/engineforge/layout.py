@@ -1,0 +1,117 @@
+"""Every artifact path, in one place: the rules, summary, tracking and release use it.
+
+``<root>/<model>/<stage>/...``. Arguments left out stay Snakemake wildcards
+(``{model}``, ``{precision}``, ...), so the same call gives a rule's output
+template or one concrete file. An engine's file name comes from its backend
+(``Backend.artifact``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engineforge.backends import backend_class
+
+ALL_PROFILES = "all"  # the profile name of an engine holding every profile
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: str = "artifacts"
+
+    def model(self, model="{model}") -> str:
+        return f"{self.root}/{model}"
+
+    # export / simplify
+    def export(self, name: str, model="{model}") -> str:
+        """``model.onnx``, ``reference.npz`` or the sidecar ``export.json``."""
+        return f"{self.root}/{model}/export/{name}"
+
+    def simplify(self, name: str, model="{model}") -> str:
+        return f"{self.root}/{model}/simplify/{name}"
+
+    # precision
+    def precision(self, name: str, model="{model}", precision="{precision}") -> str:
+        """``model.onnx`` or the sidecar ``precision.json``."""
+        return f"{self.root}/{model}/precision/{precision}/{name}"
+
+    # build
+    def build_dir(self, backend: str, model="{model}", precision="{precision}",
+                  profile="{profile}") -> str:
+        return f"{self.root}/{model}/build/{backend}/{precision}/{profile}"
+
+    def engine(self, backend: str, model="{model}", precision="{precision}",
+               profile="{profile}") -> str:
+        artifact = backend_class(backend).artifact
+        return f"{self.build_dir(backend, model, precision, profile)}/{artifact}"
+
+    def build(self, backend="{backend}", model="{model}", precision="{precision}",
+              profile="{profile}") -> str:
+        return f"{self.build_dir(backend, model, precision, profile)}/build.json"
+
+    def timing_cache_dir(self) -> str:
+        return f"{self.root}/_timing_cache"
+
+    # audit / drift
+    def audit(self, model="{model}", backend="{backend}", precision="{precision}") -> str:
+        return f"{self.root}/{model}/audit/{backend}/{precision}.json"
+
+    def drift(self, ext: str, model="{model}") -> str:
+        return f"{self.root}/{model}/audit/drift.{ext}"
+
+    # bench
+    def bench(self, model="{model}", backend="{backend}", precision="{precision}",
+              profile="{profile}") -> str:
+        return f"{self.root}/{model}/bench/{backend}/{precision}/{profile}.json"
+
+    def bench_work(self, model="{model}", backend="{backend}", precision="{precision}",
+                   profile="{profile}") -> str:
+        return f"{self.root}/{model}/bench/{backend}/{precision}/{profile}"
+
+    def baseline(self, model="{model}", profile="{profile}") -> str:
+        return f"{self.root}/{model}/bench/pytorch/{profile}.json"
+
+    # logs, tracking, summary
+    def log(self, name: str, model="{model}") -> str:
+        return f"{self.root}/{model}/logs/{name}.log"
+
+    def track(self, model="{model}") -> str:
+        return f"{self.root}/{model}/track.json"
+
+    def summary(self, ext: str) -> str:
+        return f"{self.root}/summary.{ext}"
+
+    def failures_dir(self) -> str:
+        return f"{self.root}/_failures"
+
+    def pending_dir(self) -> str:
+        return f"{self.root}/_tracking/pending"
+
+    def model_outputs(self, model: str, precisions: list[str], builds: dict[str, list[str]],
+                      profiles: list[str]) -> dict:
+        """Every per-model output the tracking record reads, by role.
+
+        ``builds``: backend -> the profiles it builds (``all`` included where built);
+        ``profiles``: the model's profile names (bench and baseline points)."""
+        t = {"export": self.export("export.json", model),
+             "simplify": self.simplify("simplify.json", model),
+             "drift": self.drift("json", model), "drift_md": self.drift("md", model),
+             "precision": {p: self.precision("precision.json", model, p) for p in precisions},
+             "audit": {}, "build": {}, "bench": {}, "engine": {},
+             "baseline": {prof: self.baseline(model, prof) for prof in profiles}}
+        for b, build_profiles in builds.items():
+            for p in precisions:
+                t["audit"][(b, p)] = self.audit(model, b, p)
+                for prof in build_profiles:
+                    t["build"][(b, p, prof)] = self.build(b, model, p, prof)
+                    t["engine"][(b, p, prof)] = self.engine(b, model, p, prof)
+                    if prof != ALL_PROFILES:
+                        t["bench"][(b, p, prof)] = self.bench(model, b, p, prof)
+        return t
+
+
+def files_of(targets) -> list[str]:
+    """Every path in a (nested) ``model_outputs`` dict."""
+    if isinstance(targets, dict):
+        return [f for v in targets.values() for f in files_of(v)]
+    return [targets]

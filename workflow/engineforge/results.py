@@ -1,0 +1,131 @@
+"""Typed stage results: the same fields from every backend, read by summary, tracking, release.
+
+A stage body returns one of these; the runner stores ``model_dump()`` as the sidecar's
+``result``; readers load it back with ``Model.model_validate``. Backend-specific facts go
+in ``extra`` (free-form), never in differently named top-level keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Result(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ExportResult(Result):
+    exporter: str
+    fallback_reason: str | None = None
+    reference: str
+    opset: int
+    outputs: list[str]
+    time_s: float
+
+
+class SimplifyResult(Result):
+    simplified: bool
+    kept_reason: str | None = None
+    nodes_before: int
+    nodes_after: int
+    ops_before: dict[str, int]
+    ops_after: dict[str, int]
+    time_s: float
+
+
+class PrecisionResult(Result):
+    precision: str
+    method: str
+    time_s: float
+    bytes: int
+    nodes: int
+    cast: int
+    quantize_linear: int
+    dequantize_linear: int
+    op_types: dict[str, int]
+    initializer_dtypes: dict[str, int]
+    opset: int | None = None
+    extra: dict[str, Any] = {}
+
+
+Status = Literal["ok", "not_runnable"]
+
+
+class BuildResult(Result):
+    status: Status = "ok"
+    reason: str | None = None
+    backend: str
+    precision: str
+    profile: str
+    precision_mode: Literal["graph", "flags"] = "graph"
+    backend_version: str | None = None
+    build_time_s: float
+    engine_bytes: int
+    extra: dict[str, Any] = {}
+
+
+class BenchPoint(Result):
+    """Latency at one set of input shapes, in the same units for every backend."""
+
+    shapes: dict[str, list[int]]
+    batch: int
+    p50_ms: float
+    p90_ms: float
+    p95_ms: float
+    p99_ms: float
+    mean_ms: float
+    min_ms: float
+    cv: float = Field(description="coefficient of variation of the latency (std / mean)")
+    throughput_per_s: float = Field(description="samples per second (batch x queries/s)")
+    iterations: int
+    warmup: int | float
+    extra: dict[str, Any] = {}
+
+
+class BenchResult(Result):
+    status: Status = "ok"
+    reason: str | None = None
+    backend: str
+    precision: str | None = None
+    profile: str
+    points: dict[str, BenchPoint] = {}
+    threads: int
+    device: dict[str, Any] = {}
+
+
+class OutputDrift(Result):
+    max_abs: float
+    mean_abs: float
+    median_abs: float
+    p99_abs: float
+    max_rel: float
+    mean_rel: float
+    median_rel: float
+    p99_rel: float
+    cosine: float
+    top1_agreement: float | None = None
+
+
+class TaskAccuracy(Result):
+    accuracy: float
+    reference_accuracy: float
+    accuracy_drop: float
+    samples: int
+
+
+class Measurement(Result):
+    status: Literal["pass", "fail", "not_runnable"]
+    reason: str | None = None
+    failures: list[str] = []
+    outputs: dict[str, OutputDrift] = {}
+    task: TaskAccuracy | None = None
+
+
+class AuditResult(Measurement):
+    backend: str
+    precision: str
+    tolerance: dict[str, float]
+    emulated: Measurement | None = None
+    time_s: float = 0.0

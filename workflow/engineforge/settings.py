@@ -1,0 +1,172 @@
+"""Typed settings: every config key's type, default and description, in one place.
+
+These pydantic models are the source of truth. The built-in defaults are
+``Settings().model_dump()``; the JSON schema's ``settings`` section is generated
+from them (:func:`settings_schema`) and merged into
+``workflow/schemas/config.schema.yaml`` when the config is validated, so the
+schema, the defaults and the code cannot disagree. ``engineforge schema``
+prints the full schema.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+QUANTIZED = ("int8", "fp8")
+Precision = Literal["fp32", "fp16", "bf16", "int8", "fp8"]
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _unique(description: str, min_items: int = 1):
+    return Field(description=description, min_length=min_items,
+                 json_schema_extra={"uniqueItems": True})
+
+
+class ExportSettings(Section):
+    exporter: Literal["dynamo", "torchscript"] = Field(
+        "dynamo", description="dynamo first; torchscript is the fallback (reason recorded).")
+    fallback: bool = Field(True, description="Fall back to the TorchScript exporter when "
+                                             "dynamo fails.")
+    reference_batch: int = Field(8, ge=1, description="Samples in the saved PyTorch reference "
+                                                      "(drawn at the opt shape).")
+    seed: int = Field(0, description="Seed of random reference inputs.")
+
+
+class SimplifySettings(Section):
+    enabled: bool = Field(True, description="Run onnxsim (the export is kept when it fails "
+                                            "or grows the graph).")
+
+
+class Fp32Settings(Section):
+    pass
+
+
+class AutocastSettings(Section):
+    """ModelOpt AutoCast (``modelopt.onnx.autocast.convert_to_mixed_precision``)."""
+
+    keep_io_types: bool = Field(True, description="Keep fp32 graph inputs and outputs.")
+    data_max: float = Field(512, gt=0, description="Nodes whose activations exceed this "
+                                                   "magnitude stay fp32.")
+    init_max: float = Field(65504, gt=0, description="Nodes whose initializers exceed this "
+                                                     "magnitude stay fp32.")
+    nodes_to_exclude: list[str] = Field([], description="Node names kept in fp32.")
+    op_types_to_exclude: list[str] = Field([], description="Op types kept in fp32.")
+
+
+class QuantizeSettings(Section):
+    """ModelOpt explicit Q/DQ (``modelopt.onnx.quantization.quantize``)."""
+
+    calibration_method: Literal["max", "entropy"] = Field(
+        "max", description="Activation range calibration.")
+    calib_size: int = Field(32, ge=1, description="Calibration samples used from the model's "
+                                                  "calibration data.")
+    high_precision_dtype: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="Precision of the nodes left unquantized.")
+    op_types_to_exclude: list[str] = Field([], description="Op types left unquantized.")
+    nodes_to_exclude: list[str] = Field([], description="Node names left unquantized.")
+
+
+class PrecisionSettings(Section):
+    fp32: Fp32Settings = Field(Fp32Settings(), description="As exported.")
+    fp16: AutocastSettings = Field(AutocastSettings(), description="ModelOpt AutoCast to fp16.")
+    bf16: AutocastSettings = Field(AutocastSettings(), description="ModelOpt AutoCast to bf16.")
+    int8: QuantizeSettings = Field(QuantizeSettings(), description="ModelOpt int8 Q/DQ.")
+    fp8: QuantizeSettings = Field(QuantizeSettings(), description="ModelOpt fp8 Q/DQ.")
+
+
+class Tolerance(Section):
+    max_abs: float = Field(1.0, ge=0, description="Largest absolute error of any output.")
+    cosine_min: float = Field(0.98, ge=-1, le=1, description="Smallest cosine similarity.")
+    top1_min: float = Field(0.85, ge=0, le=1, description="Smallest top-1 agreement "
+                                                          "(classifiers).")
+    accuracy_drop_max: float = Field(0.03, ge=0, le=1, description="Largest task-accuracy "
+                                                                   "drop (labelled data).")
+
+
+class Tolerances(Section):
+    fp32: Tolerance = Field(Tolerance(max_abs=1e-3, cosine_min=0.99999, top1_min=1.0,
+                                      accuracy_drop_max=0.0), description="fp32 limits.")
+    fp16: Tolerance = Field(Tolerance(max_abs=5e-2, cosine_min=0.999, top1_min=0.98,
+                                      accuracy_drop_max=0.01), description="fp16 limits.")
+    bf16: Tolerance = Field(Tolerance(max_abs=2e-1, cosine_min=0.995, top1_min=0.95,
+                                      accuracy_drop_max=0.02), description="bf16 limits.")
+    int8: Tolerance = Field(Tolerance(), description="int8 limits.")
+    fp8: Tolerance = Field(Tolerance(), description="fp8 limits.")
+
+
+class BenchSettings(Section):
+    warmup: int = Field(5, ge=0, description="Untimed runs first.")
+    iterations: int = Field(30, ge=1, description="Timed runs per shape.")
+    threads: int = Field(2, ge=1, description="Intra-op threads (CPU runtimes and PyTorch).")
+    points: Annotated[list[Literal["min", "opt", "max"]], _unique(
+        "Which shapes of each profile are timed.")] = ["min", "opt", "max"]
+
+
+class TensorRTSettings(Section):
+    """TensorRT-family builders (tensorrt, tensorrt-rtx, trtexec)."""
+
+    precision_mode: Literal["graph", "flags"] = Field(
+        "graph", description="graph: precision lives in the ONNX (strongly typed; the only "
+                             "mode of TensorRT 11). flags: TensorRT 10 only; fp32 ONNX + "
+                             "--fp16/--bf16/--int8/--fp8 builder flags.")
+    workspace_mib: int = Field(2048, ge=1, description="Builder workspace limit (MiB).")
+    builder_optimization_level: int = Field(3, ge=0, le=5, description="Builder "
+                                                                       "optimization level.")
+    multi_profile_engine: bool = Field(False, description="Also build one engine holding "
+                                                          "every profile of the model.")
+    use_cuda_graph: bool = Field(False, description="Bench with CUDA graphs.")
+    no_data_transfers: bool = Field(False, description="Bench without host<->device copies.")
+    use_spin_wait: bool = Field(False, description="trtexec --useSpinWait.")
+    warmup_ms: float = Field(200, ge=0, description="trtexec --warmUp (ms).")
+    duration_s: float = Field(3, ge=0, description="trtexec --duration (s).")
+    avg_runs: int = Field(10, ge=1, description="trtexec --avgRuns.")
+    compute_capabilities: list[Annotated[list[int], Field(min_length=2, max_length=2)]] | None = (
+        Field(None, description="TensorRT-RTX target GPUs, e.g. [[8, 6], [8, 9]]; default "
+                                "all."))
+    trtexec: str = Field("trtexec", description="Path or name of the trtexec binary.")
+    int8_calibration_cache: str | None = Field(
+        None, description="TensorRT 10 flags mode only: an int8 calibration cache (trtexec "
+                          "--calib) made on the target GPU.")
+
+
+class Settings(Section):
+    """Keys allowed under ``defaults:`` and in every model."""
+
+    opset: int = Field(18, ge=13, le=23, description="ONNX opset of the export.")
+    precisions: Annotated[list[Precision], _unique("Precision variants to make.")] = [
+        "fp32", "fp16", "bf16", "int8"]
+    backends: Annotated[list[str], _unique("Engine backends (see docs/backends.md).")] = [
+        "onnxruntime", "tensorrt-rtx", "tensorrt", "trtexec"]
+    export: ExportSettings = Field(ExportSettings(), description="Checkpoint -> ONNX.")
+    simplify: SimplifySettings = Field(SimplifySettings(), description="onnxsim.")
+    precision: PrecisionSettings = Field(PrecisionSettings(), description="Settings of each "
+                                                                          "precision variant.")
+    tolerances: Tolerances = Field(Tolerances(), description="Audit limits per precision.")
+    bench: BenchSettings = Field(BenchSettings(), description="Latency benchmark.")
+    tensorrt: TensorRTSettings = Field(TensorRTSettings(), description="TensorRT builders.")
+
+
+def builtin_defaults() -> dict:
+    return Settings().model_dump(mode="json")
+
+
+def settings_schema(backends: list[str]) -> dict:
+    """JSON schema of :class:`Settings` with ``#/$defs`` refs; backends enum from the registry.
+
+    Returns ``{"settings": <object schema>, **nested definitions}``. The top-level object
+    allows other keys (a model's own keys sit beside its settings); nested sections do not.
+    """
+    schema = Settings.model_json_schema(ref_template="#/$defs/{model}", mode="validation")
+    defs = schema.pop("$defs", {})
+    schema.pop("additionalProperties", None)
+    schema.pop("title", None)
+    schema["properties"]["backends"]["items"] = {"enum": list(backends)}
+    return {"settings": schema, **defs}

@@ -1,0 +1,110 @@
+"""Report — the closing table: per model × precision × backend, audit verdict, drift,
+latency, speedup, sizes. Reads typed results from the sidecars the layout names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engineforge.layout import Layout
+from engineforge.results import AuditResult, BenchResult, BuildResult, PrecisionResult
+from engineforge.settings import Section
+from engineforge.sidecar import read_json, write_json
+
+ISOLATED = False
+TOOLS = ()
+
+
+class Settings(Section):
+    models: dict[str, dict]          # model -> {precisions, backends (usable), profile}
+    skipped_backends: dict[str, str]  # backend -> "skipped: why (how)"
+
+
+def _fmt(v, spec=".3g"):
+    return "—" if v is None else format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+
+def _result(path: Path, kind):
+    return kind.model_validate(read_json(path)["result"]) if path.exists() else None
+
+
+def collect(layout: Layout, s: Settings) -> dict:
+    """Rows (one per model × precision × backend) from the sidecars."""
+    rows = []
+    for model, m in s.models.items():
+        first = m["profile"]
+        baseline = _result(Path(layout.baseline(model, first)), BenchResult)
+        base_opt = baseline.points.get("opt") if baseline else None
+        for precision in m["precisions"]:
+            prec = _result(Path(layout.precision("precision.json", model, precision)),
+                           PrecisionResult)
+            for backend in m["backends"]:
+                row = {"model": model, "precision": precision, "backend": backend,
+                       "onnx_mib": prec and prec.bytes / 2**20}
+                a = _result(Path(layout.audit(model, backend, precision)), AuditResult)
+                if a:
+                    row["audit"] = a.status if a.status != "not_runnable" else a.reason
+                    if a.emulated and a.emulated.outputs:  # figures by the ONNX spec
+                        a = a.emulated
+                        row["audit"] = f"{a.status} (emulated)"
+                    if a.outputs:
+                        row["max_abs"] = max(o.max_abs for o in a.outputs.values())
+                        row["cosine"] = min(o.cosine for o in a.outputs.values())
+                    if a.task:
+                        row["accuracy"] = a.task.accuracy
+                b = _result(Path(layout.build(backend, model, precision, first)), BuildResult)
+                if b:
+                    row["engine_mib"] = b.engine_bytes / 2**20
+                    row["build_s"] = b.build_time_s
+                r = _result(Path(layout.bench(model, backend, precision, first)), BenchResult)
+                if r:
+                    opt = r.points.get("opt")
+                    if opt:
+                        row["p50_ms"] = opt.p50_ms
+                        if base_opt:
+                            row["speedup"] = base_opt.p50_ms / opt.p50_ms
+                    elif r.reason:
+                        row["bench"] = r.reason
+                rows.append(row)
+    return {"rows": rows, "skipped_backends": dict(s.skipped_backends)}
+
+
+COLUMNS = [("model", None), ("precision", None), ("backend", None), ("audit", None),
+           ("max_abs", ".3g"), ("cosine", ".6f"), ("accuracy", ".4f"), ("p50_ms", ".3f"),
+           ("speedup", ".2f"), ("onnx_mib", ".2f"), ("engine_mib", ".2f"), ("build_s", ".2f")]
+
+
+def markdown(summary: dict) -> str:
+    """One row per model × precision × backend; long reasons become numbered notes."""
+    notes: list[str] = []
+
+    def note(reason: str) -> str:
+        if reason not in notes:
+            notes.append(reason)
+        return f"n/a [{notes.index(reason) + 1}]"
+
+    head = "| " + " | ".join(c for c, _ in COLUMNS) + " |"
+    lines = ["# engineforge summary", "",
+             "Latency: p50 at the first profile's opt shape; speedup vs eager PyTorch on the "
+             "same shapes and threads.", "", head, "|" + "---|" * len(COLUMNS)]
+    for r in summary["rows"]:
+        cells = []
+        for col, spec in COLUMNS:
+            v = r.get(col)
+            if col == "audit" and isinstance(v, str) and v.startswith("not runnable"):
+                v = note(v)
+            elif col == "p50_ms" and v is None and r.get("bench"):
+                v = note(r["bench"])
+            cells.append(_fmt(v, spec) if spec else _fmt(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    if notes:
+        lines += ["", "Notes:"] + [f"{i}. {n}" for i, n in enumerate(notes, 1)]
+    if summary["skipped_backends"]:
+        lines += ["", "Skipped backends:"]
+        lines += [f"- {line}" for line in summary["skipped_backends"].values()]
+    return "\n".join(lines) + "\n"
+
+
+def run(job) -> None:
+    summary = collect(Layout(job.artifacts), job.settings)
+    write_json(job.outputs["json"], summary)
+    job.outputs["md"].write_text(markdown(summary))

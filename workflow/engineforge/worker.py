@@ -1,0 +1,152 @@
+"""Crash isolation: a stage body runs in its own child process, forked from a warm server.
+
+Native libraries (TensorRT builders, engine and package loads, ONNX Runtime sessions of
+untrusted graphs) can segfault, abort or run out of memory. Each job's body therefore runs
+in a child forked from a multiprocessing *fork server* that imported the heavy libraries
+once (torch, ONNX, ONNX Runtime, onnxsim, ModelOpt, Polygraphy): a job starts in
+milliseconds, shares no state with the others (no locks), and a crash fails that job alone
+with the signal and its log path. The child kills itself when the Snakemake process goes
+away (Ctrl-C), and the parent kills a child that outlives the job's time limit.
+
+``ENGINEFORGE_ISOLATION=0`` runs bodies in the calling thread instead (debugging only).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import traceback
+from pathlib import Path
+
+from engineforge.errors import EngineforgeError, JobCrashed, JobTimedOut
+
+# Imported once by the fork server, so that forked jobs start warm.
+PRELOAD = ["numpy", "onnx", "onnxruntime", "torch", "onnxsim", "polygraphy.comparator",
+           "polygraphy.backend.onnxrt", "modelopt.onnx.autocast", "modelopt.onnx.quantization",
+           "engineforge.stages", "engineforge.backends"]
+_CTX_LOCK = threading.Lock()
+_ctx = None
+
+
+def enabled() -> bool:
+    return os.environ.get("ENGINEFORGE_ISOLATION", "1") not in ("0", "false", "no")
+
+
+def _context():
+    global _ctx
+    with _CTX_LOCK:
+        if _ctx is None:
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(PRELOAD)
+            _ctx = ctx
+        return _ctx
+
+
+def _die_with_parent() -> None:
+    """Exit when the process that started this job is gone (Ctrl-C, kill of the run)."""
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.sentinel is None:
+        return
+
+    def watch():
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(70)
+
+    threading.Thread(target=watch, name="engineforge-parent-watch", daemon=True).start()
+
+
+def _log_to(log_path: str) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.FileHandler(log_path, mode="a")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+def _child(conn, target: str, args: tuple, log_path: str) -> None:
+    import multiprocessing.connection  # noqa: F401 - used by the watcher thread
+
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    _log_to(log_path)
+    try:
+        reply = ("ok", call(target, *args))
+    except EngineforgeError as err:
+        logging.getLogger("engineforge").error("%s", err)
+        reply = ("error", err)
+    except BaseException as err:  # noqa: BLE001 - reported to the parent as one line
+        logging.getLogger("engineforge").error("unexpected error:\n%s", traceback.format_exc())
+        reply = ("unexpected", f"{type(err).__name__}: "
+                               f"{(str(err).strip().splitlines() or [''])[0][:300]}")
+    try:
+        conn.send(reply)
+    except Exception as err:  # noqa: BLE001 - e.g. an unpicklable result
+        conn.send(("unexpected", f"result not transferable: {type(err).__name__}: {err}"))
+    conn.close()
+    logging.shutdown()
+
+
+def call(target: str, *args):
+    """Call ``"package.module:function"`` with ``args`` in this process."""
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)(*args)
+
+
+class UnexpectedError(Exception):
+    """A bug or an unforeseen library failure in the child; its traceback is in the log."""
+
+
+def run_isolated(target: str, *args, log_path: str | Path, timeout_s: float | None = None,
+                 job: str = "job"):
+    """Run ``target(*args)`` in a child process; return its result or raise its error.
+
+    Raises the child's :class:`EngineforgeError` as is, :class:`UnexpectedError` for any
+    other exception, :class:`JobCrashed` when the child died (signal or exit code) and
+    :class:`JobTimedOut` past ``timeout_s``.
+    """
+    if not enabled():
+        return call(target, *args)
+    ctx = _context()
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(send, target, args, str(log_path)),
+                       name=f"engineforge:{job}", daemon=False)
+    proc.start()
+    send.close()
+    try:
+        ready = multiprocessing.connection.wait([recv, proc.sentinel], timeout=timeout_s)
+        if not ready:
+            proc.kill()
+            proc.join()
+            raise JobTimedOut(f"{job} ran past its time limit of {timeout_s:g} s and was "
+                              f"killed; log: {log_path}", fix="raise the job's time limit "
+                              "(ENGINEFORGE_JOB_TIMEOUT_S) or make the model smaller")
+        try:
+            kind, value = recv.recv() if recv in ready or recv.poll() else ("died", None)
+        except EOFError:
+            kind, value = "died", None
+        proc.join()
+    except BaseException:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        raise
+    finally:
+        recv.close()
+    if kind == "ok":
+        return value
+    if kind == "error":
+        raise value
+    if kind == "unexpected":
+        raise UnexpectedError(value)
+    code = proc.exitcode
+    how = (f"signal {-code} ({signal.Signals(-code).name})" if code is not None and code < 0
+           else f"exit code {code}")
+    raise JobCrashed(f"{job}: the worker process died with {how}; log: {log_path}",
+                     fix="read the log; a native library crashed (or ran out of memory) "
+                         "in this job only")
