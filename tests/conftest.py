@@ -80,3 +80,33 @@ def tiny_models(tiny_workspace):
     from engineforge import config
 
     return config.resolve(tiny_raw_config(), tiny_workspace)["models"]
+
+
+def stage_job(stage: str, models: dict, model: str, inputs: dict, outputs: dict,
+              workspace: Path, **wildcards):
+    """A Job as the Snakemake rule would build it: the stage's own ``settings(m, w)``
+    slice, tool versions, named inputs/outputs; logs and artifacts under ``workspace``."""
+    from engineforge.job import Job
+    from engineforge.runner import stage_module
+    from engineforge.versions import tool_versions
+
+    w = {"model": model, **wildcards}
+    settings = stage_module(stage).settings(models[model], w)
+    return Job(stage=stage, model=model, wildcards=w,
+               inputs={k: Path(v) for k, v in inputs.items()},
+               outputs={k: Path(v) for k, v in outputs.items()}, settings=settings,
+               tools=tool_versions(stage, wildcards.get("backend")), device=None,
+               log=Path(workspace) / "logs" / f"{stage}.log",
+               artifacts=str(Path(workspace) / "artifacts"))
+
+
+def run_stage(stage: str, models: dict, model: str, inputs: dict, outputs: dict,
+              workspace: Path, **wildcards) -> dict:
+    """Run one stage through the real runner (fingerprint, staging, crash-isolated body,
+    sidecar) and return its sidecar. Errors surface as the runner's StageFailed line."""
+    from engineforge.runner import run_job
+    from engineforge.sidecar import read_json
+
+    job = stage_job(stage, models, model, inputs, outputs, workspace, **wildcards)
+    run_job(job, job.artifacts)
+    return read_json(job.outputs["sidecar"]) if "sidecar" in job.outputs else {}

@@ -57,9 +57,9 @@ def test_one_precision_setting_reruns_only_that_branch(zoo):
     # assert
     rules = [r for r, _ in jobs]
     assert rules.count("precision") == 1 and "export" not in rules and "simplify" not in rules
-    assert rules.count("build") == 1 and rules.count("build_onnxruntime") == 1
+    assert rules.count("build_tensorrt_rtx") == 1 and rules.count("build_onnxruntime") == 1
     for rule, out in jobs:
-        if rule in ("precision", "build", "build_onnxruntime", "audit", "bench"):
+        if rule in ("precision", "build_tensorrt_rtx", "build_onnxruntime", "audit", "bench"):
             assert "/resnet18/" in out and "int8" in out, (rule, out)
         elif rule in ("drift_matrix", "track"):
             assert "/resnet18/" in out
@@ -93,8 +93,8 @@ def test_one_profile_change_reruns_only_its_builds_and_benches(zoo):
     write_config(ws, raw)
     # assert
     rules = {r for r, _ in jobs}
-    assert rules == {"build", "build_onnxruntime", "bench", "bench_pytorch", "track", "summary",
-                     "all"}
+    assert rules == {"build_tensorrt_rtx", "build_onnxruntime", "bench", "bench_pytorch", "track",
+                     "summary", "all"}
     assert all("/large" in o for r, o in jobs if r.startswith(("build", "bench")))
     assert len([r for r, _ in jobs if r.startswith("build")]) == 8  # 4 precisions x 2 backends
 
@@ -108,5 +108,5 @@ def test_tool_upgrade_reruns_the_stages_that_depend_on_it(zoo):
     # assert
     assert "export" not in onnxsim and onnxsim["simplify"] == 3
     assert onnxsim["precision"] == 12
-    assert set(rtx) >= {"build"} and "build_onnxruntime" not in rtx
-    assert "precision" not in rtx and rtx["build"] == 16  # 4 + 4 + 8 engines
+    assert set(rtx) >= {"build_tensorrt_rtx"} and "build_onnxruntime" not in rtx
+    assert "precision" not in rtx and rtx["build_tensorrt_rtx"] == 16  # 4 + 4 + 8 engines

@@ -12,7 +12,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
-PROFILE = ROOT / "workflow" / "profiles" / "default"
+PROFILE = ROOT / "profiles" / "default"
 
 
 def write_config(workspace: Path, raw: dict) -> Path:
@@ -22,9 +22,10 @@ def write_config(workspace: Path, raw: dict) -> Path:
 
 
 def snakemake(workspace: Path, *args: str, env: dict | None = None, cores: int = 2,
-              check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [str(SNAKEMAKE), "-s", str(ROOT / "Snakefile"), "--workflow-profile", str(PROFILE),
-           "--configfile", str(workspace / "config.yaml"), "--directory", str(workspace),
+              check: bool = True, snakefile: Path = ROOT / "Snakefile"
+              ) -> subprocess.CompletedProcess:
+    # No --workflow-profile: Snakemake must find profiles/default next to the Snakefile itself.
+    cmd = [str(SNAKEMAKE), "-s", str(snakefile), "--configfile", str(workspace / "config.yaml"), "--directory", str(workspace),
            "--cores", str(cores), *args]
     full_env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workspace}/mlflow.db",
                 **(env or {})}

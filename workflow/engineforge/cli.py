@@ -1,4 +1,5 @@
-"""The ``engineforge`` command: run the pipeline, sync tracking, cut and verify releases.
+"""The ``engineforge`` command: run the pipeline, sync tracking, cut and verify releases,
+print the config schema.
 
 Every :class:`EngineforgeError` becomes one line ``engineforge: <message>`` on stderr and
 exit code 2; a failed ``verify`` exits 1 with one line per problem.
@@ -15,7 +16,7 @@ from pathlib import Path
 from engineforge.errors import EngineforgeError, TrackingError
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout holding Snakefile
-PROFILE = "workflow/profiles/default"
+PROFILE = "profiles/default"  # the workflow profile, next to the Snakefile
 
 
 def cmd_run(args) -> int:
@@ -71,6 +72,21 @@ def cmd_release(args) -> int:
     return 0
 
 
+def cmd_schema(args) -> int:
+    import json
+
+    import yaml
+
+    from engineforge import config
+
+    doc = config.schema()
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=100), end="")
+    return 0
+
+
 def cmd_verify(args) -> int:
     from engineforge import release
 
@@ -86,7 +102,9 @@ def cmd_verify(args) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="engineforge", description="Run the pipeline, sync tracking, cut and verify releases.")
+        prog="engineforge",
+        description="Run the pipeline, sync tracking, cut and verify releases, print the "
+                    "config schema.")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run the Snakemake pipeline (workflow profile, all cores)")
@@ -117,6 +135,11 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("bundle", help="engineforge-<version>.tar.gz")
     v.add_argument("--extract", metavar="DIR", help="extract it there when it verifies")
     v.set_defaults(func=cmd_verify)
+
+    sc = sub.add_parser("schema", help="print the config's JSON schema (every key, its "
+                                       "description and default)")
+    sc.add_argument("--json", action="store_true", help="JSON instead of YAML")
+    sc.set_defaults(func=cmd_schema)
     return p
 
 

@@ -100,7 +100,7 @@ class Layout:
              "audit": {}, "build": {}, "bench": {}, "engine": {},
              "baseline": {prof: self.baseline(model, prof) for prof in profiles}}
         for b, build_profiles in builds.items():
-            for p in precisions:
+            for p in [p for p in precisions if p in backend_class(b).precisions]:
                 t["audit"][(b, p)] = self.audit(model, b, p)
                 for prof in build_profiles:
                     t["build"][(b, p, prof)] = self.build(b, model, p, prof)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fnmatch
+import glob
 import gzip
 import hashlib
 import io
@@ -21,13 +22,18 @@ import tarfile
 import zlib
 from pathlib import Path, PurePosixPath
 
+from pydantic import ValidationError
+
 from engineforge import config as efconfig
 from engineforge import tracking
+from engineforge.backends import backend_class
+from engineforge.backends import names as backend_names
 from engineforge.errors import ReleaseError
+from engineforge.layout import Layout
+from engineforge.results import AuditResult, BenchResult
 from engineforge.sidecar import atomic_path, read_json, sha256_file
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout the workflow runs from
-ENGINE_FILES = ("engine.plan", "engine.onnx")
 MANIFEST = "manifest.json"
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
@@ -59,62 +65,111 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def engine_files() -> set[str]:
+    """Engine file names of every registered backend (``Backend.artifact``)."""
+    return {backend_class(b).artifact for b in backend_names()}
+
+
 def _match(name: str, patterns: list[str]) -> bool:
     # "tinycls" means "tinycls/*/*/*": missing trailing parts match anything.
     full = ["/".join((p.split("/") + ["*"] * 4)[:max(4, p.count("/") + 1)]) for p in patterns]
     return any(fnmatch.fnmatchcase(name, p) for p in full)
 
 
+def built(layout: Layout) -> list[tuple[Path, dict]]:
+    """(build.json, {model, backend, precision, profile}) of every build in the layout's
+    tree: the layout's own build-sidecar template, globbed and parsed back."""
+    template = layout.build()
+    pattern, regex = glob.escape(template), re.escape(template)
+    for field in ("model", "backend", "precision", "profile"):
+        pattern = pattern.replace(f"{{{field}}}", "*")
+        regex = regex.replace(re.escape(f"{{{field}}}"), f"(?P<{field}>[^/]+)")
+    found = []
+    for path in glob.glob(pattern):
+        m = re.fullmatch(regex, path)
+        if m:
+            found.append((Path(path), m.groupdict()))
+    return sorted(found, key=lambda f: f[0])
+
+
+def _result(path: Path, kind):
+    """A sidecar's typed result, or None when there is no sidecar."""
+    return kind.model_validate(read_json(path)["result"]) if path.is_file() else None
+
+
+def _invalid(path: Path, err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(map(str, first["loc"])) or "result"
+    return (f"{path.name} is not a result of this version ({where}: {first['msg']}); "
+            "rebuild it: `engineforge run`")
+
+
 def select(artifacts: Path, models: dict, patterns: list[str], allow_failed: bool):
     """(chosen, excluded): every engine whose build.json exists, filtered and checked."""
+    layout = Layout(Path(artifacts).as_posix())
     chosen, excluded = [], []
-    for side in sorted(artifacts.glob("*/build/*/*/*/build.json")):
-        model, _, backend, precision, profile = side.relative_to(artifacts).parts[:5]
+    for side, w in built(layout):
+        model, backend, precision, profile = w["model"], w["backend"], w["precision"], w["profile"]
         name = f"{model}/{precision}/{profile}/{backend}"
         if not _match(name, patterns):
             continue
-        engine = next((side.parent / f for f in ENGINE_FILES if (side.parent / f).is_file()),
-                      None)
+        registered = backend in backend_names()
+        engine = Path(layout.engine(backend, model, precision, profile)) if registered else None
         build = read_json(side)
-        audit_path = artifacts / model / "audit" / backend / f"{precision}.json"
-        audit = read_json(audit_path)["result"] if audit_path.is_file() else {}
+        audit_path = Path(layout.audit(model, backend, precision))
+        bench_path = Path(layout.bench(model, backend, precision, profile))
+        audit = bench = None
         why = None
-        if model not in models:
+        try:
+            audit = _result(audit_path, AuditResult)
+            bench = _result(bench_path, BenchResult)
+        except ValidationError as err:
+            why = _invalid(bench_path if audit is not None else audit_path, err)
+        if why:
+            pass
+        elif model not in models:
             why = "model not in the config (it could not be rebuilt)"
-        elif engine is None:
+        elif not registered:
+            why = f"backend '{backend}' is not registered (it could not be rebuilt)"
+        elif not engine.is_file():
             why = "engine file missing next to build.json"
         elif sha256_file(engine) != build["outputs"].get("engine", {}).get("sha256"):
             why = "engine differs from its build.json (rebuild it: `engineforge run`)"
-        elif audit.get("status") == "fail" and not allow_failed:
-            why = (f"audit verdict 'fail' ({'; '.join(audit.get('failures') or [])}); "
+        elif audit is not None and audit.status == "fail" and not allow_failed:
+            why = (f"audit verdict 'fail' ({'; '.join(audit.failures)}); "
                    "pass --allow-failed to include it")
         if why:
             excluded.append({"engine": name, "reason": why})
         else:
             chosen.append({"name": name, "model": model, "precision": precision,
                            "profile": profile, "backend": backend, "engine": engine,
-                           "build": build, "audit_path": audit_path, "audit": audit})
+                           "build": build, "build_path": side, "audit_path": audit_path,
+                           "audit": audit, "bench_path": bench_path, "bench": bench})
     return chosen, excluded
 
 
 def _entry(artifacts: Path, workdir: Path, config_path: Path, c: dict, commit: str | None):
     """One engine's manifest entry; ``files`` maps bundle paths to source files."""
     a, m, p, prof, b = artifacts, c["model"], c["precision"], c["profile"], c["backend"]
-    sidecars = {"export": a / m / "export" / "export.json",
-                "simplify": a / m / "simplify" / "simplify.json",
-                "precision": a / m / "precision" / p / "precision.json",
-                "build": c["engine"].parent / "build.json", "audit": c["audit_path"],
-                "bench": a / m / "bench" / b / p / f"{prof}.json"}
+    layout = Layout(Path(a).as_posix())
+    sidecars = {"export": Path(layout.export("export.json", m)),
+                "simplify": Path(layout.simplify("simplify.json", m)),
+                "precision": Path(layout.precision("precision.json", m, p)),
+                "build": c["build_path"], "audit": c["audit_path"], "bench": c["bench_path"]}
     sidecars = {k: v for k, v in sidecars.items() if v.is_file()}
     rel = lambda f: f.relative_to(a).as_posix()  # path inside the bundle
     files = {rel(f): f for f in [c["engine"], *sidecars.values()]}
-    drift_path = a / m / "audit" / "drift.json"
+    drift_path = Path(layout.drift("json", m))
     rows = read_json(drift_path)["rows"] if drift_path.is_file() else []
     drift = next((r for r in rows if r["precision"] == p and r["backend"] == b), {})
-    bench = read_json(sidecars["bench"])["result"] if "bench" in sidecars else {}
-    track = read_json(a / m / "track.json") if (a / m / "track.json").is_file() else {}
+    audit: AuditResult | None = c["audit"]
+    bench: BenchResult | None = c["bench"] if "bench" in sidecars else None
+    opt = bench.points.get("opt") if bench else None
+    track_path = Path(layout.track(m))
+    track = read_json(track_path) if track_path.is_file() else {}
     target = os.path.relpath(c["engine"].resolve(), workdir.resolve())
-    snake = ".venv/bin/snakemake --workflow-profile workflow/profiles/default --cores all"
+    # profiles/default next to the Snakefile is the workflow profile: snakemake picks it up
+    snake = ".venv/bin/snakemake --cores all"
     if config_path.resolve() != REPO / "config.yaml":
         snake += f" --configfile {config_path.resolve()}"
     if workdir.resolve() != REPO:
@@ -127,10 +182,11 @@ def _entry(artifacts: Path, workdir: Path, config_path: Path, c: dict, commit: s
         "fingerprints": {k: read_json(sidecars[k])["fingerprint"]
                          for k in ("export", "simplify", "precision", "build") if k in sidecars},
         "tools": c["build"]["tools"], "device": c["build"]["device"],
-        "audit": {"verdict": c["audit"].get("status", "n/a"), "reason": c["audit"].get("reason"),
+        "audit": {"verdict": audit.status if audit else "n/a",
+                  "reason": audit.reason if audit else None,
                   "drift": {k: v for k, v in drift.items()
                             if k not in ("precision", "backend", "status", "reason")}},
-        "bench": {"p50_ms_opt": ((bench.get("points") or {}).get("opt") or {}).get("p50_ms")},
+        "bench": {"p50_ms_opt": opt.p50_ms if opt else None},
         "mlflow": {"record_id": track.get("record_id"), "tracking": track.get("status"),
                    "run_id": (track.get("children") or {}).get(c["name"])},
         "rebuild": [f"git checkout {commit or '<commit unknown: no git checkout>'}",
@@ -329,6 +385,7 @@ def verify(bundle: str | Path, extract_to: str | Path | None = None) -> tuple[in
             return 0, problems + [f"no readable {MANIFEST} in the bundle"]
         listed = manifest.get("files", {})
         engines = {e["path"]: e for e in manifest.get("engines", [])}
+        engine_names = engine_files()
         for rel, want in sorted(listed.items()):
             got = seen.get(rel)
             if got is None:
@@ -339,7 +396,7 @@ def verify(bundle: str | Path, extract_to: str | Path | None = None) -> tuple[in
         for rel in sorted(seen):
             if rel not in listed:
                 problems.append(f"not in the manifest: {rel}")
-            elif PurePosixPath(rel).name in ENGINE_FILES and rel not in engines:
+            elif PurePosixPath(rel).name in engine_names and rel not in engines:
                 problems.append(f"engine file not among the manifest's engines: {rel}")
         for rel, e in sorted(engines.items()):
             if listed.get(rel, {}).get("sha256") != e["sha256"]:

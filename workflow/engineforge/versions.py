@@ -13,6 +13,7 @@ import json
 import os
 from importlib import metadata
 
+
 def _overrides() -> dict:
     raw = os.environ.get("ENGINEFORGE_TOOL_VERSIONS")
     return json.loads(raw) if raw else {}

@@ -46,7 +46,8 @@ def run_stage(stage, wildcards, input, output, params, log):
 def settings_param(stage, **fixed):
     """The stage's typed config slice: the params value, the slice the stage sees and the
     slice in the fingerprint are this one object (editing it reruns only its jobs).
-    ``fixed``: values a rule holds in its paths instead of wildcards (a build's backend)."""
+    ``fixed``: values a rule holds in its paths instead of wildcards (a build's backend).
+    """
     stage_settings = efrunner.stage_module(stage).settings
     return lambda w: Canonical(stage_settings(MODELS[w.model], dict(w.items()) | fixed))
 
@@ -69,7 +70,9 @@ def checkpoint_input(w):
     """The checkpoint file and the project's model-definition source (editing either
     re-exports that model)."""
     m = MODELS[w.model]
-    files = {"checkpoint": m["checkpoint"]["path"]} if m["checkpoint"].get("path") else {}
+    files = (
+        {"checkpoint": m["checkpoint"]["path"]} if m["checkpoint"].get("path") else {}
+    )
     arch = efexport.arch_source(m["checkpoint"])
     return files | ({"arch_source": arch} if arch else {})
 
@@ -103,7 +106,9 @@ def build_input(backend):
         if w.precision == "int8":
             cache = m["tensorrt"].get("int8_calibration_cache")
             out |= {"calib_cache": cache} if cache else {}
-            out |= {"calibration": m["calibration"]["path"]} if "calibration" in m else {}
+            out |= (
+                {"calibration": m["calibration"]["path"]} if "calibration" in m else {}
+            )
         return out
 
     return files
@@ -127,7 +132,9 @@ def builds(model):
     out = {}
     for b in usable_backends(model):
         multi = efbackends.backend_class(b).multi_profile
-        extra = [ALL_PROFILES] if multi and m["tensorrt"]["multi_profile_engine"] else []
+        extra = (
+            [ALL_PROFILES] if multi and m["tensorrt"]["multi_profile_engine"] else []
+        )
         out[b] = list(m["profiles"]) + extra
     return out
 

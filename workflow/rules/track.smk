@@ -3,7 +3,9 @@
 
 rule track:
     input:
-        lambda w: files_of({k: v for k, v in model_outputs(w.model).items() if k != "engine"}),
+        lambda w: files_of(
+            {k: v for k, v in model_outputs(w.model).items() if k != "engine"}
+        ),
         lambda w: list(model_outputs(w.model)["engine"].values()),
     output:
         track=L.track(),

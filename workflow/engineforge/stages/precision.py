@@ -25,8 +25,13 @@ import numpy as np
 
 from engineforge.errors import PrecisionError
 from engineforge.results import PrecisionResult
-from engineforge.settings import (QUANTIZED, AutocastSettings, Fp32Settings, QuantizeSettings,
-                                  Section)
+from engineforge.settings import (
+    QUANTIZED,
+    AutocastSettings,
+    Fp32Settings,
+    QuantizeSettings,
+    Section,
+)
 
 log = logging.getLogger(__name__)
 

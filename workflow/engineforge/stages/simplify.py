@@ -10,7 +10,6 @@ import collections
 import logging
 import shutil
 import time
-from pathlib import Path
 
 from engineforge.errors import SimplifyError
 from engineforge.results import SimplifyResult

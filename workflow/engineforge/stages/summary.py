@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engineforge.backends import backend_class
 from engineforge.layout import Layout
 from engineforge.results import AuditResult, BenchResult, BuildResult, PrecisionResult
 from engineforge.settings import Section
@@ -38,6 +39,8 @@ def collect(layout: Layout, s: Settings) -> dict:
             prec = _result(Path(layout.precision("precision.json", model, precision)),
                            PrecisionResult)
             for backend in m["backends"]:
+                if precision not in backend_class(backend).precisions:
+                    continue
                 row = {"model": model, "precision": precision, "backend": backend,
                        "onnx_mib": prec and prec.bytes / 2**20}
                 a = _result(Path(layout.audit(model, backend, precision)), AuditResult)
