@@ -2,7 +2,7 @@
 #   checkpoint -> export (ONNX) -> simplify (onnxsim) -> precision variants
 #   -> audit (Polygraphy) + engine build per backend x precision x profile -> bench -> MLflow
 # Settings: config.yaml (schema: workflow/schemas/config.schema.yaml).
-# Run settings: workflow/profiles/default (picked up automatically).
+# Run settings: profiles/default (picked up automatically). Architecture: docs/architecture.md
 
 from snakemake.utils import min_version
 

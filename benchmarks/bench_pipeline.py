@@ -1,14 +1,16 @@
 """Pipeline wall time, the way a user meets it (run on demand; figures go to docs/benchmarks.md).
 
-1. resnet18: checkpoint -> ONNX -> simplify -> fp16 + int8 variants -> audit ->
-   ONNX Runtime build -> 30-run latency (+ PyTorch baseline, MLflow tracking), cold,
-   then an unchanged rerun (Snakemake decides "nothing to do").
+1. resnet18: checkpoint -> ONNX -> simplify -> fp32 + fp16 + int8 variants -> audit ->
+   ONNX Runtime build -> 30-run batch-1 latency (+ PyTorch baseline, MLflow tracking),
+   cold, then an unchanged rerun (Snakemake decides "nothing to do"), then one int8 setting
+   changed (calib_size). Repeated --runs times; medians are reported.
 2. A zoo of >= 40 variants (the demo zoo x 4 precisions x 2 backends + extra resnet18
    profiles): the no-op decision time, and a one-precision change (resnet18 int8
    calibration size): jobs planned and wall time vs the full build.
 
-Usage: .venv/bin/python benchmarks/bench_pipeline.py [--skip-zoo]
-Writes benchmarks/results/pipeline.json.
+Usage: .venv/bin/python benchmarks/bench_pipeline.py [--skip-zoo] [--runs N] [--repo DIR]
+(--repo: another checkout, e.g. a `git worktree` of an older commit, for before/after.)
+Writes benchmarks/results/pipeline[-<label>].json.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+REPO = ROOT  # the checkout whose Snakefile runs (--repo)
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 
 
@@ -38,9 +41,11 @@ def workspace(raw: dict) -> Path:
 
 
 def smk(ws: Path, *args: str) -> tuple[float, str]:
-    cmd = [str(SNAKEMAKE), "-s", str(ROOT / "Snakefile"), "--workflow-profile",
-           str(ROOT / "workflow/profiles/default"), "--directory", str(ws), "--cores", "2",
-           *args]
+    cmd = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--directory", str(ws),
+           "--cores", "2", *args]
+    old_profile = REPO / "workflow/profiles/default"
+    if old_profile.is_dir():  # checkouts from before profiles/default
+        cmd[3:3] = ["--workflow-profile", str(old_profile)]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{ws}/mlflow.db"}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ws)
@@ -69,8 +74,8 @@ def stage_times(ws: Path, model: str) -> dict:
 def resnet_case() -> dict:
     raw = yaml.safe_load((ROOT / "config.yaml").read_text())
     m = raw["models"]["resnet18"]
-    # The peers' task: fp16 + int8 variants and one 30-run latency evaluation (batch 1).
-    m.update(precisions=["fp16", "int8"], backends=["onnxruntime"])
+    # The peers' task: fp32/fp16/int8 variants and one 30-run latency evaluation (batch 1).
+    m.update(precisions=["fp32", "fp16", "int8"], backends=["onnxruntime"])
     m["profiles"] = {"bs1": {"image": {"min": [1, 3, 224, 224], "opt": [1, 3, 224, 224],
                                        "max": [1, 3, 224, 224]}}}
     raw["models"] = {"resnet18": m}
@@ -79,7 +84,11 @@ def resnet_case() -> dict:
     cold, log = smk(ws)
     rerun, log2 = smk(ws)
     assert "Nothing to be done" in log2
+    m["precision"]["int8"]["calib_size"] = 8
+    (ws / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    change, log3 = smk(ws)
     return {"cold_s": round(cold, 2), "jobs": jobs_run(log), "noop_rerun_s": round(rerun, 2),
+            "int8_change_s": round(change, 2), "int8_change_jobs": jobs_run(log3),
             "stage_times_s": stage_times(ws, "resnet18"), "workspace": str(ws)}
 
 
@@ -102,15 +111,27 @@ def zoo_case() -> dict:
             "workspace": str(ws)}
 
 
+def median(values):
+    return sorted(values)[len(values) // 2]
+
+
 def main() -> None:
+    global REPO
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--skip-zoo", action="store_true")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--repo", type=Path, default=ROOT)
+    ap.add_argument("--label", default="")
     args = ap.parse_args()
-    results = {"resnet18_fp16_int8": resnet_case()}
+    REPO = args.repo.resolve()
+    runs = [resnet_case() for _ in range(args.runs)]
+    results = {"repo": str(REPO), "resnet18_fp32_fp16_int8": {
+        "runs": runs, **{f"median_{k}": median([r[k] for r in runs])
+                         for k in ("cold_s", "noop_rerun_s", "int8_change_s")}}}
     print(json.dumps(results, indent=1))
     if not args.skip_zoo:
         results["zoo"] = zoo_case()
-    out = ROOT / "benchmarks/results/pipeline.json"
+    out = ROOT / f"benchmarks/results/pipeline{'-' + args.label if args.label else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))

@@ -15,8 +15,11 @@ from pathlib import Path
 
 import pytest
 from engineforge import config, tracking
+from engineforge.backends import backend_class
+from engineforge.layout import Layout
 from engineforge.sidecar import read_json
 from test_release import built_workspace, rewrite
+from workflow_helpers import ROOT
 
 pytestmark = pytest.mark.e2e
 
@@ -43,22 +46,12 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def record_sidecars(ws: Path, model: str) -> dict:
-    """The sidecar map `rule track` hands to tracking.build_record, read off the tree."""
-    a = Path("artifacts") / model
-    s = {"export": a / "export/export.json", "simplify": a / "simplify/simplify.json",
-         "simplified_onnx": a / "simplify/model.onnx", "drift": a / "audit/drift.json",
-         "drift_md": a / "audit/drift.md", "precision": {}, "audit": {}, "build": {},
-         "bench": {}, "baseline": {}, "artifacts": {"engine": {}}}
-    for side in sorted((ws / a).glob("build/*/*/*/build.json")):
-        b, p, prof = side.relative_to(ws / a / "build").parts[:3]
-        s["precision"][p] = a / "precision" / p / "precision.json"
-        s["audit"][(b, p)] = a / "audit" / b / f"{p}.json"
-        s["build"][(b, p, prof)] = a / "build" / b / p / prof / "build.json"
-        s["bench"][(b, p, prof)] = a / "bench" / b / p / f"{prof}.json"
-        s["baseline"][prof] = a / "bench" / "pytorch" / f"{prof}.json"
-        s["artifacts"]["engine"][(b, p, prof)] = next(side.parent.glob("engine.*"))
-    return s
+def track_settings(cfg: dict, model: str) -> tracking.Settings:
+    """The track stage's settings as `rule track` makes them: every configured backend is
+    usable here and builds each profile of the model."""
+    m = cfg["models"][model]
+    builds = {b: list(m["profiles"]) for b in m["backends"]}
+    return tracking.settings(m, {"model": model}, cfg["experiment"], builds)
 
 
 def test_release_then_verify(ws, tmp_path):
@@ -80,7 +73,8 @@ def test_verify_exits_1_and_lists_the_mismatch(ws, tmp_path):
     cli("release", "1.1.0", "--config", str(ws / "config.yaml"), "--no-register", "--select",
         "tinyfcn/*/small/tensorrt-rtx", "--out", str(tmp_path), cwd=tmp_path)
     bundle = tmp_path / "engineforge-1.1.0.tar.gz"
-    rewrite(bundle, lambda n, d: (n, d[:-1] + bytes([d[-1] ^ 1]) if n.endswith(".plan") else d))
+    plan = backend_class("tensorrt-rtx").artifact
+    rewrite(bundle, lambda n, d: (n, d[:-1] + bytes([d[-1] ^ 1]) if n.endswith(plan) else d))
     # execute
     proc = cli("verify", str(bundle), cwd=tmp_path)
     # assert
@@ -88,7 +82,9 @@ def test_verify_exits_1_and_lists_the_mismatch(ws, tmp_path):
     assert proc.stderr.splitlines()[0] == f"FAILED: {bundle}"
     mismatches = [ln for ln in proc.stderr.splitlines() if "sha256 mismatch" in ln]
     assert len(mismatches) == 2  # fp32 and int8 plans
-    assert all("/build/tensorrt-rtx/" in ln for ln in mismatches)
+    plans = {Path(Layout("artifacts").engine("tensorrt-rtx", "tinyfcn", p, "small"))
+             .relative_to("artifacts").as_posix() for p in ("fp32", "int8")}  # in the bundle
+    assert {ln.split("sha256 mismatch ")[1].split(":")[0] for ln in mismatches} == plans
 
 
 @pytest.mark.parametrize("case", ["duplicate", "empty", "no-config", "bad-bundle", "alias"])
@@ -118,15 +114,18 @@ def test_sync_uploads_a_pending_record_and_release_finds_its_runs(ws, tmp_path, 
     arts = tmp_path / "artifacts"
     shutil.copytree(ws / "artifacts", arts, ignore=shutil.ignore_patterns("releases", "rel-*",
                                                                           "_tracking"))
+    layout = Layout(str(arts))
+    pending = Path(layout.pending_dir())
     monkeypatch.chdir(ws)  # record paths are relative to the workflow's directory
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     cfg = config.load(ws / "config.yaml")
-    record = tracking.build_record("tinycls", cfg["models"]["tinycls"], cfg["experiment"],
-                                   record_sidecars(ws, "tinycls"))
-    status = tracking.track(record, arts / "tinycls" / "track.json", arts)
+    s = track_settings(cfg, "tinycls")
+    record = tracking.build_record("tinycls", s.model, s.experiment,
+                                   tracking.model_outputs(Layout(cfg["artifacts"]), "tinycls", s))
+    status = tracking.track(record, layout.track("tinycls"), arts)
     assert status["status"] == "pending"
-    assert len(list(tracking.pending_dir(arts).glob("*.json"))) == 1
+    assert len(list(pending.glob("*.json"))) == 1
     down = cli("sync", "--artifacts", str(arts), cwd=ws, uri="http://127.0.0.1:9")
     from mlflow.tracking import MlflowClient
 
@@ -144,7 +143,7 @@ def test_sync_uploads_a_pending_record_and_release_finds_its_runs(ws, tmp_path, 
     assert up.returncode == 0, up.stderr
     assert up.stdout.startswith(f"uploaded tinycls-{record['id']}.json: parent run ")
     assert up.stdout.rstrip().endswith("(4 child run(s))")
-    assert list(tracking.pending_dir(arts).glob("*.json")) == []
+    assert list(pending.glob("*.json")) == []
     assert again.stdout.startswith("nothing pending under")
     exp = client.get_experiment_by_name(cfg["experiment"])
     runs = client.search_runs([exp.experiment_id], max_results=100)
@@ -157,7 +156,7 @@ def test_sync_uploads_a_pending_record_and_release_finds_its_runs(ws, tmp_path, 
     for e in manifest["engines"]:  # track.json says "pending": run ids found by record id
         assert e["mlflow"]["run_id"] == children[e["name"]]
         assert e["mlflow"]["registered_model"] == "engineforge." + e["name"].replace("/", ".")
-    assert read_json(arts / "tinycls" / "track.json")["status"] == "pending"
+    assert read_json(layout.track("tinycls"))["status"] == "pending"
 
 
 def test_run_hands_over_to_snakemake_with_the_workflow_profile(ws):
@@ -168,6 +167,7 @@ def test_run_hands_over_to_snakemake_with_the_workflow_profile(ws):
     # assert
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
-    assert "workflow/profiles/default" in out  # Snakemake names the profile it uses
+    # Snakemake names the profile it uses: the checkout's profiles/default
+    assert f"workflow specific profile {ROOT / 'profiles' / 'default'} " in out
     # a planned dry run (up to date, or jobs listed while the workflow code is being edited)
     assert "Nothing to be done" in out or "This was a dry-run" in out

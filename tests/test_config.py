@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import copy
+import inspect
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from engineforge import config
+from engineforge import backends, config, settings
 from engineforge.errors import ConfigError
+from engineforge.job import Canonical
+from engineforge.runner import stage_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,6 +81,11 @@ def test_cross_field_errors(raw, mutate, key, words):
     assert "model=digits_cnn" in str(info.value)
 
 
+def slice_of(m: dict, stage: str, **wildcards) -> dict:
+    """A stage's config slice for one job, as the rule hands it over (and fingerprints it)."""
+    return Canonical(stage_module(stage).settings(m, {"model": "resnet18", **wildcards})).dump()
+
+
 def test_stage_slices_isolate_precisions(raw):
     # setup
     cfg = config.resolve(raw, ROOT)
@@ -84,11 +95,76 @@ def test_stage_slices_isolate_precisions(raw):
     a, b = cfg["models"]["resnet18"], cfg2["models"]["resnet18"]
     # execute / assert: only int8's precision slice differs
     for p in ("fp32", "fp16", "bf16"):
-        assert config.stage_slice(a, "precision", precision=p) == config.stage_slice(
-            b, "precision", precision=p)
-    assert config.stage_slice(a, "precision", precision="int8") != config.stage_slice(
-        b, "precision", precision="int8")
-    assert config.stage_slice(a, "export") == config.stage_slice(b, "export")
+        assert slice_of(a, "precision", precision=p) == slice_of(b, "precision", precision=p)
+    assert slice_of(a, "precision", precision="int8") != slice_of(b, "precision",
+                                                                  precision="int8")
+    assert slice_of(b, "precision", precision="int8")["method"]["calib_size"] == 8
+    assert slice_of(a, "export") == slice_of(b, "export")
+
+
+def settings_models() -> list[type]:
+    return [cls for _, cls in inspect.getmembers(settings, inspect.isclass)
+            if issubclass(cls, settings.Section) and cls.__module__ == settings.__name__]
+
+
+def test_every_setting_has_a_description():
+    # setup
+    models = settings_models()
+    defs = config.schema()["$defs"]
+    # execute
+    missing = [f"{cls.__name__}.{name}" for cls in models
+               for name, field in cls.model_fields.items() if not field.description]
+    undescribed = [f"{name}.{key}" for name, d in defs.items()
+                   if name == "settings" or name in {cls.__name__ for cls in models}
+                   for key, prop in d.get("properties", {}).items()
+                   if not prop.get("description")]
+    # assert
+    assert settings.Settings in models and settings.QuantizeSettings in models
+    assert missing == [] and undescribed == []  # in the code and in the printed schema
+
+
+def test_builtin_defaults_validate_as_a_configs_defaults():
+    # setup: a minimal model beside the built-in defaults, as a user would write them
+    raw = {"defaults": settings.builtin_defaults(),
+           "models": {"m": {"checkpoint": {"kind": "state_dict", "arch": "tinynets:TinyFCN"},
+                            "inputs": {"x": {"shape": ["batch", 4]}},
+                            "profiles": {"p": {"x": {"min": [1, 4], "opt": [2, 4],
+                                                     "max": [4, 4]}}}}}}
+    # execute
+    config.validate(raw)  # raises ConfigError on any key the schema rejects
+    resolved = config.resolve(raw | {"defaults": {**raw["defaults"], "precisions": ["fp32"]}})
+    # assert
+    assert set(raw["defaults"]) == set(config.schema()["$defs"]["settings"]["properties"])
+    assert resolved["models"]["m"]["bench"] == raw["defaults"]["bench"]
+
+
+def test_schema_backend_enum_is_the_registry():
+    # setup
+    props = config.schema()["$defs"]["settings"]["properties"]
+    # execute
+    enum = props["backends"]["items"]["enum"]
+    # assert
+    assert enum == backends.names()
+    assert set(settings.builtin_defaults()["backends"]) <= set(enum)
+
+
+@pytest.mark.parametrize("flag", [None, "--json"])
+def test_schema_command_prints_every_settings_section(flag):
+    # execute
+    proc = subprocess.run([sys.executable, "-m", "engineforge.cli", "schema",
+                           *([flag] if flag else [])], capture_output=True, text=True,
+                          timeout=120)
+    # assert
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout) if flag else yaml.safe_load(proc.stdout)
+    assert doc == json.loads(json.dumps(config.schema()))
+    props = doc["$defs"]["settings"]["properties"]
+    assert set(props) == set(settings.Settings.model_fields)
+    for section in ("export", "simplify", "precision", "tolerances", "bench", "tensorrt"):
+        assert props[section]["description"] and "default" in props[section]
+    tensorrt = doc["$defs"]["TensorRTSettings"]["properties"]
+    assert tensorrt["workspace_mib"]["default"] == 2048
+    assert tensorrt["workspace_mib"]["description"] == "Builder workspace limit (MiB)."
 
 
 def test_load_reports_yaml_errors(tmp_path):

@@ -3,6 +3,7 @@ cache across two clones, and a tracking outage that `engineforge sync` recovers 
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import socket
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_raw_config, write_tiny_workspace
+from engineforge import config
+from engineforge.layout import Layout, files_of
 from workflow_helpers import snakemake, write_config
 
 pytestmark = pytest.mark.e2e
@@ -77,10 +80,23 @@ def _runs(uri, experiment="engineforge-tests"):
     return client.search_runs([exp.experiment_id], max_results=1000) if exp else []
 
 
+def _layout(ws) -> Layout:
+    return Layout(str(ws / config.load(ws / "config.yaml")["artifacts"]))
+
+
+def _outputs(ws) -> dict[str, dict]:
+    """Every model's outputs by role (``Layout.model_outputs``); both backends build here."""
+    models = config.load(ws / "config.yaml")["models"]
+    return {name: _layout(ws).model_outputs(name, m["precisions"],
+                                            {b: list(m["profiles"]) for b in m["backends"]},
+                                            list(m["profiles"]))
+            for name, m in models.items()}
+
+
 def _stage_sidecars(ws):
-    a = ws / "artifacts"
-    return [*a.glob("*/export/export.json"), *a.glob("*/simplify/simplify.json"),
-            *a.glob("*/precision/*/precision.json"), *a.glob("*/build/*/*/*/build.json")]
+    """Sidecars of the stages the MLflow cache serves: export, simplify, precision, build."""
+    return [Path(f) for t in _outputs(ws).values()
+            for f in files_of({k: t[k] for k in ("export", "simplify", "precision", "build")})]
 
 
 def test_parallel_jobs_and_shared_cache_across_clones(server, tmp_path_factory):
@@ -102,14 +118,16 @@ def test_parallel_jobs_and_shared_cache_across_clones(server, tmp_path_factory):
     sidecars = _stage_sidecars(second)
     assert len(sidecars) == 2 + 2 + 4 + 12
     for path in sidecars:
+        assert path.is_file(), path
         side = json.loads(path.read_text())
         assert side.get("cache", {}).get("hit") is True, path
         twin = json.loads((first / path.relative_to(second)).read_text())
         assert side["fingerprint"] == twin["fingerprint"]
         for role, out in side["outputs"].items():
             assert out["sha256"] == twin["outputs"][role]["sha256"]
-    assert "cache hit" in "".join(p.read_text() for p in (second / "artifacts").glob(
-        "*/logs/build-*.log"))
+    logs = [Path(p) for m in _outputs(second) for p in glob.glob(
+        _layout(second).log("build-*", m))]
+    assert len(logs) == 12 and "cache hit" in "".join(p.read_text() for p in logs)
     assert proc.returncode == 0
 
 
@@ -121,19 +139,20 @@ def test_outage_keeps_records_and_sync_uploads_them(server, tmp_path_factory):
     server.stop()
     # execute: the build still finishes; tracking records stay on disk
     snakemake(ws, env=env)
-    tracks = [json.loads(p.read_text()) for p in ws.glob("artifacts/*/track.json")]
-    pending = list((ws / "artifacts/_tracking/pending").glob("*.json"))
+    layout = _layout(ws)
+    tracks = [json.loads(Path(layout.track(m)).read_text()) for m in _outputs(ws)]
+    pending = list(Path(layout.pending_dir()).glob("*.json"))
     # assert
     assert [t["status"] for t in tracks] == ["pending", "pending"]
     assert len(pending) == 2
-    assert (ws / "artifacts/summary.md").exists()
+    assert Path(layout.summary("md")).exists()
     # execute: the server comes back; sync uploads what was kept
     server.start()
     proc = subprocess.run([str(Path(sys.executable).with_name("engineforge")), "sync",
-                           "--artifacts", str(ws / "artifacts")],
+                           "--artifacts", layout.root],
                           env={**os.environ, "MLFLOW_TRACKING_URI": server.uri},
                           capture_output=True, text=True, cwd=ws)
     # assert: nothing lost, nothing pending, and a second sync logs nothing twice
     assert proc.returncode == 0, proc.stderr
     assert len(_runs(server.uri)) == before + 2 + 12
-    assert not list((ws / "artifacts/_tracking/pending").glob("*.json"))
+    assert not list(Path(layout.pending_dir()).glob("*.json"))

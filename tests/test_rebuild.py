@@ -41,10 +41,27 @@ def _edit(ws, raw, change):
 def test_touch_rebuilds_nothing(zoo):
     ws, raw = zoo
     # setup
-    for f in [*ws.glob("models/*"), *ws.glob("calib/*"), ws / "config.yaml"]:
+    for f in [*ws.rglob("models/*"), *ws.rglob("calib/*"), ws / "config.yaml"]:
         f.touch()
-    # execute / assert
+    # execute: plain snakemake, no --workflow-profile (as a user types it)
+    proc = snakemake(ws, "--dry-run")
+    # assert: the profile was found next to the Snakefile, and nothing is planned
+    assert "Using workflow specific profile" in proc.stdout + proc.stderr
     assert planned_jobs(ws) == {}
+
+
+def test_editing_a_model_definition_reexports_only_that_model(zoo):
+    ws, raw = zoo
+    # setup: a comment is enough; the source is a declared input of the export
+    arch = ws / "models/digits_cnn.py"
+    original = arch.read_text()
+    arch.write_text(original + "\n# edited\n")
+    # execute
+    jobs = planned_outputs(ws)
+    arch.write_text(original)
+    # assert
+    assert [o for r, o in jobs if r == "export"] == ["artifacts/digits_cnn/export/model.onnx"]
+    assert all("/digits_cnn/" in o for r, o in jobs if r not in ("summary", "all"))
 
 
 def test_one_precision_setting_reruns_only_that_branch(zoo):

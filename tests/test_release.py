@@ -1,7 +1,8 @@
 """Release bundles and the MLflow Model Registry, on a tree built by the real workflow.
 
 The tiny zoo (tinycls: 1 profile, tinyfcn: 2 profiles) × fp32/int8 × onnxruntime/tensorrt-rtx
-is built once per session (~20 s): 12 engines, tracked in the workspace's sqlite MLflow.
+is built once per session (about a minute on 2 cores): 12 engines, tracked in the
+workspace's sqlite MLflow.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, tiny_raw_config, write_tiny_workspace
 from engineforge import release
+from engineforge.backends import backend_class
 from engineforge.errors import ReleaseError
+from engineforge.layout import Layout
+from engineforge.results import AuditResult, BenchResult
 from engineforge.sidecar import read_json, sha256_file, write_json
 from workflow_helpers import snakemake, write_config
 
@@ -82,6 +86,7 @@ def test_select_by_pattern(ws, tmp_path):
 def test_manifest_contents(ws, tmp_path):
     # setup
     a = ws / "artifacts"
+    layout = Layout(str(a))
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     # execute
@@ -103,17 +108,22 @@ def test_manifest_contents(ws, tmp_path):
             assert e["fingerprints"][stage] == read_json(a / e["sidecars"][stage])["fingerprint"]
         build = read_json(a / e["sidecars"]["build"])
         assert e["tools"] == build["tools"] and e["device"] == build["device"]
-        track = read_json(a / e["model"] / "track.json")
+        assert a / e["path"] == Path(layout.engine(e["backend"], e["model"], e["precision"],
+                                                   e["profile"]))
+        assert a / e["sidecars"]["build"] == Path(layout.build(
+            e["backend"], e["model"], e["precision"], e["profile"]))
+        track = read_json(layout.track(e["model"]))
         assert e["mlflow"]["run_id"] == track["children"][e["name"]]
         assert e["rebuild"][0] == f"git checkout {commit}" and e["rebuild"][1] == "make env"
-        assert e["rebuild"][2].startswith(".venv/bin/snakemake --workflow-profile "
-                                          "workflow/profiles/default --cores all")
+        # no --workflow-profile: snakemake picks up profiles/default next to the Snakefile
+        assert e["rebuild"][2].startswith(".venv/bin/snakemake --cores all")
+        assert "--workflow-profile" not in e["rebuild"][2]
         assert e["rebuild"][2].endswith(f" artifacts/{e['path']}")
         assert e["audit"]["verdict"] in ("pass", "not_runnable")
     ort = next(e for e in man["engines"] if e["name"] == "tinycls/fp32/b1-8/onnxruntime")
     assert ort["audit"]["drift"]["max_abs"] < 1e-3 and ort["audit"]["drift"]["accuracy"] > 0.5
-    bench = read_json(a / ort["sidecars"]["bench"])["result"]
-    assert ort["bench"]["p50_ms_opt"] == bench["points"]["opt"]["p50_ms"] > 0
+    bench = BenchResult.model_validate(read_json(a / ort["sidecars"]["bench"])["result"])
+    assert ort["bench"]["p50_ms_opt"] == bench.points["opt"].p50_ms > 0
 
 
 def test_rebuild_target_is_a_workflow_target(ws):
@@ -123,6 +133,7 @@ def test_rebuild_target_is_a_workflow_target(ws):
     # execute
     proc = snakemake(ws, "--dry-run", target)
     # assert
+    assert target == Layout("artifacts").engine("tensorrt-rtx", "tinyfcn", "int8", "large")
     assert target == "artifacts/tinyfcn/build/tensorrt-rtx/int8/large/engine.plan"
     out = proc.stdout + proc.stderr  # snakemake knows how to make it (no MissingRuleException)
     assert "Nothing to be done" in out or f"output: {target}" in out
@@ -177,13 +188,14 @@ def test_verify_fails_after_one_engine_byte_changes(ws, tmp_path):
 def test_verify_rejects_path_traversal_and_unlisted_engines(ws, tmp_path):
     # setup
     res, _ = cut(ws, tmp_path, "3.2.0", ["tinycls/fp32/*/onnxruntime"])
-    extra = [("../evil.sh", b"rm -rf ~"), ("engineforge-3.2.0/x/engine.plan", b"plan")]
+    plan = backend_class("tensorrt-rtx").artifact  # an engine file name, not this release's
+    extra = [("../evil.sh", b"rm -rf ~"), (f"engineforge-3.2.0/x/{plan}", b"plan")]
     rewrite(res["bundle"], extra=extra)
     # execute
     _, problems = release.verify(res["bundle"], extract_to=tmp_path / "x")
     # assert
     assert any("unsafe member '../evil.sh'" in p for p in problems)
-    assert "not in the manifest: x/engine.plan" in problems
+    assert f"not in the manifest: x/{plan}" in problems
     assert not (tmp_path / "evil.sh").exists() and not (tmp_path / "x").exists()
 
 
@@ -229,10 +241,11 @@ def test_failed_audit_is_excluded_unless_allowed(ws, tmp_path):
     # setup: a copy of the tree where one audit failed
     arts = tmp_path / "artifacts"
     shutil.copytree(ws / "artifacts", arts, ignore=shutil.ignore_patterns("releases", "rel-*"))
-    audit_path = arts / "tinycls/audit/onnxruntime/int8.json"
+    audit_path = Layout(str(arts)).audit("tinycls", "onnxruntime", "int8")
     audit = read_json(audit_path)
-    audit["result"] |= {"status": "fail", "failures": ["y: cosine 0.9 < 0.98"]}
-    write_json(audit_path, audit)
+    failed = AuditResult.model_validate(audit["result"]).model_copy(
+        update={"status": "fail", "failures": ["y: cosine 0.9 < 0.98"]})
+    write_json(audit_path, {**audit, "result": failed.model_dump(mode="json")})
     # execute
     strict, said = cut(ws, tmp_path / "a", "6.0.0", ["tinycls"], artifacts=arts)
     lenient, _ = cut(ws, tmp_path / "b", "6.0.0", ["tinycls"], artifacts=arts,
@@ -246,6 +259,25 @@ def test_failed_audit_is_excluded_unless_allowed(ws, tmp_path):
     failed = next(e for e in lenient["manifest"]["engines"]
                   if e["name"] == "tinycls/int8/b1-8/onnxruntime")
     assert failed["audit"]["verdict"] == "fail"
+
+
+def test_a_result_of_another_version_is_excluded_with_its_reason(ws, tmp_path):
+    # setup: a copy of the tree where one bench sidecar holds an older result shape
+    arts = tmp_path / "artifacts"
+    shutil.copytree(ws / "artifacts", arts, ignore=shutil.ignore_patterns("releases", "rel-*"))
+    bench_path = Layout(str(arts)).bench("tinyfcn", "onnxruntime", "fp32", "large")
+    bench = read_json(bench_path)
+    bench["result"]["latency_ms"] = bench["result"].pop("points")
+    write_json(bench_path, bench)
+    # execute
+    res, said = cut(ws, tmp_path / "a", "6.1.0", ["tinyfcn/fp32"], artifacts=arts)
+    # assert
+    assert {e["name"] for e in res["manifest"]["engines"]} == {
+        "tinyfcn/fp32/small/onnxruntime", "tinyfcn/fp32/small/tensorrt-rtx",
+        "tinyfcn/fp32/large/tensorrt-rtx"}
+    assert said == ["excluded tinyfcn/fp32/large/onnxruntime: tinyfcn/bench/onnxruntime/fp32/"
+                    "large.json is not a result of this version (latency_ms: Extra inputs are "
+                    "not permitted); rebuild it: `engineforge run`"]
 
 
 def test_registers_each_engine_with_the_release_alias(ws, tmp_path, monkeypatch):

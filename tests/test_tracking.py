@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from engineforge import cache, tracking
+from engineforge.layout import Layout
 from mlflow.tracking import MlflowClient
 
 
@@ -58,8 +61,8 @@ def test_unreachable_server_keeps_the_record_pending(tmp_path, monkeypatch, uri)
     status = tracking.track(record, tmp_path / "track.json", tmp_path / "artifacts")
     # assert
     assert status["status"] == "pending"
-    pending = list(tracking.pending_dir(tmp_path / "artifacts").glob("*.json"))
-    assert len(pending) == 1
+    pending = list(Path(Layout(str(tmp_path / "artifacts")).pending_dir()).glob("*.json"))
+    assert len(pending) == 1 and pending[0].name == "m-r3.json"
     # execute: the server is back (here: a reachable store)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     uploaded = tracking.sync(tmp_path / "artifacts")

@@ -1,24 +1,32 @@
 """TensorRT-RTX builds real engines on this CPU-only machine; the full builder is absent.
 
 Tiny ONNX models are made here with onnx.helper: a conv net in fp32 and in fp16, and an
-int8 Q/DQ conv (what ModelOpt's explicit quantization produces).
+int8 Q/DQ conv (what ModelOpt's explicit quantization produces). The backends are tested
+directly (``BuildRequest`` in, facts out) and through the build stage and the real runner
+(typed :class:`~engineforge.results.BuildResult` in the sidecar).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import onnx
 import pytest
-from engineforge.backends import get_backend
-from engineforge.backends.base import BuildRequest
+from conftest import run_stage
+from engineforge.backends import backend_class, get_backend
+from engineforge.backends.base import BuildRequest, gpu_device
 from engineforge.backends.tensorrt import TensorRTBackend, TensorRTRTXBackend, _profile_for
 from engineforge.errors import BenchError, BuildError
+from engineforge.layout import Layout
+from engineforge.results import BuildResult
+from engineforge.runner import StageFailed
 from onnx import TensorProto, helper, numpy_helper
 
 C, HW, K = 16, 16, 96          # channels in, spatial size, channels out (weights dominate size)
@@ -145,12 +153,34 @@ def test_int8_qdq_graph_builds(rtx, tmp_path):
     assert {"QUANTIZE", "DEQUANTIZE", "CONVOLUTION"} <= kinds
 
 
+def test_self_description():
+    # execute
+    rtx_cls, full_cls = backend_class("tensorrt-rtx"), backend_class("tensorrt")
+    # assert: what the registry, layout, rules and fingerprints read without instantiating
+    assert (rtx_cls, full_cls) == (TensorRTRTXBackend, TensorRTBackend)
+    assert rtx_cls.name == "tensorrt-rtx" and full_cls.name == "tensorrt"
+    assert rtx_cls.artifact == full_cls.artifact == "engine.plan"
+    assert rtx_cls.settings_section == full_cls.settings_section == "tensorrt"
+    assert rtx_cls.builds_from == full_cls.builds_from == "onnx"
+    assert rtx_cls.device_class.startswith("rtx:") and full_cls.device_class == "gpu"
+    assert rtx_cls.tools == ("tensorrt_rtx_cu13_bindings", "polygraphy")
+    assert full_cls.tools[0] == "tensorrt" and "polygraphy" in full_cls.tools
+    assert (rtx_cls.timing_cache, rtx_cls.multi_profile, rtx_cls.flags_mode) == (
+        False, True, False)
+    assert (full_cls.timing_cache, full_cls.multi_profile, full_cls.flags_mode) == (
+        True, True, True)
+    # an RTX engine targets a GPU class, not the build machine; the full builder the GPU here
+    assert TensorRTRTXBackend().device() == rtx_cls.device_class
+    assert TensorRTBackend().device() == gpu_device()
+
+
 def test_availability_and_runnable_on_cpu(rtx):
     # execute
     avail, full = rtx.availability(), TensorRTBackend().availability()
     ok, why = rtx.runnable("fp16")
-    # assert
+    # assert: the version comes from package metadata (no import of the bindings)
     assert avail.ok and avail.version.startswith("1.")
+    assert avail.version == metadata.version("tensorrt_rtx_cu13_bindings")
     assert not full.ok
     assert full.reason == "the tensorrt Python package (full builder) is not installed"
     assert full.how.startswith("run inside nvcr.io/nvidia/tensorrt:<tag>")
@@ -252,6 +282,37 @@ def test_full_tensorrt_flags_mode(tmp_path, version, precision, expect):
         assert TensorRTBackend()._mode(req, trt) == expect
 
 
+def test_flags_int8_calibration_data_comes_from_the_request(tmp_path):
+    # setup: the old settings["calib_npz"] no longer counts; BuildRequest.calib_npz does
+    np.savez(tmp_path / "calib.npz", x=np.zeros((4, C, HW, HW), np.float32))
+    req = request(tmp_path, tmp_path / "fp32.onnx", "int8")
+    req.settings.update(precision_mode="flags", calib_npz=str(tmp_path / "calib.npz"))
+    # execute
+    with pytest.raises(BuildError) as err:
+        TensorRTBackend()._mode(req, SimpleNamespace(__version__="10.13.0"))
+    # assert: names the model's calibration key and both ways out
+    assert "flags-mode int8 needs calibration data" in str(err.value)
+    assert err.value.key == "models.tiny.calibration" and err.value.model == "tiny"
+    assert "int8_calibration_cache" in err.value.fix and "precision_mode: graph" in err.value.fix
+    assert request(tmp_path, tmp_path / "fp32.onnx", "int8").calib_npz is None
+
+
+def test_flags_int8_calibrator_batches_from_calib_npz(tmp_path):
+    """Needs the full TensorRT (Polygraphy's Calibrator subclasses its calibrator class)."""
+    pytest.importorskip("tensorrt")
+    # setup: 10 samples, the calibration profile's opt batch is 4
+    np.savez(tmp_path / "calib.npz", x=np.arange(10 * 2, dtype=np.float32).reshape(10, 2))
+    req = request(tmp_path, tmp_path / "fp32.onnx", "int8",
+                  calib_npz=tmp_path / "calib.npz")
+    req.settings["precision_mode"] = "flags"
+    # execute
+    strongly_typed, kwargs = TensorRTBackend()._mode(req, SimpleNamespace(__version__="10.13.0"))
+    # assert
+    assert strongly_typed is False and kwargs["int8"] is True
+    batches = list(kwargs["calibrator"].data_loader)
+    assert [len(b["x"]) for b in batches] == [4, 4, 2]
+
+
 def test_rtx_builds_when_polygraphy_was_imported_without_the_env(tmp_path):
     # setup: a fresh process that imports polygraphy (USE_TENSORRT_RTX read as False) first
     conv_model(tmp_path / "fp32.onnx")
@@ -259,12 +320,15 @@ def test_rtx_builds_when_polygraphy_was_imported_without_the_env(tmp_path):
 import os, sys
 os.environ.pop("POLYGRAPHY_USE_TENSORRT_RTX", None)
 import engineforge.backends.tensorrt as t
-heavy = [m for m in ("tensorrt", "tensorrt_rtx_bindings", "polygraphy.backend.trt")
-         if m in sys.modules]
+HEAVY = ("tensorrt", "tensorrt_rtx_bindings", "polygraphy.backend.trt")
+heavy = [m for m in HEAVY if m in sys.modules]
 assert not heavy, heavy                          # importing the backend stays light
+assert t.TensorRTRTXBackend().availability().ok and not t.TensorRTBackend().availability().ok
+heavy = [m for m in HEAVY if m in sys.modules]
+assert not heavy, heavy                          # availability reads package metadata only
 import polygraphy.config
 assert polygraphy.config.USE_TENSORRT_RTX is False
-sys.path.insert(0, {str(Path(__file__).parent)!r})
+sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parent.parent)!r}]
 from test_tensorrt import request
 from pathlib import Path
 res = t.TensorRTRTXBackend().build(request(Path({str(tmp_path)!r}),
@@ -277,3 +341,62 @@ print("BYTES", res["engine_bytes"])
     # assert
     assert out.returncode == 0, out.stderr[-2000:]
     assert int(out.stdout.split("BYTES")[-1]) > 0
+
+
+# --------------------------------------------------------------------- the build stage
+def _tiny_models(tiny_models, tmp_path: Path, **tensorrt) -> dict:
+    """A resolved model config whose one profile fits conv_model's input ``x``."""
+    m = copy.deepcopy(tiny_models["tinyfcn"])
+    m["inputs"] = {"x": {"dtype": "float32", "shape": ["N", C, HW, HW]}}
+    m["profiles"] = {"p": ONE[0]}
+    m["tensorrt"].update(tensorrt)
+    return {"tiny": m}
+
+
+def test_build_stage_writes_typed_result(tiny_models, tiny_workspace, monkeypatch):
+    # setup
+    monkeypatch.setenv("ENGINEFORGE_CACHE", "0")  # no MLflow build cache here
+    tmp = tiny_workspace
+    models = _tiny_models(tiny_models, tmp)
+    src = conv_model(tmp / "fp32.onnx")
+    out = tmp / "artifacts/tiny/build/tensorrt-rtx/fp32/p"
+    # execute: the build stage in the runner's worker process
+    side = run_stage("build", models, "tiny", {"onnx": src},
+                     {"engine": out / "engine.plan", "sidecar": out / "build.json"}, tmp,
+                     backend="tensorrt-rtx", precision="fp32", profile="p")
+    # assert
+    r = BuildResult.model_validate(side["result"])
+    assert (r.status, r.backend, r.precision, r.profile) == ("ok", "tensorrt-rtx", "fp32", "p")
+    assert r.precision_mode == "graph" and r.build_time_s > 0
+    assert r.backend_version == metadata.version("tensorrt_rtx_cu13_bindings")
+    assert r.engine_bytes == (out / "engine.plan").stat().st_size > 0
+    assert side["outputs"]["engine"]["path"] == str(out / "engine.plan")
+    assert r.extra["flavour"] == "tensorrt-rtx" and r.extra["profiles"] == 1
+    assert "engine_bytes" not in r.extra and r.extra["timing_cache"]["path"] is None
+    assert side["device"] == TensorRTRTXBackend.device_class
+    assert side["config"]["profiles"] == [ONE[0]] and side["config"]["backend"] == "tensorrt-rtx"
+    assert not list(out.glob(".staging-*")) and not list(out.glob(".*.tmp"))
+    # logs and layer info go to the layout's build directory (here: beside the engine)
+    work = Path(Layout(str(tmp / "artifacts")).build_dir("tensorrt-rtx", "tiny", "fp32", "p"))
+    assert work == out and Path(r.extra["log"]) == work / "tensorrt-rtx-build.log"
+    assert json.loads(Path(r.extra["layer_info"]).read_text())["layers"]
+
+
+def test_build_stage_error_is_a_recorded_failure(tiny_models, tiny_workspace, monkeypatch):
+    # setup: an ONNX file TensorRT-RTX cannot parse
+    monkeypatch.setenv("ENGINEFORGE_CACHE", "0")
+    tmp = tiny_workspace
+    (tmp / "garbage.onnx").write_bytes(b"this is not an ONNX model")
+    out = tmp / "out"
+    # execute
+    with pytest.raises(StageFailed) as err:
+        run_stage("build", _tiny_models(tiny_models, tmp), "tiny", {"onnx": tmp / "garbage.onnx"},
+                  {"engine": out / "engine.plan", "sidecar": out / "build.json"}, tmp,
+                  backend="tensorrt-rtx", precision="fp32", profile="p")
+    # assert: the BuildError's text, recorded for the end-of-run list; nothing published
+    text = str(err.value)
+    assert text.startswith("[model=tiny stage=build] tensorrt-rtx could not build the fp32 "
+                           "engine from garbage.onnx")
+    failures = list((tmp / "artifacts/_failures").glob("*.txt"))
+    assert [f.read_text().strip() for f in failures] == [text]
+    assert not out.exists() or not any(out.iterdir())

@@ -3,6 +3,8 @@
 The real trtexec cannot exist on this machine (it ships with a full TensorRT install and
 needs a GPU), so the subprocess tests put a fake ``trtexec`` shell script on PATH: a true
 process boundary that prints a TensorRT 10 banner and writes the files trtexec writes.
+That binary is the only stand-in here; everything else (the version-probe cache under
+$XDG_CACHE_HOME, the build and bench stages, the runner, the typed results) is real.
 
 Formats the fixtures follow (numbers written by hand, not copied from a run):
 - exportTimes / exportProfile JSON: ``exportJSONTrace`` and ``Profiler::exportJSONProfile``
@@ -16,14 +18,18 @@ Formats the fixtures follow (numbers written by hand, not copied from a run):
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from engineforge.backends.base import BuildRequest
+from conftest import run_stage
+from engineforge.backends import backend_class
+from engineforge.backends.base import BuildRequest, gpu_device
 from engineforge.backends.trtexec import (
     TrtexecBackend,
     bench_command,
@@ -33,9 +39,12 @@ from engineforge.backends.trtexec import (
     parse_layer_info,
     parse_performance_summary,
     parse_version,
+    probe_version,
     timing_cache_name,
 )
 from engineforge.errors import BackendUnavailable, BenchError, BuildError
+from engineforge.layout import Layout
+from engineforge.results import BenchPoint, BenchResult, BuildResult
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures" / "trtexec"
 TRT10, TRT11 = (10, 8, 0), (11, 0, 0)
@@ -334,9 +343,20 @@ def fake(tmp_path, monkeypatch):
     for var in ("FAKE_TRT_VERSION", "FAKE_TRTEXEC_FAIL", "FAKE_TRTEXEC_NO_TIMES"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("FAKE_TRTEXEC_FIXTURES", str(FIX))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))  # a fresh probe cache
     argv = tmp_path / "argv.txt"
     monkeypatch.setenv("FAKE_TRTEXEC_ARGV", str(argv))
     return argv
+
+
+def test_self_description():
+    cls = backend_class("trtexec")
+    assert cls is TrtexecBackend and cls.name == "trtexec"
+    assert cls.artifact == "engine.plan" and cls.settings_section == "tensorrt"
+    assert cls.builds_from == "onnx" and cls.device_class == "gpu"
+    assert (cls.timing_cache, cls.multi_profile, cls.flags_mode) == (True, True, True)
+    assert cls.tools == ()  # its version is the binary's banner, not a package's
+    assert TrtexecBackend().device() == gpu_device()
 
 
 def test_availability_not_found(tmp_path, monkeypatch):
@@ -358,6 +378,36 @@ def test_availability_found_reads_banner(fake):
     assert avail.line("trtexec") == "trtexec: available (10.8.0)"
     assert fake.read_text().split() == ["--help"]
     assert backend.runnable("int8") == (True, "")
+
+
+def test_version_probe_is_cached_on_disk(fake, tmp_path, monkeypatch):
+    # setup: a first probe runs `trtexec --help` and stores the version
+    exe = shutil.which("trtexec")
+    assert TrtexecBackend().availability().version == "10.8.0"
+    cache = tmp_path / "xdg-cache" / "engineforge" / "trtexec-versions.json"
+    (key,) = json.loads(cache.read_text())
+    assert key.startswith(f"{os.path.realpath(exe)}:{os.path.getsize(exe)}:")
+    fake.unlink()
+    # execute: new backend objects (a new workflow parse), same binary
+    monkeypatch.setenv("FAKE_TRT_VERSION", "110000")
+    again = TrtexecBackend().availability()
+    # assert: answered from the cache, the binary never ran
+    assert again.version == "10.8.0" and not fake.exists()
+    # execute: the binary changes (size and mtime): probed again
+    with open(exe, "a") as f:
+        f.write("# upgraded\n")
+    assert TrtexecBackend().availability().version == "11.0.0"
+    assert fake.read_text().split() == ["--help"]
+    assert len(json.loads(cache.read_text())) == 2
+
+
+def test_version_probe_survives_an_unwritable_cache(fake, tmp_path, monkeypatch):
+    # setup: XDG_CACHE_HOME is a file, so the cache directory cannot be made
+    (tmp_path / "not-a-dir").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-a-dir"))
+    # execute / assert: a cache only; the probe still answers
+    assert probe_version(shutil.which("trtexec")) == (10, 8, 0)
+    assert TrtexecBackend().availability().ok
 
 
 def test_availability_env_override_and_no_banner(fake, tmp_path, monkeypatch):
@@ -415,35 +465,68 @@ def test_build_refuses_flags_on_trt11_before_running(fake, tmp_path, monkeypatch
 
 
 def test_bench_parses_export_times(fake, tmp_path):
+    # setup
     work = tmp_path / "bench"
     settings = {**SETTINGS, "iterations": 30}
-    result = TrtexecBackend().bench(tmp_path / "m.engine", {"input": [8, 3, 224, 224]},
-                                    settings, work)
+    shapes = {"input": [8, 3, 224, 224]}
+    # execute
+    result = TrtexecBackend().bench(tmp_path / "m.engine", shapes, settings, work)
+    # assert: the BenchPoint fields, from the exportTimes records
     expected = parse_export_times(FIX / "times.json")
-    assert result["source"] == "exportTimes"
-    assert {k: result[k] for k in expected} == expected
-    assert result["pinned"] == {"warmup_ms": 200.0, "iterations": 30, "duration_s": 3.0,
-                                "avg_runs": 10, "use_cuda_graph": False,
-                                "no_data_transfers": False, "use_spin_wait": False,
-                                "separate_profile_run": True}
-    assert result["trt_version"] == "10.8.0" and result["shapes"] == {"input": [8, 3, 224, 224]}
-    assert len(result["layer_profile"]) == 6
-    assert result["summary"]["throughput_qps"] == 1081.86
-    assert result["stdout_rel_diff"] == pytest.approx(0, abs=1e-6)  # JSON and stdout agree
-    assert fake.read_text().splitlines() == result["command"][1:]
-    assert "--iterations=30" in result["command"] and "--separateProfileRun" in result["command"]
+    extra = result["extra"]
+    assert extra["source"] == "exportTimes"
+    assert {k: extra["trtexec"][k] for k in expected} == expected
+    assert result["batch"] == 8 and result["iterations"] == expected["count"] == 12
+    assert [result[f"p{q}_ms"] for q in (50, 90, 95, 99)] == [
+        expected[f"latency_ms_p{q}"] for q in (50, 90, 95, 99)]
+    assert result["mean_ms"] == expected["latency_ms_mean"]
+    assert result["min_ms"] == expected["latency_ms_min"] == 0.866
+    assert result["cv"] == pytest.approx(expected["latency_ms_cv_pct"] / 100)
+    assert result["throughput_per_s"] == pytest.approx(8 * expected["throughput_qps"])
+    assert result["warmup"] == 200.0  # trtexec warms up for a time (ms), not a count
+    assert "shapes" not in result  # the stage adds the shapes it asked for
+    assert extra["pinned"] == {"warmup_ms": 200.0, "iterations": 30, "duration_s": 3.0,
+                               "avg_runs": 10, "use_cuda_graph": False,
+                               "no_data_transfers": False, "use_spin_wait": False,
+                               "separate_profile_run": True}
+    assert extra["trt_version"] == "10.8.0"
+    assert len(extra["layer_profile"]) == 6
+    assert extra["summary"]["throughput_qps"] == 1081.86
+    assert extra["trtexec"]["stdout_rel_diff"] == pytest.approx(0, abs=1e-6)  # JSON = stdout
+    assert fake.read_text().splitlines() == extra["command"][1:]
+    assert "--iterations=30" in extra["command"] and "--separateProfileRun" in extra["command"]
+    assert extra["log"] == str(work / "bench.log")
+
+
+def test_bench_output_validates_as_bench_point(fake, tmp_path):
+    # execute
+    shapes = {"input": [8, 3, 224, 224]}
+    result = TrtexecBackend().bench(tmp_path / "m.engine", shapes, SETTINGS, tmp_path / "w")
+    point = BenchPoint(shapes=shapes, **result)
+    # assert: the same fields as every backend, trtexec's own facts under extra
+    assert set(result) == set(BenchPoint.model_fields) - {"shapes"}
+    assert point.p50_ms == 0.875 and point.batch == 8 and point.shapes == shapes
+    assert BenchPoint.model_validate(point.model_dump(mode="json")) == point
 
 
 def test_bench_falls_back_to_summary_without_export_times(fake, tmp_path, monkeypatch):
+    # setup
     work = tmp_path / "bench"
     work.mkdir()
     (work / "times.json").write_text((FIX / "times.json").read_text())  # a stale earlier run
     monkeypatch.setenv("FAKE_TRTEXEC_NO_TIMES", "1")
-    result = TrtexecBackend().bench(tmp_path / "m.engine", {"input": [8, 3, 224, 224]},
-                                    SETTINGS, work)
-    assert result["source"] == "performance_summary"
-    assert result["latency_ms_p50"] == 0.875 and result["latency_ms_p99"] == 1.277
-    assert result["throughput_qps"] == 1081.86 and result["gpu_compute_ms_mean"] == 0.850167
+    shapes = {"input": [8, 3, 224, 224]}
+    # execute
+    result = TrtexecBackend().bench(tmp_path / "m.engine", shapes, SETTINGS, work)
+    # assert: stdout's nearest-rank figures; the stale file was not read
+    extra = result["extra"]
+    assert extra["source"] == "performance_summary"
+    assert result["p50_ms"] == 0.875 and result["p99_ms"] == 1.277
+    assert result["throughput_per_s"] == pytest.approx(8 * 1081.86)
+    assert extra["trtexec"]["throughput_qps"] == 1081.86
+    assert extra["trtexec"]["gpu_compute_ms_mean"] == 0.850167
+    assert result["iterations"] == 10 and result["min_ms"] == 0.866  # pinned count; summary min
+    BenchPoint(shapes=shapes, **result)
 
 
 def test_bench_failure_raises_with_log_tail(fake, tmp_path, monkeypatch):
@@ -451,3 +534,88 @@ def test_bench_failure_raises_with_log_tail(fake, tmp_path, monkeypatch):
     with pytest.raises(BenchError) as err:
         TrtexecBackend().bench(tmp_path / "m.engine", {}, SETTINGS, tmp_path / "bench")
     assert "stage=bench" in str(err.value) and "Engine could not be created" in str(err.value)
+
+
+# --------------------------------------------------------------------- the stages
+@pytest.fixture
+def in_process(monkeypatch):
+    """Stage bodies in the test process. The runner's worker children are forked from a fork
+    server that keeps the environment it started with, so they would not see this test's
+    fake on PATH; the runner is otherwise the same."""
+    monkeypatch.setenv("ENGINEFORGE_ISOLATION", "0")
+    monkeypatch.setenv("ENGINEFORGE_CACHE", "0")  # no MLflow build cache here
+
+
+def test_bench_stage_times_every_profile_point(fake, in_process, tiny_models, tiny_workspace):
+    # setup: an engine file and a build sidecar (the bench hashes them, trtexec loads the engine)
+    tmp = tiny_workspace
+    (tmp / "engine.plan").write_bytes(b"FAKE-TRT-ENGINE")
+    (tmp / "build.json").write_text("{}")
+    # execute
+    side = run_stage("bench", tiny_models, "tinyfcn",
+                     {"engine": tmp / "engine.plan", "build": tmp / "build.json"},
+                     {"sidecar": tmp / "bench.json"}, tmp,
+                     backend="trtexec", precision="fp16", profile="small")
+    # assert
+    r = BenchResult.model_validate(side["result"])
+    assert (r.status, r.backend, r.precision, r.profile) == ("ok", "trtexec", "fp16", "small")
+    p50 = parse_export_times(FIX / "times.json")["latency_ms_p50"]
+    assert {w: p.p50_ms for w, p in r.points.items()} == {"min": p50, "opt": p50, "max": p50}
+    assert side["result"]["points"]["opt"]["p50_ms"] == p50
+    assert r.points["opt"].shapes == {"img": [1, 1, 16, 16]}
+    assert r.points["max"].batch == 2 and r.points["max"].extra["source"] == "exportTimes"
+    opt_cmd = r.points["opt"].extra["command"]
+    assert f"--loadEngine={tmp / 'engine.plan'}" in opt_cmd
+    assert "--shapes=img:1x1x16x16" in opt_cmd
+    assert "--iterations=3" in opt_cmd  # the model's bench.iterations
+    work = Layout(str(tmp / "artifacts")).bench_work("tinyfcn", "trtexec", "fp16", "small")
+    assert r.points["opt"].extra["log"] == f"{work}/bench.log"
+
+
+def test_build_stage_with_timing_cache(fake, in_process, tiny_models, tiny_workspace):
+    # setup
+    tmp = tiny_workspace
+    (tmp / "model.onnx").write_bytes(b"onnx")
+    out = tmp / "out"
+    # execute
+    side = run_stage("build", tiny_models, "tinyfcn", {"onnx": tmp / "model.onnx"},
+                     {"engine": out / "engine.plan", "sidecar": out / "build.json"}, tmp,
+                     backend="trtexec", precision="fp16", profile="small")
+    # assert
+    r = BuildResult.model_validate(side["result"])
+    assert (r.status, r.backend, r.precision, r.profile) == ("ok", "trtexec", "fp16", "small")
+    assert r.backend_version == r.extra["trt_version"] == "10.8.0"
+    assert (out / "engine.plan").read_bytes() == b"FAKE-TRT-ENGINE-0123456789"
+    assert r.engine_bytes == 26 and not list(out.glob(".*"))
+    cmd = r.extra["command"]
+    assert "--stronglyTyped" in cmd and "--minShapes=img:1x1x8x8" in cmd
+    # one timing cache per device class and TensorRT version, shared by every build
+    cache_dir = Layout(str(tmp / "artifacts")).timing_cache_dir()
+    (timing,) = [a for a in cmd if a.startswith("--timingCacheFile=")]
+    assert timing.startswith(f"--timingCacheFile={cache_dir}/timing-")
+    assert timing.endswith("-10.8.0.cache") and Path(cache_dir).is_dir()
+    assert side["device"] == gpu_device()
+
+
+def test_build_stage_flags_mode_int8_uses_calibration_cache(fake, in_process, tiny_models,
+                                                            tiny_workspace):
+    # setup: TensorRT 10 flags mode builds the fp32 ONNX with --int8 --calib=<cache>
+    tmp = tiny_workspace
+    models = copy.deepcopy(tiny_models)
+    models["tinyfcn"]["tensorrt"]["precision_mode"] = "flags"
+    (tmp / "fp32.onnx").write_bytes(b"onnx")
+    (tmp / "int8.cache").write_bytes(b"calib")
+    # execute
+    side = run_stage("build", models, "tinyfcn",
+                     {"fp32": tmp / "fp32.onnx", "calib_cache": tmp / "int8.cache",
+                      "calibration": tmp / "calib_fcn.npz"},
+                     {"engine": tmp / "out/engine.plan", "sidecar": tmp / "out/build.json"},
+                     tmp, backend="trtexec", precision="int8", profile="small")
+    # assert
+    r = BuildResult.model_validate(side["result"])
+    assert r.precision_mode == "flags" and r.extra["precision_mode"] == "flags"
+    cmd = r.extra["command"]
+    assert cmd[1] == f"--onnx={tmp / 'fp32.onnx'}"
+    assert "--int8" in cmd and f"--calib={tmp / 'int8.cache'}" in cmd
+    assert "--stronglyTyped" not in cmd
+    assert set(side["inputs"]) == {"fp32", "calib_cache", "calibration"}

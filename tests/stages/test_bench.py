@@ -1,13 +1,45 @@
-"""Bench stage: latency statistics, the PyTorch baseline, and 'not runnable' as a result."""
+"""Bench stage: latency statistics, the PyTorch baseline, and 'not runnable' as a result.
+
+Stages run through the real runner (``conftest.run_stage``); their sidecar's ``result`` is a
+:class:`~engineforge.results.BenchResult` whose points carry the same
+:class:`~engineforge.results.BenchPoint` fields for every backend.
+"""
 
 from __future__ import annotations
 
+import copy
 import time
+from pathlib import Path
 
 import numpy as np
-from engineforge.backends import BuildRequest, get_backend
-from engineforge.sidecar import write_json
-from engineforge.stages import bench, export
+import pytest
+from conftest import run_stage, stage_job
+from engineforge.errors import BenchError
+from engineforge.results import BenchPoint, BenchResult
+from engineforge.runner import StageFailed
+from engineforge.stages import baseline, bench
+
+
+@pytest.fixture(autouse=True)
+def _no_mlflow_cache(monkeypatch):
+    """Stage tests never consult (or create) an MLflow cache."""
+    monkeypatch.setenv("ENGINEFORGE_CACHE", "0")
+
+
+def _bench(models: dict, tmp: Path, backend: str, profile: str, engine: Path, build: Path,
+           model: str = "tinyfcn") -> dict:
+    """The bench stage with the bench rule's inputs; returns its sidecar."""
+    return run_stage("bench", models, model, {"engine": engine, "build": build},
+                     {"sidecar": tmp / "bench" / f"{backend}-{profile}.json"}, tmp,
+                     backend=backend, precision="fp32", profile=profile)
+
+
+def _stub_build(tmp: Path) -> tuple[Path, Path]:
+    """An engine file and a build sidecar the bench only hashes (it never reads them)."""
+    (tmp / "b").mkdir(exist_ok=True)
+    (tmp / "b/engine.plan").write_bytes(b"x")
+    (tmp / "b/build.json").write_text('{"result": {"engine_bytes": 1}}')
+    return tmp / "b/engine.plan", tmp / "b/build.json"
 
 
 def test_time_callable_statistics():
@@ -19,41 +51,110 @@ def test_time_callable_statistics():
     # assert
     assert 1.5 < stats["p50_ms"] < 10 and stats["p99_ms"] > 15
     assert stats["p50_ms"] <= stats["p90_ms"] <= stats["p95_ms"] <= stats["p99_ms"]
-    assert stats["cv"] > 0.5
+    assert stats["min_ms"] <= stats["p50_ms"] and stats["cv"] > 0.5
     assert np.isclose(stats["throughput_per_s"], 4e3 / stats["mean_ms"])
+    assert (stats["iterations"], stats["warmup"], stats["batch"]) == (10, 2, 4)
+    point = BenchPoint(shapes={"x": [4, 3]}, **stats)  # exactly the BenchPoint fields
+    assert point.extra == {}
 
 
 def test_bench_ort_and_pytorch_baseline_at_each_profile_point(tiny_models, tiny_workspace):
     # setup
-    m, tmp = tiny_models["tinyfcn"], tiny_workspace
-    export.run("tinyfcn", m, tmp / "e/model.onnx", tmp / "e/ref.npz", tmp / "e/export.json",
-               root=tmp)
-    result = get_backend("onnxruntime").build(BuildRequest(
-        model="tinyfcn", precision="fp32", onnx_path=tmp / "e/model.onnx",
-        engine_path=tmp / "b/engine.onnx", work_dir=tmp, profiles=[]))
-    write_json(tmp / "b/build.json", {"result": result})
+    tmp = tiny_workspace
+    run_stage("export", tiny_models, "tinyfcn",
+              {"arch_source": "tinynets.py", "calibration": "calib_fcn.npz"},
+              {"onnx": tmp / "e/model.onnx", "reference": tmp / "e/reference.npz",
+               "sidecar": tmp / "e/export.json"}, tmp)
+    run_stage("build", tiny_models, "tinyfcn", {"onnx": tmp / "e/model.onnx"},
+              {"engine": tmp / "b/engine.onnx", "sidecar": tmp / "b/build.json"}, tmp,
+              backend="onnxruntime", precision="fp32", profile="large")
     # execute
-    side = bench.run("tinyfcn", m, "onnxruntime", "fp32", "large", tmp / "b/engine.onnx",
-                     tmp / "b/build.json", tmp / "bench.json", tmp)
-    base = bench.run_baseline("tinyfcn", m, "large", tmp / "base.json", root=tmp)
+    side = _bench(tiny_models, tmp, "onnxruntime", "large", tmp / "b/engine.onnx",
+                  tmp / "b/build.json")
+    base = run_stage("baseline", tiny_models, "tinyfcn", {"arch_source": "tinynets.py"},
+                     {"sidecar": tmp / "base.json"}, tmp, profile="large")
     # assert
     r = side["result"]
-    assert r["status"] == "ok"
+    typed = BenchResult.model_validate(r)
+    assert r["status"] == "ok" and r["reason"] is None
+    assert (typed.backend, typed.precision, typed.profile) == ("onnxruntime", "fp32", "large")
     assert [r["points"][w]["shapes"]["img"] for w in ("min", "opt", "max")] == [
         [1, 1, 32, 32], [1, 1, 48, 48], [1, 1, 64, 64]]
     assert r["points"]["max"]["iterations"] == 3 and r["threads"] == 1
-    assert base["result"]["status"] == "ok" and base["result"]["backend"] == "pytorch"
-    assert set(base["result"]["points"]) == {"min", "opt", "max"}
+    for p in typed.points.values():
+        assert p.batch == 1 and p.warmup == 1
+        assert p.min_ms <= p.p50_ms <= p.p90_ms <= p.p95_ms <= p.p99_ms
+        assert p.throughput_per_s == pytest.approx(1e3 / p.mean_ms)
+        assert "CPUExecutionProvider" in p.extra["providers"]
+    assert typed.device["cores"] >= 1 and typed.device["device"].startswith("cpu:")
+    assert set(side["inputs"]) == {"engine", "build"}
+    assert side["config"]["shapes"] == tiny_models["tinyfcn"]["profiles"]["large"]
+    b = BenchResult.model_validate(base["result"])
+    assert b.status == "ok" and b.backend == "pytorch" and b.precision is None
+    assert set(b.points) == {"min", "opt", "max"} and b.threads == 1
+    assert b.points["opt"].shapes == {"img": [1, 1, 48, 48]}
+    assert base["config"]["profile"] == "large"
 
 
 def test_engine_that_cannot_run_here_is_a_result(tiny_models, tiny_workspace):
     # setup: a TensorRT-RTX engine cannot execute on a CPU-only machine
-    m, tmp = tiny_models["tinyfcn"], tiny_workspace
-    (tmp / "engine.plan").write_bytes(b"x")
-    write_json(tmp / "build.json", {"result": {"engine_bytes": 1}})
+    engine, build = _stub_build(tiny_workspace)
     # execute
-    side = bench.run("tinyfcn", m, "tensorrt-rtx", "fp32", "small", tmp / "engine.plan",
-                     tmp / "build.json", tmp / "bench.json", tmp)
+    side = _bench(tiny_models, tiny_workspace, "tensorrt-rtx", "small", engine, build)
     # assert
-    assert side["result"]["status"] == "not_runnable"
-    assert "compute capability" in side["result"]["reason"]
+    r = BenchResult.model_validate(side["result"])
+    assert r.status == "not_runnable" and r.points == {}
+    assert r.reason.startswith("not runnable on tensorrt-rtx:")
+    assert "compute capability" in r.reason
+    assert side["config"]["backend_settings"] == tiny_models["tinyfcn"]["tensorrt"]
+
+
+def test_engine_the_runtime_rejects_is_a_result(tiny_models, tiny_workspace):
+    # setup: a file ONNX Runtime cannot load
+    engine, build = _stub_build(tiny_workspace)
+    # execute
+    side = _bench(tiny_models, tiny_workspace, "onnxruntime", "small", engine, build)
+    # assert: the backend's BenchError became the result, with no partial points
+    r = BenchResult.model_validate(side["result"])
+    assert r.status == "not_runnable" and r.points == {}
+    assert r.reason.startswith("not runnable on onnxruntime: ")
+
+
+def test_baseline_without_a_pytorch_checkpoint_is_a_result(tiny_models, tiny_workspace):
+    # setup: an ONNX checkpoint has no eager model to time
+    models = copy.deepcopy(tiny_models)
+    models["tinyfcn"]["checkpoint"] = {"kind": "onnx", "path": "model.onnx"}
+    # execute
+    side = run_stage("baseline", models, "tinyfcn", {}, {"sidecar": tiny_workspace / "b.json"},
+                     tiny_workspace, profile="small")
+    # assert
+    r = BenchResult.model_validate(side["result"])
+    assert r.status == "not_runnable" and r.backend == "pytorch" and r.points == {}
+    assert r.reason == "no PyTorch checkpoint (onnx input)"
+
+
+def test_baseline_failure_is_a_bench_error(tiny_models, tiny_workspace):
+    # setup: profile shapes the network cannot take (4 channels into a 3-channel conv)
+    models = copy.deepcopy(tiny_models)
+    m = models["tinycls"]
+    m["inputs"]["x"]["shape"] = ["batch", 4, 8, 8]
+    m["profiles"]["b1-8"] = {"x": {k: [b, 4, 8, 8] for k, b in
+                                   (("min", 1), ("opt", 4), ("max", 8))}}
+    inputs = {"checkpoint": "tinycls.pt", "arch_source": "tinynets.py"}
+    outputs = {"sidecar": tiny_workspace / "base.json"}
+    # execute: the body itself raises the typed error ...
+    job = stage_job("baseline", models, "tinycls", inputs, outputs, tiny_workspace,
+                    profile="b1-8")
+    with pytest.raises(BenchError) as direct:
+        baseline.run(job)
+    # ... which the runner turns into one line, leaving no sidecar
+    with pytest.raises(StageFailed) as failed:
+        run_stage("baseline", models, "tinycls", inputs, outputs, tiny_workspace,
+                  profile="b1-8")
+    # assert
+    assert direct.value.key == "models.tinycls.profiles.b1-8"
+    assert "eager PyTorch failed at min shapes" in direct.value.message
+    text = str(failed.value)
+    assert text.startswith("[model=tinycls stage=bench key=models.tinycls.profiles.b1-8] "
+                           "eager PyTorch failed at min shapes {'x': [1, 4, 8, 8]}")
+    assert "\n" not in text and not outputs["sidecar"].exists()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import re
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -12,10 +14,15 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import run_stage, stage_job
 from engineforge.config import builtin_defaults, deep_merge
 from engineforge.errors import PrecisionError
-from engineforge.sidecar import read_json, sha256_file
+from engineforge.results import PrecisionResult
+from engineforge.runner import StageFailed
+from engineforge.settings import QUANTIZED
+from engineforge.sidecar import fingerprint, read_json, sha256_file
 from engineforge.stages import precision
+from engineforge.versions import tool_versions
 
 MARKERS = {  # what each precision must put into the graph
     "fp32": {"initializer": "FLOAT", "ops": set()},
@@ -63,9 +70,47 @@ def zoo(tmp_path_factory) -> dict:
             "x": rng.standard_normal((4, 3, 16, 16)).astype(np.float32)}
 
 
-def _run(zoo: dict, prec: str, out_dir: Path, m: dict | None = None) -> dict:
-    return precision.run("tiny", m or zoo["m"], prec, zoo["onnx"], out_dir / f"{prec}.onnx",
-                         out_dir / f"{prec}.json", root=zoo["root"])
+@pytest.fixture(autouse=True)
+def _in_zoo(zoo, monkeypatch):
+    """Model paths are relative to the working directory, as in a workflow run."""
+    monkeypatch.chdir(zoo["root"])
+
+
+@pytest.fixture
+def workspace(tmp_path_factory) -> Path:
+    """The runner's logs and failure records, apart from the outputs."""
+    return tmp_path_factory.mktemp("ws")
+
+
+def _inputs(zoo: dict, prec: str, workspace: Path, m: dict | None = None) -> dict:
+    """The precision rule's named inputs: the ONNX, and calibration for int8/fp8 only.
+
+    Each job reads its own copy of the zoo ONNX (same bytes, same fingerprint): ModelOpt's
+    quantize() rewrites the file it reads (see test_quantize_leaves_its_input_untouched)."""
+    m = m or zoo["m"]
+    onnx_in = Path(tempfile.mkdtemp(dir=workspace)) / zoo["onnx"].name
+    shutil.copyfile(zoo["onnx"], onnx_in)
+    calib = {"calibration": m["calibration"]["path"]} if prec in QUANTIZED else {}
+    return {"onnx": onnx_in, **calib}
+
+
+def _outputs(prec: str, out_dir: Path) -> dict:
+    return {"onnx": out_dir / f"{prec}.onnx", "sidecar": out_dir / f"{prec}.json"}
+
+
+def _run(zoo: dict, prec: str, out_dir: Path, workspace: Path, m: dict | None = None,
+         inputs: dict | None = None) -> dict:
+    """Run the precision stage through the real runner; return its sidecar."""
+    return run_stage("precision", {"tiny": m or zoo["m"]}, "tiny",
+                     inputs or _inputs(zoo, prec, workspace, m), _outputs(prec, out_dir),
+                     workspace, precision=prec)
+
+
+def _job(zoo: dict, prec: str, out_dir: Path, workspace: Path, m: dict | None = None,
+         inputs: dict | None = None):
+    return stage_job("precision", {"tiny": m or zoo["m"]}, "tiny",
+                     inputs or _inputs(zoo, prec, workspace, m), _outputs(prec, out_dir),
+                     workspace, precision=prec)
 
 
 def _infer(path: Path, x: np.ndarray) -> np.ndarray:
@@ -74,12 +119,14 @@ def _infer(path: Path, x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("prec", ["fp32", "fp16", "bf16", "int8", "fp8"])
-def test_variant_written_checked_and_typed(zoo, tmp_path, prec):
+def test_variant_written_checked_and_typed(zoo, tmp_path, workspace, prec):
     # setup
     out = tmp_path / f"{prec}.onnx"
+    inputs = _inputs(zoo, prec, workspace)
+    hashes = {role: sha256_file(path) for role, path in inputs.items()}
 
     # execute
-    returned = _run(zoo, prec, tmp_path)
+    returned = _run(zoo, prec, tmp_path, workspace, inputs=inputs)
 
     # assert
     onnx.checker.check_model(str(out))
@@ -87,41 +134,49 @@ def test_variant_written_checked_and_typed(zoo, tmp_path, prec):
     assert sidecar["stage"] == "precision" and sidecar["model"] == "tiny"
     assert returned["fingerprint"] == sidecar["fingerprint"]
     assert re.fullmatch(r"[0-9a-f]{64}", sidecar["fingerprint"])
+    config = precision.settings(zoo["m"], {"model": "tiny", "precision": prec})
+    assert {r: i["sha256"] for r, i in sidecar["inputs"].items()} == hashes
+    assert sidecar["config"] == config.model_dump(mode="json")
+    assert sidecar["fingerprint"] == fingerprint(hashes, sidecar["config"],
+                                                 tool_versions("precision"))
     assert sidecar["outputs"]["onnx"]["sha256"] == sha256_file(out)
     assert sidecar["config"]["precision"] == prec
-    result = sidecar["result"]
-    assert result["precision"] == prec
-    assert result["method"] == precision.METHODS[prec]
-    assert result["bytes"] == out.stat().st_size and result["time_s"] >= 0
+    result = PrecisionResult.model_validate(sidecar["result"])
+    assert result.precision == prec
+    assert result.method == precision.METHODS[prec]
+    assert result.bytes == out.stat().st_size and result.time_s >= 0
     model = onnx.load(str(out))
     ops = {n.op_type for n in model.graph.node}
     dtypes = {onnx.TensorProto.DataType.Name(t.data_type) for t in model.graph.initializer}
     assert MARKERS[prec]["ops"] <= ops
     assert MARKERS[prec]["initializer"] in dtypes
-    assert "warning" not in result
-    assert result["nodes"] == len(model.graph.node)
-    assert result["cast"] == sum(n.op_type == "Cast" for n in model.graph.node)
-    assert result["quantize_linear"] == sum(n.op_type == "QuantizeLinear"
-                                            for n in model.graph.node)
+    assert "warning" not in result.extra
+    assert result.nodes == len(model.graph.node)
+    assert result.cast == sum(n.op_type == "Cast" for n in model.graph.node)
+    assert result.quantize_linear == sum(n.op_type == "QuantizeLinear"
+                                         for n in model.graph.node)
     # only Q/DQ reads calibration data; AutoCast uses seeded random reference inputs
     assert ("calibration" in sidecar["inputs"]) == (prec in ("int8", "fp8"))
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp left
+    assert (sidecar["config"]["inputs"] is not None) == (prec in ("int8", "fp8"))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{prec}.json", f"{prec}.onnx"]
     if prec == "fp32":
         assert sha256_file(out) == sha256_file(zoo["onnx"])
     if prec in ("int8", "fp8"):
         calib_size = zoo["m"]["precision"][prec]["calib_size"]  # 16 and 32, of 32 in the file
-        assert result["calibration_samples"] == calib_size
+        assert result.extra["calibration_samples"] == calib_size
+        assert sidecar["config"]["method"]["calib_size"] == calib_size
     if prec in ("fp16", "bf16"):
-        assert result["reference_data"] == "random"
+        assert result.extra["reference_data"] == "random"
 
 
 @pytest.mark.parametrize("prec", ["fp16", "int8"])
-def test_variant_agrees_with_fp32_on_ort_cpu(zoo, tmp_path, prec):
+def test_variant_agrees_with_fp32_on_ort_cpu(zoo, tmp_path, workspace, prec):
     # setup
     ref = _infer(zoo["onnx"], zoo["x"])
 
     # execute
-    _run(zoo, prec, tmp_path)
+    _run(zoo, prec, tmp_path, workspace)
     got = _infer(tmp_path / f"{prec}.onnx", zoo["x"])
 
     # assert
@@ -129,64 +184,72 @@ def test_variant_agrees_with_fp32_on_ort_cpu(zoo, tmp_path, prec):
     assert cosine > 0.99, cosine
 
 
-def test_autocast_keeps_excluded_op_types_in_fp32(zoo, tmp_path):
+def test_autocast_keeps_excluded_op_types_in_fp32(zoo, tmp_path, workspace):
     # setup
     m = copy.deepcopy(zoo["m"])
     m["precision"]["fp16"]["op_types_to_exclude"] = ["Conv"]
 
     # execute
-    result = _run(zoo, "fp16", tmp_path, m)["result"]
+    side = _run(zoo, "fp16", tmp_path, workspace, m)
 
     # assert
+    result = PrecisionResult.model_validate(side["result"])
     model = onnx.load(str(tmp_path / "fp16.onnx"))
     conv_w = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
     types = {t.name: t.data_type for t in model.graph.initializer}
-    assert all(types[w] == onnx.TensorProto.FLOAT for w in conv_w)
-    assert result["high_precision_nodes"] >= 2
+    assert conv_w and all(types[w] == onnx.TensorProto.FLOAT for w in conv_w)
+    assert result.extra["high_precision_nodes"] >= 2
+    assert side["config"]["method"]["op_types_to_exclude"] == ["Conv"]
 
 
 @pytest.mark.parametrize("prec", ["int8", "fp8"])
-def test_calibration_missing_input_key_is_a_precision_error(zoo, tmp_path, prec):
+def test_calibration_missing_input_key_is_a_precision_error(zoo, tmp_path, workspace, prec):
     # setup
     np.savez(tmp_path / "bad.npz", image=np.zeros((32, 3, 16, 16), np.float32))
     m = copy.deepcopy(zoo["m"])
     m["calibration"]["path"] = str(tmp_path / "bad.npz")
+    job = _job(zoo, prec, tmp_path, workspace, m)
 
     # execute
     with pytest.raises(PrecisionError) as info:
-        _run(zoo, prec, tmp_path, m)
+        precision.run(job)
+    with pytest.raises(StageFailed) as failed:
+        _run(zoo, prec, tmp_path, workspace, m)
 
     # assert
     text = str(info.value)
     assert "models.tiny.calibration.path" in text and "'input'" in text
     assert "\n" not in text and "Fix:" in text
+    assert str(failed.value) == text  # the runner reports the same one line
     assert not (tmp_path / f"{prec}.onnx").exists()
     assert not (tmp_path / f"{prec}.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
 
 
-def test_too_few_calibration_samples_is_a_precision_error(zoo, tmp_path):
+def test_too_few_calibration_samples_is_a_precision_error(zoo, tmp_path, workspace):
     # setup
     m = copy.deepcopy(zoo["m"])
     m["precision"]["int8"]["calib_size"] = 33
+    job = _job(zoo, "int8", tmp_path, workspace, m)
 
     # execute
     with pytest.raises(PrecisionError, match=r"32 samples .* needs 33") as info:
-        _run(zoo, "int8", tmp_path, m)
+        precision.run(job)
 
     # assert
     assert info.value.key == "models.tiny.calibration.path"
     assert "calib_size" in info.value.fix
 
 
-def test_modelopt_failure_is_one_line_precision_error(zoo, tmp_path):
+def test_modelopt_failure_is_one_line_precision_error(zoo, tmp_path, workspace):
     # setup
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not an onnx model")
+    job = _job(zoo, "fp16", tmp_path, workspace, inputs={"onnx": broken})
 
     # execute
     with pytest.raises(PrecisionError) as info:
-        precision.run("tiny", zoo["m"], "fp16", broken, tmp_path / "fp16.onnx",
-                      tmp_path / "fp16.json", root=zoo["root"])
+        precision.run(job)
 
     # assert
     assert "ModelOpt autocast to fp16 failed" in str(info.value)
@@ -196,20 +259,34 @@ def test_modelopt_failure_is_one_line_precision_error(zoo, tmp_path):
 
 
 @pytest.mark.parametrize("setting, value", [("calib_size", 8), ("calibration_method", "entropy")])
-def test_fingerprint_follows_quantize_settings(zoo, tmp_path, setting, value):
+def test_fingerprint_follows_quantize_settings(zoo, tmp_path, workspace, setting, value):
     # setup
     m = copy.deepcopy(zoo["m"])
     m["precision"]["int8"][setting] = value
-    base = _run(zoo, "int8", tmp_path / "a")
+    base = _run(zoo, "int8", tmp_path / "a", workspace)
 
     # execute
-    again = _run(zoo, "int8", tmp_path / "b")
-    changed = _run(zoo, "int8", tmp_path / "c", m)
+    again = _run(zoo, "int8", tmp_path / "b", workspace)
+    changed = _run(zoo, "int8", tmp_path / "c", workspace, m)
 
     # assert
     assert again["fingerprint"] == base["fingerprint"]
     assert changed["fingerprint"] != base["fingerprint"]
-    assert changed["config"]["settings"][setting] == value
+    assert changed["config"]["method"][setting] == value
+    assert base["config"]["method"][setting] == zoo["m"]["precision"]["int8"][setting] != value
     sha = {name: run["outputs"]["onnx"]["sha256"] for name, run in
            {"base": base, "again": again, "changed": changed}.items()}
     assert sha["again"] == sha["base"] != sha["changed"]  # deterministic; the setting acts
+
+
+def test_quantize_leaves_its_input_untouched(zoo, tmp_path, workspace):
+    # setup
+    inputs = _inputs(zoo, "int8", workspace)
+    before = sha256_file(inputs["onnx"])
+
+    # execute
+    side = _run(zoo, "int8", tmp_path, workspace, inputs=inputs)
+
+    # assert
+    assert side["inputs"]["onnx"]["sha256"] == before
+    assert sha256_file(inputs["onnx"]) == before

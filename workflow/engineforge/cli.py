@@ -21,8 +21,9 @@ PROFILE = "profiles/default"  # the workflow profile, next to the Snakefile
 
 def cmd_run(args) -> int:
     # The Snakemake 9 Python API (snakemake.api.SnakemakeApi) does not read workflow
-    # profiles (only its CLI does), so hand over to the CLI: the flags of `make run`, then
-    # the user's (later flags win). Absolute paths: it also works outside the checkout.
+    # profiles (only its CLI does), so hand over to the CLI: the checkout's workflow profile
+    # (named, so it applies from any directory) and all cores, then the user's flags (later
+    # flags win). Absolute paths: it also works outside the checkout.
     exe = Path(sys.executable).with_name("snakemake")
     exe = str(exe) if exe.exists() else shutil.which("snakemake") or "snakemake"
     argv = [exe, "--workflow-profile", str(REPO / PROFILE), "--cores", "all"]
@@ -37,6 +38,7 @@ def cmd_run(args) -> int:
 
 def cmd_sync(args) -> int:
     from engineforge import tracking
+    from engineforge.layout import Layout
 
     try:
         results = tracking.sync(args.artifacts)
@@ -49,7 +51,7 @@ def cmd_sync(args) -> int:
                             fix="check that the tracking server is up, then rerun "
                                 "`engineforge sync`") from None
     if not results:
-        print(f"nothing pending under {tracking.pending_dir(args.artifacts)}")
+        print(f"nothing pending under {Layout(args.artifacts).pending_dir()}")
     for r in results:
         what = ("already logged" if r.get("reused")
                 else f"{len(r.get('children') or {})} child run(s)")

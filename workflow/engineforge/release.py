@@ -92,16 +92,17 @@ def built(layout: Layout) -> list[tuple[Path, dict]]:
     return sorted(found, key=lambda f: f[0])
 
 
-def _result(path: Path, kind):
-    """A sidecar's typed result, or None when there is no sidecar."""
-    return kind.model_validate(read_json(path)["result"]) if path.is_file() else None
-
-
-def _invalid(path: Path, err: ValidationError) -> str:
-    first = err.errors()[0]
-    where = ".".join(map(str, first["loc"])) or "result"
-    return (f"{path.name} is not a result of this version ({where}: {first['msg']}); "
-            "rebuild it: `engineforge run`")
+def _result(artifacts: Path, path: Path, kind):
+    """(a sidecar's typed result or None when there is no sidecar, why it is unusable)."""
+    if not path.is_file():
+        return None, None
+    try:
+        return kind.model_validate(read_json(path)["result"]), None
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "result"
+        return None, (f"{path.relative_to(artifacts).as_posix()} is not a result of this "
+                      f"version ({where}: {first['msg']}); rebuild it: `engineforge run`")
 
 
 def select(artifacts: Path, models: dict, patterns: list[str], allow_failed: bool):
@@ -118,16 +119,10 @@ def select(artifacts: Path, models: dict, patterns: list[str], allow_failed: boo
         build = read_json(side)
         audit_path = Path(layout.audit(model, backend, precision))
         bench_path = Path(layout.bench(model, backend, precision, profile))
-        audit = bench = None
+        audit, bad_audit = _result(artifacts, audit_path, AuditResult)
+        bench, bad_bench = _result(artifacts, bench_path, BenchResult)
         why = None
-        try:
-            audit = _result(audit_path, AuditResult)
-            bench = _result(bench_path, BenchResult)
-        except ValidationError as err:
-            why = _invalid(bench_path if audit is not None else audit_path, err)
-        if why:
-            pass
-        elif model not in models:
+        if model not in models:
             why = "model not in the config (it could not be rebuilt)"
         elif not registered:
             why = f"backend '{backend}' is not registered (it could not be rebuilt)"
@@ -135,6 +130,8 @@ def select(artifacts: Path, models: dict, patterns: list[str], allow_failed: boo
             why = "engine file missing next to build.json"
         elif sha256_file(engine) != build["outputs"].get("engine", {}).get("sha256"):
             why = "engine differs from its build.json (rebuild it: `engineforge run`)"
+        elif bad_audit or bad_bench:
+            why = bad_audit or bad_bench
         elif audit is not None and audit.status == "fail" and not allow_failed:
             why = (f"audit verdict 'fail' ({'; '.join(audit.failures)}); "
                    "pass --allow-failed to include it")
@@ -163,7 +160,7 @@ def _entry(artifacts: Path, workdir: Path, config_path: Path, c: dict, commit: s
     rows = read_json(drift_path)["rows"] if drift_path.is_file() else []
     drift = next((r for r in rows if r["precision"] == p and r["backend"] == b), {})
     audit: AuditResult | None = c["audit"]
-    bench: BenchResult | None = c["bench"] if "bench" in sidecars else None
+    bench: BenchResult | None = c["bench"]
     opt = bench.points.get("opt") if bench else None
     track_path = Path(layout.track(m))
     track = read_json(track_path) if track_path.is_file() else {}

@@ -74,8 +74,9 @@ def run_job(job: Job, artifacts: str) -> None:
             err.stage = job.stage
         err.model = err.model or job.model
         _append_log(job.log, f"ERROR {err}")
-        _record(failure, str(err))
-        raise StageFailed(str(err)) from None
+        line = " ".join(str(err).split())  # one line; the log keeps the full text
+        _record(failure, line)
+        raise StageFailed(line) from None
     except (worker.UnexpectedError, Exception) as err:  # noqa: BLE001 - a bug or a tool failure
         if not isinstance(err, worker.UnexpectedError):
             _append_log(job.log, f"unexpected error:\n{traceback.format_exc()}")
@@ -96,13 +97,16 @@ def _run(job: Job, job_id: str) -> None:
         hashes = {role: sha256_file(p) for role, p in job.inputs.items()}
         fp = fingerprint(hashes, Canonical(job.settings).dump(), job.tools, job.device)
         group = stage.cache_group(job) if hasattr(stage, "cache_group") else None
-        if group and cache.restore(group, fp, {k: v for k, v in job.outputs.items()
-                                               if k != "sidecar"}, sidecar_path):
-            return
+        if group:
+            with _log_to(job.log):  # "cache hit ..." belongs in the job's log
+                hit = cache.restore(group, fp, {k: v for k, v in job.outputs.items()
+                                                if k != "sidecar"}, sidecar_path)
+            if hit:
+                return
     staging = _Staging(job)
     try:
         t0 = time.perf_counter()
-        if getattr(stage, "ISOLATED", True):
+        if getattr(stage, "ISOLATED", True) and worker.enabled():
             result = worker.run_isolated("engineforge.runner:body", staging.job,
                                          log_path=job.log, timeout_s=timeout_s(), job=job_id)
         else:

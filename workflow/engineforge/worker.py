@@ -8,7 +8,10 @@ milliseconds, shares no state with the others (no locks), and a crash fails that
 with the signal and its log path. The child kills itself when the Snakemake process goes
 away (Ctrl-C), and the parent kills a child that outlives the job's time limit.
 
-``ENGINEFORGE_ISOLATION=0`` runs bodies in the calling thread instead (debugging only).
+Where Snakemake runs every job as its own process (cluster executors: Slurm, Kubernetes,
+cluster-generic), that process already isolates the job: bodies run in it directly
+(``JOB_PROCESS``), with no fork server to start per job.
+``ENGINEFORGE_ISOLATION=0`` runs bodies in the calling thread too (debugging only).
 """
 
 from __future__ import annotations
@@ -26,14 +29,20 @@ from pathlib import Path
 from engineforge.errors import EngineforgeError, JobCrashed, JobTimedOut
 
 # Imported once by the fork server, so that forked jobs start warm.
-PRELOAD = ["numpy", "onnx", "onnxruntime", "torch", "onnxsim", "polygraphy.comparator",
+# (Not polygraphy.backend.trt: it binds one TensorRT flavour at import, per job.)
+PRELOAD = ["numpy", "onnx", "onnxruntime", "torch", "torch._dynamo", "onnxscript",
+           "torch.onnx._internal.exporter._core", "onnxsim", "polygraphy.comparator",
            "polygraphy.backend.onnxrt", "modelopt.onnx.autocast", "modelopt.onnx.quantization",
-           "engineforge.stages", "engineforge.backends"]
+           "engineforge.runner", "engineforge.stages.export", "engineforge.stages.precision",
+           "engineforge.stages.audit", "engineforge.stages.build", "engineforge.stages.bench"]
 _CTX_LOCK = threading.Lock()
 _ctx = None
+JOB_PROCESS = False  # set by the workflow when this process runs one job (remote execution)
 
 
 def enabled() -> bool:
+    if JOB_PROCESS:
+        return False
     return os.environ.get("ENGINEFORGE_ISOLATION", "1") not in ("0", "false", "no")
 
 
@@ -83,9 +92,12 @@ def _log_to(log_path: str) -> None:
     root.setLevel(logging.INFO)
 
 
-def _child(conn, target: str, args: tuple, log_path: str) -> None:
+def _child(conn, target: str, args: tuple, log_path: str, env: dict) -> None:
     import multiprocessing.connection  # noqa: F401 - used by the watcher thread
 
+    # The fork server's environment is the one it started with: use the caller's, now.
+    os.environ.clear()
+    os.environ.update(env)
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     _log_to(log_path)
@@ -128,7 +140,7 @@ def run_isolated(target: str, *args, log_path: str | Path, timeout_s: float | No
         return call(target, *args)
     ctx = _context()
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(send, target, args, str(log_path)),
+    proc = ctx.Process(target=_child, args=(send, target, args, str(log_path), dict(os.environ)),
                        name=f"engineforge:{job}", daemon=False)
     proc.start()
     send.close()

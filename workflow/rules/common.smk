@@ -11,6 +11,7 @@ from engineforge import backends as efbackends
 from engineforge import config as efconfig
 from engineforge import runner as efrunner
 from engineforge import settings as efsettings
+from engineforge import worker as efworker
 from engineforge.errors import EngineforgeError
 from engineforge.job import Canonical
 from engineforge.layout import ALL_PROFILES, Layout, files_of
@@ -21,6 +22,9 @@ try:
     EF = efconfig.resolve(config, Path("."))
 except EngineforgeError as err:
     efrunner.fail_fast(err)
+
+# A cluster executor runs each job as its own process: that is the job's isolation.
+efworker.JOB_PROCESS = workflow.remote_exec or workflow.subprocess_exec
 
 MODELS = EF["models"]
 A = EF["artifacts"]
@@ -73,7 +77,7 @@ def checkpoint_input(w):
     files = (
         {"checkpoint": m["checkpoint"]["path"]} if m["checkpoint"].get("path") else {}
     )
-    arch = efexport.arch_source(m["checkpoint"])
+    arch = efexport.arch_source(m["checkpoint"], (Path("."), Path(workflow.basedir)))
     return files | ({"arch_source": arch} if arch else {})
 
 

@@ -10,9 +10,10 @@
   ``tensorrt.precision_mode: flags`` instead passes fp32 ONNX + TensorRT 10 builder flags.
 
 One flavour per process: Polygraphy chooses its TensorRT module (``tensorrt`` or
-``tensorrt_rtx``) once, when ``polygraphy.backend.trt`` is first imported. The first
-backend used binds it; the other then refuses with a BuildError instead of silently
-building with the wrong library. Snakemake runs every job in its own process.
+``tensorrt_rtx``) once, when ``polygraphy.backend.trt`` is first imported. Every job runs
+in its own child process (worker.py), so both flavours mix in one run; where they would
+share a process (``ENGINEFORGE_ISOLATION=0``) the second refuses with a BuildError instead
+of silently building with the wrong library.
 """
 
 from __future__ import annotations

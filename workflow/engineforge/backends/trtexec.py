@@ -401,6 +401,16 @@ class TrtexecBackend(Backend):
         avail = self.availability()
         return (True, "") if avail.ok else (False, avail.reason)
 
+    def runner(self, engine_path: Path):
+        """Audit through Polygraphy's TrtRunner where the tensorrt module sits beside trtexec
+        (the NGC container); NotImplementedError (audited as not runnable) elsewhere."""
+        from engineforge.backends.tensorrt import TensorRTBackend
+
+        trt = TensorRTBackend()
+        if not trt.availability().ok:
+            raise NotImplementedError("the tensorrt Python package is not installed")
+        return trt.runner(engine_path)
+
     def build(self, req: BuildRequest) -> dict:
         trtexec, version = self._require(req.settings, req.model)
         work, engine = Path(req.work_dir), Path(req.engine_path)

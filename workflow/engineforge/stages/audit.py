@@ -137,6 +137,13 @@ def verdict(metrics: dict, tol: Tolerance, task: str) -> tuple[bool, list[str]]:
     return not failures, failures
 
 
+def _runner(backend, engine: Path):
+    try:
+        return backend.runner(engine)
+    except NotImplementedError:
+        raise NotRunnable(f"the {backend.name} backend has no runner for the audit") from None
+
+
 def run(job) -> AuditResult:
     s: Settings = job.settings
     t0 = time.perf_counter()
@@ -157,7 +164,7 @@ def run(job) -> AuditResult:
         result = {"status": "not_runnable", "reason": f"not runnable on {s.backend}: {why}"}
     else:
         try:
-            result = measure(lambda: be.runner(engine))
+            result = measure(lambda: _runner(be, engine))
         except NotRunnable as err:
             result = {"status": "not_runnable", "reason": f"not runnable on {s.backend}: {err}"}
             # The ONNX variant itself can still be audited by the ONNX spec's arithmetic.

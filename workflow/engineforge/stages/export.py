@@ -137,6 +137,7 @@ def _export(net, model: str, m: Settings, example: tuple, tmp: Path) -> dict:
                                             optimize=m.optimize,
                                             verbose=False)
                 program.save(str(tmp), external_data=False)
+                _drop_stack_traces(tmp)
             else:
                 torch.onnx.export(net, example, str(tmp), dynamo=False, input_names=names,
                                   dynamic_axes={n: dyn[n] for n in names if dyn[n]},
@@ -154,6 +155,25 @@ def _export(net, model: str, m: Settings, example: tuple, tmp: Path) -> dict:
                           fix="check the model exports with torch.onnx.export, or export it "
                               "yourself and use checkpoint.kind: onnx")
     return facts
+
+
+def _drop_stack_traces(path: Path) -> None:
+    """The dynamo exporter records each node's Python stack trace, with absolute paths of
+    the checkout and the environment: the same model exported in two directories would
+    differ. Those traces go, so exports are reproducible byte for byte."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    graphs = [proto.graph]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            keep = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+            del node.metadata_props[:]
+            node.metadata_props.extend(keep)
+            graphs += [a.g for a in node.attribute if a.HasField("g")]
+            graphs += [g for a in node.attribute for g in a.graphs]
+    onnx.save(proto, str(path))
 
 
 def _onnx_outputs(path: Path) -> list[str]:
@@ -198,17 +218,18 @@ def run(job) -> ExportResult:
                         time_s=round(time.perf_counter() - t0, 3))
 
 
-def arch_source(ckpt: dict, root: Path = Path(".")) -> str | None:
+def arch_source(ckpt: dict, roots=(Path("."),)) -> str | None:
     """The project's own model-definition file (``models/digits_cnn.py`` for
-    ``models.digits_cnn:Net``), so that editing it re-exports. Found on the file system, not
-    imported: this runs while Snakemake parses. Installed packages (torchvision, ...) are
-    covered by their versions instead."""
+    ``models.digits_cnn:Net``), so that editing it re-exports. Found on the file system under
+    ``roots`` (the working directory, then the workflow's), not imported: this runs while
+    Snakemake parses. Installed packages (torchvision, ...) are covered by their versions."""
     if ckpt["kind"] != "state_dict":
         return None
     parts = ckpt["arch"].split(":")[0].split(".")
-    for candidate in (Path(*parts).with_suffix(".py"), Path(*parts) / "__init__.py"):
-        if (root / candidate).is_file():
-            return candidate.as_posix()
+    for root in roots:
+        for candidate in (Path(*parts).with_suffix(".py"), Path(*parts) / "__init__.py"):
+            if (Path(root) / candidate).is_file():
+                return candidate.as_posix() if root == Path(".") else str(Path(root) / candidate)
     return None
 
 

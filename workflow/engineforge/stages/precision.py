@@ -17,6 +17,7 @@ import contextlib
 import importlib
 import logging
 import shutil
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -123,11 +124,26 @@ def _autocast(job, onnx_in: Path, out: Path) -> dict:
 
 
 def _qdq(job, onnx_in: Path, out: Path) -> dict:
-    from modelopt.onnx.quantization import quantize
-
     s = job.settings.method
     data = _calibration(job.model, job.settings.inputs, job.precision,
                         job.inputs.get("calibration"), s.calib_size)
+    # ModelOpt rewrites the file it quantizes (value_info, duplicated constants): give it a
+    # private copy, outside the staging directory, never the published input.
+    scratch = Path(tempfile.mkdtemp(prefix=".quantize-", dir=out.parent.parent))
+    try:
+        private = scratch / onnx_in.name
+        for rel in _external_files(onnx_in):
+            shutil.copyfile(onnx_in.parent / rel, scratch / rel)
+        shutil.copyfile(onnx_in, private)
+        _quantize(job, s, private, out, data)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {"calibration_samples": len(next(iter(data.values())))}
+
+
+def _quantize(job, s, onnx_in: Path, out: Path, data: dict) -> None:
+    from modelopt.onnx.quantization import quantize
+
     with _quiet_modelopt():
         quantize(onnx_path=str(onnx_in), quantize_mode=job.precision, calibration_data=data,
                  calibration_method=s.calibration_method, calibration_eps=["cpu"],
@@ -135,7 +151,6 @@ def _qdq(job, onnx_in: Path, out: Path) -> dict:
                  nodes_to_exclude=list(s.nodes_to_exclude) or None,
                  high_precision_dtype=s.high_precision_dtype, output_path=str(out),
                  log_level="WARNING")
-    return {"calibration_samples": len(next(iter(data.values())))}
 
 
 def _type_split(proto) -> dict:
