@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,3 +22,18 @@ def test_snakefmt_is_clean():
     proc = subprocess.run([str(BIN / "snakefmt"), "--check", "Snakefile", "workflow/rules"],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_parsing_the_workflow_imports_nothing_heavy():
+    """DAG parsing (`snakemake -n`) imports no torch, ONNX Runtime, TensorRT, ModelOpt,
+    onnxsim or MLflow, and runs no backend binary."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", str(BIN / "snakemake"), "-n",
+                           "--quiet"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "ENGINEFORGE_TRTEXEC": "/nonexistent/trtexec"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "engineforge.layout" in imported  # the check itself sees our imports
+    heavy = {"torch", "onnxruntime", "tensorrt_rtx_bindings", "tensorrt", "modelopt",
+             "onnxsim", "mlflow"}
+    assert not heavy & imported

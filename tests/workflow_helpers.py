@@ -25,8 +25,8 @@ def snakemake(workspace: Path, *args: str, env: dict | None = None, cores: int =
               check: bool = True, snakefile: Path = ROOT / "Snakefile"
               ) -> subprocess.CompletedProcess:
     # No --workflow-profile: Snakemake must find profiles/default next to the Snakefile itself.
-    cmd = [str(SNAKEMAKE), "-s", str(snakefile), "--configfile", str(workspace / "config.yaml"), "--directory", str(workspace),
-           "--cores", str(cores), *args]
+    cmd = [str(SNAKEMAKE), "-s", str(snakefile), "--configfile", str(workspace / "config.yaml"),
+           "--directory", str(workspace), "--cores", str(cores), *args]
     full_env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workspace}/mlflow.db",
                 **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, cwd=workspace)

@@ -43,17 +43,17 @@ class Job:
         return replace(self, outputs=outputs)
 
 
-class Canonical:
-    """A params value: compared by Snakemake through its repr, the canonical JSON."""
+class Canonical(str):
+    """A params value: the canonical JSON of a typed settings slice (or a dict), with the
+    object itself as ``.value``. A ``str``, because Snakemake's params trigger compares only
+    builtin values (other objects are silently left out of the comparison)."""
 
-    def __init__(self, value):
-        self.value = value
+    def __new__(cls, value):
+        dumped = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+        text = super().__new__(cls, canonical_json(dumped))
+        text.value = value
+        text.dumped = dumped
+        return text
 
     def dump(self):
-        v = self.value
-        return v.model_dump(mode="json") if isinstance(v, BaseModel) else v
-
-    def __repr__(self) -> str:
-        return canonical_json(self.dump())
-
-    __str__ = __repr__
+        return self.dumped

@@ -1,0 +1,91 @@
+"""Crash isolation (workflow/engineforge/worker.py): each job body in its own child process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import FIXTURES, ROOT
+from engineforge import worker
+from engineforge.errors import ConfigError, JobCrashed, JobTimedOut
+
+
+def _run(func, *args, tmp_path, **kw):
+    return worker.run_isolated(f"worker_targets:{func}", *args, log_path=tmp_path / "job.log",
+                               job="test-job", **kw)
+
+
+def test_result_comes_back(tmp_path):
+    assert _run("add", 2, 3, tmp_path=tmp_path) == 5
+
+
+@pytest.mark.parametrize("func,sig", [("segfault", "SIGSEGV"), ("abort", "SIGABRT")])
+def test_a_native_crash_fails_the_job_not_the_caller(tmp_path, func, sig):
+    # execute
+    with pytest.raises(JobCrashed) as err:
+        _run(func, tmp_path=tmp_path)
+    # assert: one line with the signal and the log path; the caller still works
+    text = str(err.value)
+    assert sig in text and str(tmp_path / "job.log") in text and "\n" not in text
+    assert _run("add", 1, 1, tmp_path=tmp_path) == 2
+
+
+def test_time_limit_kills_the_child(tmp_path):
+    t0 = time.perf_counter()
+    with pytest.raises(JobTimedOut, match="time limit of 1 s"):
+        _run("sleep", 30, tmp_path=tmp_path, timeout_s=1)
+    assert time.perf_counter() - t0 < 10
+
+
+def test_errors_cross_with_model_key_and_fix(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        _run("raise_config_error", tmp_path=tmp_path)
+    assert (err.value.model, err.value.key, err.value.fix) == ("m1", "models.m1.x", "use another")
+    with pytest.raises(worker.UnexpectedError, match="ValueError: boom$"):
+        _run("raise_value_error", tmp_path=tmp_path)
+    assert "Traceback" in (tmp_path / "job.log").read_text()  # the traceback is in the log
+
+
+def test_child_sees_the_callers_current_environment(tmp_path, monkeypatch):
+    _run("add", 0, 0, tmp_path=tmp_path)  # the fork server is running from here on
+    monkeypatch.setenv("ENGINEFORGE_TEST_VALUE", "now")
+    assert _run("env", "ENGINEFORGE_TEST_VALUE", tmp_path=tmp_path) == "now"
+
+
+def test_tensorrt_flavour_binding_does_not_leak_between_jobs(tmp_path):
+    """Polygraphy binds TensorRT or TensorRT-RTX once per process; jobs are processes, so an
+    RTX build never stops a later job from binding the other flavour."""
+    pytest.importorskip("tensorrt_rtx_bindings")
+    assert _run("bind_tensorrt_rtx", tmp_path=tmp_path) == "tensorrt-rtx"
+    assert _run("bound_flavour", tmp_path=tmp_path) == (None, False)
+
+
+def test_children_exit_when_the_run_is_interrupted(tmp_path):
+    # setup: a "Snakemake" process running one long job
+    pid_file = tmp_path / "child.pid"
+    script = (f"import sys; sys.path[:0] = [{str(ROOT / 'workflow')!r}, {str(FIXTURES)!r}]\n"
+              "from engineforge import worker\n"
+              f"worker.run_isolated('worker_targets:sleep', 120, {str(pid_file)!r}, "
+              f"log_path={str(tmp_path / 'job.log')!r})\n")
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 60
+    while not pid_file.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    child = int(pid_file.read_text())
+    # execute: Ctrl-C
+    parent.send_signal(signal.SIGINT)
+    parent.wait(timeout=30)
+    # assert: the job's process is gone within seconds
+    for _ in range(50):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail("the job's child process outlived the interrupted run")
