@@ -6,9 +6,8 @@ One tiny model goes through the real stages and runner into an artifacts tree la
 :class:`~engineforge.layout.Layout`; ``stages.summary.collect`` and
 ``tracking.build_record`` then read it as the workflow's summary and track jobs do. The
 trtexec binary is the only stand-in (a shell script on PATH: see
-tests/backends/test_trtexec.py); its stage bodies run in the test process because the
-runner's worker children come from a fork server that keeps the environment it started
-with, and so would not see the fake on PATH.
+tests/backends/test_trtexec.py); the worker children see the PATH set here because the
+runner hands every child the caller's current environment and directory.
 """
 
 from __future__ import annotations
@@ -74,29 +73,23 @@ def artifacts(tmp_path_factory):
         stage("baseline", {"checkpoint": "tinycls.pt", "arch_source": "tinynets.py"},
               {"sidecar": lay.baseline(MODEL, PROFILE)}, profile=PROFILE)
         for backend in BACKENDS:
-            with pytest.MonkeyPatch.context() as inner:
-                if backend == "trtexec":
-                    inner.setenv("ENGINEFORGE_ISOLATION", "0")
-                engine = lay.engine(backend, MODEL, PRECISION, PROFILE)
-                stage("build", {"onnx": lay.precision("model.onnx", MODEL, PRECISION)},
-                      {"engine": engine, "sidecar": lay.build(backend, MODEL, PRECISION,
-                                                               PROFILE)},
-                      backend=backend, precision=PRECISION, profile=PROFILE)
-                stage("bench", {"engine": engine,
-                                "build": lay.build(backend, MODEL, PRECISION, PROFILE)},
-                      {"sidecar": lay.bench(MODEL, backend, PRECISION, PROFILE)},
-                      backend=backend, precision=PRECISION, profile=PROFILE)
-            if backend != "trtexec":  # the fake binary's engine has nothing to audit
-                stage("audit", {"engine": engine,
-                                "reference": lay.export("reference.npz", MODEL),
-                                "evaluation": "eval.npz"},
-                      {"sidecar": lay.audit(MODEL, backend, PRECISION)},
-                      backend=backend, precision=PRECISION)
+            engine = lay.engine(backend, MODEL, PRECISION, PROFILE)
+            stage("build", {"onnx": lay.precision("model.onnx", MODEL, PRECISION)},
+                  {"engine": engine, "sidecar": lay.build(backend, MODEL, PRECISION, PROFILE)},
+                  backend=backend, precision=PRECISION, profile=PROFILE)
+            stage("bench", {"engine": engine,
+                            "build": lay.build(backend, MODEL, PRECISION, PROFILE)},
+                  {"sidecar": lay.bench(MODEL, backend, PRECISION, PROFILE)},
+                  backend=backend, precision=PRECISION, profile=PROFILE)
+            # trtexec's engine (fake) has no runner here: its audit says "not runnable"
+            stage("audit", {"engine": engine, "reference": lay.export("reference.npz", MODEL),
+                            "evaluation": "eval.npz"},
+                  {"sidecar": lay.audit(MODEL, backend, PRECISION)},
+                  backend=backend, precision=PRECISION)
         job = replace(stage_job("drift", models, MODEL, {}, {"json": lay.drift("json", MODEL),
                                                              "md": lay.drift("md", MODEL)},
                                 root),
-                      extra_inputs=[Path(lay.audit(MODEL, b, PRECISION)) for b in BACKENDS
-                                    if b != "trtexec"])
+                      extra_inputs=[Path(lay.audit(MODEL, b, PRECISION)) for b in BACKENDS])
         run_job(job, job.artifacts)
     return lay, models
 
@@ -147,7 +140,8 @@ def test_summary_reads_every_backend(artifacts):
         assert rows[b]["p50_ms"] == opt.p50_ms
         assert rows[b]["speedup"] == pytest.approx(base.p50_ms / opt.p50_ms)
     assert rows["trtexec"]["p50_ms"] == 0.875
-    assert rows["trtexec"]["engine_mib"] == 26 / 2**20 and "audit" not in rows["trtexec"]
+    assert rows["trtexec"]["engine_mib"] == 26 / 2**20
+    assert rows["trtexec"]["audit"].startswith("not runnable on trtexec:")
     assert rows["onnxruntime"]["audit"] == "pass" and rows["onnxruntime"]["accuracy"] > 0.9
     rtx = rows["tensorrt-rtx"]
     assert "p50_ms" not in rtx and "speedup" not in rtx
@@ -155,7 +149,7 @@ def test_summary_reads_every_backend(artifacts):
     assert rtx["audit"].startswith("not runnable on tensorrt-rtx:")
     assert rtx["engine_mib"] > 0 and rtx["build_s"] > 0
     assert all(r["onnx_mib"] > 0 for r in rows.values())
-    assert "| tinycls | fp32 | trtexec | — |" in md and "0.875" in md
+    assert "| tinycls | fp32 | trtexec | n/a [" in md and "0.875" in md
     assert "compute capability" in md and "- tensorrt: skipped: not installed" in md
 
 
@@ -165,7 +159,6 @@ def test_tracking_record_reads_every_backend(artifacts):
     builds = {b: [PROFILE] for b in BACKENDS}
     s = tracking.settings(models[MODEL], {"model": MODEL}, "engineforge-tests", builds)
     sidecars = tracking.model_outputs(lay, MODEL, s)
-    sidecars["audit"].pop(("trtexec", PRECISION))  # not audited (see the fixture)
     base = _baseline_opt(lay)
     # execute
     record = tracking.build_record(MODEL, s.model, s.experiment, sidecars)
@@ -184,7 +177,7 @@ def test_tracking_record_reads_every_backend(artifacts):
         assert not any("extra" in k for k in c["metrics"])
     assert children["trtexec"]["metrics"]["latency.opt.p50_ms"] == 0.875
     assert children["trtexec"]["metrics"]["build.engine_bytes"] == 26.0
-    assert children["trtexec"]["tags"]["engineforge.audit"] == "n/a"
+    assert children["trtexec"]["tags"]["engineforge.audit"] == "not_runnable"
     rtx = children["tensorrt-rtx"]
     assert rtx["tags"]["engineforge.bench"] == "not_runnable"
     assert rtx["tags"]["engineforge.audit"] == "not_runnable"

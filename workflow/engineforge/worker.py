@@ -92,12 +92,14 @@ def _log_to(log_path: str) -> None:
     root.setLevel(logging.INFO)
 
 
-def _child(conn, target: str, args: tuple, log_path: str, env: dict) -> None:
+def _child(conn, target: str, args: tuple, log_path: str, env: dict, cwd: str) -> None:
     import multiprocessing.connection  # noqa: F401 - used by the watcher thread
 
-    # The fork server's environment is the one it started with: use the caller's, now.
+    # The fork server's environment and directory are those it started with: use the
+    # caller's, now.
     os.environ.clear()
     os.environ.update(env)
+    os.chdir(cwd)
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     _log_to(log_path)
@@ -140,7 +142,7 @@ def run_isolated(target: str, *args, log_path: str | Path, timeout_s: float | No
         return call(target, *args)
     ctx = _context()
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(send, target, args, str(log_path), dict(os.environ)),
+    proc = ctx.Process(target=_child, args=(send, target, args, str(log_path), dict(os.environ), os.getcwd()),
                        name=f"engineforge:{job}", daemon=False)
     proc.start()
     send.close()

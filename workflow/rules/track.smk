@@ -34,7 +34,8 @@ rule summary:
     log:
         f"{A}/logs/summary.log",
     params:
-        settings=Canonical(
+        # a function: Snakemake would format a plain string value as a wildcard pattern
+        settings=lambda w: Canonical(
             efrunner.stage_module("summary").Settings(
                 models={
                     m: {

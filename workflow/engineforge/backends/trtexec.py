@@ -408,7 +408,8 @@ class TrtexecBackend(Backend):
 
         trt = TensorRTBackend()
         if not trt.availability().ok:
-            raise NotImplementedError("the tensorrt Python package is not installed")
+            raise NotImplementedError("trtexec engines are audited through the tensorrt Python "
+                                      "package (Polygraphy TrtRunner), which is not installed")
         return trt.runner(engine_path)
 
     def build(self, req: BuildRequest) -> dict:

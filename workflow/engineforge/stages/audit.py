@@ -140,8 +140,9 @@ def verdict(metrics: dict, tol: Tolerance, task: str) -> tuple[bool, list[str]]:
 def _runner(backend, engine: Path):
     try:
         return backend.runner(engine)
-    except NotImplementedError:
-        raise NotRunnable(f"the {backend.name} backend has no runner for the audit") from None
+    except NotImplementedError as err:
+        raise NotRunnable(str(err) or f"the {backend.name} backend has no runner for the "
+                          "audit") from None
 
 
 def run(job) -> AuditResult:
