@@ -28,6 +28,10 @@ rule all:
         all_targets(),
 
 
+onstart:
+    start_workers()
+
+
 onsuccess:
     print_summary()
 

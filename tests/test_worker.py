@@ -89,3 +89,28 @@ def test_children_exit_when_the_run_is_interrupted(tmp_path):
     else:
         os.kill(child, signal.SIGKILL)
         pytest.fail("the job's child process outlived the interrupted run")
+
+
+def test_staging_left_by_a_killed_run_is_cleaned(tmp_path, tiny_models, tiny_workspace):
+    """A killed job leaves its hidden staging directory; the next job there removes it and
+    never publishes its contents."""
+    from conftest import run_stage
+
+    from engineforge.runner import _Staging
+
+    # setup: a stale staging dir of a process that no longer exists, beside the outputs
+    out = tiny_workspace / "out"
+    stale = out / f"{_Staging.PREFIX}999999999-deadbeef"
+    stale.mkdir(parents=True)
+    (stale / "model.onnx").write_text("half-written")
+    export = {"onnx": out / "e/model.onnx", "reference": out / "e/reference.npz",
+              "sidecar": out / "e/export.json"}
+    run_stage("export", tiny_models, "tinyfcn", {"calibration": "calib_fcn.npz"}, export,
+              tiny_workspace)
+    # execute
+    run_stage("simplify", tiny_models, "tinyfcn", {"onnx": export["onnx"]},
+              {"onnx": out / "model.onnx", "sidecar": out / "simplify.json"}, tiny_workspace)
+    # assert
+    assert not stale.exists()
+    assert (out / "model.onnx").read_bytes()[:4] != b"half"
+    assert not list(out.glob(".staging-*"))

@@ -14,6 +14,7 @@ import importlib
 import logging
 import os
 import shutil
+import socket
 import sys
 import threading
 import time
@@ -138,16 +139,28 @@ class _Staging:
     afterwards, so an interrupted job never leaves a file a later run would trust. Every
     file the body leaves there (e.g. ONNX external data) is published with its output."""
 
+    PREFIX = f".staging-{socket.gethostname()}-"
+
     def __init__(self, job: Job):
-        self.key = f".staging-{job.stage}-{uuid.uuid4().hex[:8]}"
+        self.key = f"{self.PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.dirs: dict[Path, Path] = {}
         staged = {}
         for role, path in job.outputs.items():
+            if path.parent not in self.dirs:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._clean_stale(path.parent)
             d = self.dirs.setdefault(path.parent, path.parent / self.key)
             d.mkdir(parents=True, exist_ok=True)
             staged[role] = d / path.name
         self.final = job.outputs
         self.job = job.with_outputs(staged)
+
+    def _clean_stale(self, parent: Path) -> None:
+        """Staging directories a killed run left here (their process is gone) are removed."""
+        for d in parent.glob(f"{self.PREFIX}*"):
+            pid = d.name[len(self.PREFIX):].split("-")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(d, ignore_errors=True)
 
     def publish(self) -> None:
         declared = {self.job.outputs[r]: self.final[r] for r in self.final}
@@ -169,6 +182,16 @@ class _Staging:
     def cleanup(self) -> None:
         for d in self.dirs.values():
             shutil.rmtree(d, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # -- logs and failures --------------------------------------------------------------------------

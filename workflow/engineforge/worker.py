@@ -28,13 +28,14 @@ from pathlib import Path
 
 from engineforge.errors import EngineforgeError, JobCrashed, JobTimedOut
 
-# Imported once by the fork server, so that forked jobs start warm.
-# (Not polygraphy.backend.trt: it binds one TensorRT flavour at import, per job.)
-PRELOAD = ["numpy", "onnx", "onnxruntime", "torch", "torch._dynamo", "onnxscript",
-           "torch.onnx._internal.exporter._core", "onnxsim", "polygraphy.comparator",
-           "polygraphy.backend.onnxrt", "modelopt.onnx.autocast", "modelopt.onnx.quantization",
-           "engineforge.runner", "engineforge.stages.export", "engineforge.stages.precision",
-           "engineforge.stages.audit", "engineforge.stages.build", "engineforge.stages.bench"]
+# Imported once by the fork server, so that forked jobs start warm: what nearly every job
+# needs, and no more (the server's start is on the first job's critical path). Jobs import
+# the rest themselves: ModelOpt (precision), the dynamo exporter stack (export), onnxsim
+# (simplify), polygraphy.backend.trt (it binds one TensorRT flavour at import).
+PRELOAD = ["numpy", "onnx", "onnxruntime", "torch", "polygraphy.comparator",
+           "polygraphy.backend.onnxrt", "engineforge.runner", "engineforge.stages.export",
+           "engineforge.stages.precision", "engineforge.stages.audit",
+           "engineforge.stages.build", "engineforge.stages.bench"]
 _CTX_LOCK = threading.Lock()
 _ctx = None
 JOB_PROCESS = False  # set by the workflow when this process runs one job (remote execution)
@@ -67,6 +68,19 @@ def _context():
                     os.environ["PYTHONPATH"] = saved
             _ctx = ctx
         return _ctx
+
+
+def start() -> None:
+    """Start the fork server now, in the background (it imports for a few seconds)."""
+    if enabled():
+        threading.Thread(target=_context, name="engineforge-forkserver", daemon=True).start()
+
+
+def warm_import(module: str) -> None:
+    """Import ``module`` in a background thread of this process (a job that needs it
+    waits on Python's import lock instead of importing from scratch)."""
+    threading.Thread(target=importlib.import_module, args=(module,), daemon=True,
+                     name=f"engineforge-import-{module}").start()
 
 
 def _die_with_parent() -> None:

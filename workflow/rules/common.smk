@@ -152,6 +152,13 @@ def all_targets():
     return [L.summary("md")] + [L.track(m) for m in MODELS]
 
 
+def start_workers():
+    """Jobs are about to run: warm the worker fork server and the MLflow client (cache
+    lookups, tracking) in the background while Snakemake schedules."""
+    efworker.start()
+    efworker.warm_import("mlflow.tracking")
+
+
 def print_summary():
     efrunner.print_file(L.summary("md"))
 

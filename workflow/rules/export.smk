@@ -8,6 +8,8 @@ rule export:
         sidecar=L.export("export.json"),
     log:
         L.log("export"),
+    # the critical path first: every later job waits on it
+    priority: 3
     params:
         settings=settings_param("export"),
         tools=tools_param("export"),

@@ -7,6 +7,8 @@ rule precision:
         sidecar=L.precision("precision.json"),
     log:
         L.log("precision-{precision}"),
+    # the critical path first: every later job waits on it
+    priority: 2
     params:
         settings=settings_param("precision"),
         tools=tools_param("precision"),

@@ -6,6 +6,8 @@ rule simplify:
         sidecar=L.simplify("simplify.json"),
     log:
         L.log("simplify"),
+    # the critical path first: every later job waits on it
+    priority: 3
     params:
         settings=settings_param("simplify"),
         tools=tools_param("simplify"),
