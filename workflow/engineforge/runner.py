@@ -78,7 +78,7 @@ def run_job(job: Job, artifacts: str) -> None:
         line = " ".join(str(err).split())  # one line; the log keeps the full text
         _record(failure, line)
         raise StageFailed(line) from None
-    except (worker.UnexpectedError, Exception) as err:  # noqa: BLE001 - a bug or a tool failure
+    except Exception as err:  # noqa: BLE001 - a bug or an unforeseen tool failure
         if not isinstance(err, worker.UnexpectedError):
             _append_log(job.log, f"unexpected error:\n{traceback.format_exc()}")
         first = (str(err).strip().splitlines() or [""])[0][:300]
