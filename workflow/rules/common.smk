@@ -81,6 +81,15 @@ def checkpoint_input(w):
     return files | ({"arch_source": arch} if arch else {})
 
 
+def reference_data_input(w):
+    """What the export draws its reference inputs from: the evaluation data (labelled: also
+    the accuracy reference), else the calibration data. Only that one file is declared, so
+    new calibration data re-exports nothing where evaluation data exists."""
+    m = MODELS[w.model]
+    section = "evaluation" if "evaluation" in m else "calibration"
+    return {section: m[section]["path"]} if section in m else {}
+
+
 def data_input(*sections):
     def files(w):
         m = MODELS[w.model]

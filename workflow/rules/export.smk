@@ -1,7 +1,7 @@
 rule export:
     input:
         unpack(checkpoint_input),
-        unpack(data_input("evaluation", "calibration")),
+        unpack(reference_data_input),
     output:
         onnx=L.export("model.onnx"),
         reference=L.export("reference.npz"),
