@@ -95,7 +95,6 @@ def test_staging_left_by_a_killed_run_is_cleaned(tmp_path, tiny_models, tiny_wor
     """A killed job leaves its hidden staging directory; the next job there removes it and
     never publishes its contents."""
     from conftest import run_stage
-
     from engineforge.runner import _Staging
 
     # setup: a stale staging dir of a process that no longer exists, beside the outputs

@@ -156,8 +156,8 @@ def run_isolated(target: str, *args, log_path: str | Path, timeout_s: float | No
         return call(target, *args)
     ctx = _context()
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(send, target, args, str(log_path), dict(os.environ), os.getcwd()),
-                       name=f"engineforge:{job}", daemon=False)
+    proc = ctx.Process(target=_child, name=f"engineforge:{job}", daemon=False,
+                       args=(send, target, args, str(log_path), dict(os.environ), os.getcwd()))
     proc.start()
     send.close()
     try:
