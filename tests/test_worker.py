@@ -113,3 +113,18 @@ def test_staging_left_by_a_killed_run_is_cleaned(tmp_path, tiny_models, tiny_wor
     assert not stale.exists()
     assert (out / "model.onnx").read_bytes()[:4] != b"half"
     assert not list(out.glob(".staging-*"))
+
+
+def test_a_lane_reuses_its_warm_worker_and_replaces_a_crashed_one(tmp_path, monkeypatch):
+    # setup / execute: two jobs in one lane, then a crash, then another job
+    first = _run("pid", tmp_path=tmp_path, lane="test-lane")
+    second = _run("pid", tmp_path=tmp_path, lane="test-lane")
+    with pytest.raises(JobCrashed, match="SIGSEGV"):
+        _run("segfault", tmp_path=tmp_path, lane="test-lane")
+    monkeypatch.setenv("ENGINEFORGE_TEST_VALUE", "lane")
+    after = _run("pid", tmp_path=tmp_path, lane="test-lane")
+    # assert
+    assert first == second != os.getpid()  # warm: the same process ran both jobs
+    assert after != first                   # the crashed worker was replaced
+    assert _run("env", "ENGINEFORGE_TEST_VALUE", tmp_path=tmp_path, lane="test-lane") == "lane"
+    assert _run("pid", tmp_path=tmp_path) not in (first, after)  # no lane: a fresh child

@@ -108,8 +108,10 @@ def _run(job: Job, job_id: str) -> None:
     try:
         t0 = time.perf_counter()
         if getattr(stage, "ISOLATED", True) and worker.enabled():
+            lane = stage.worker_lane(job) if hasattr(stage, "worker_lane") else None
             result = worker.run_isolated("engineforge.runner:body", staging.job,
-                                         log_path=job.log, timeout_s=timeout_s(), job=job_id)
+                                         log_path=job.log, timeout_s=timeout_s(), job=job_id,
+                                         lane=lane)
         else:
             with _log_to(job.log):
                 result = body(staging.job)

@@ -3,9 +3,12 @@
 Native libraries (TensorRT builders, engine and package loads, ONNX Runtime sessions of
 untrusted graphs) can segfault, abort or run out of memory. Each job's body therefore runs
 in a child forked from a multiprocessing *fork server* that imported the heavy libraries
-once (torch, ONNX, ONNX Runtime, onnxsim, ModelOpt, Polygraphy): a job starts in
-milliseconds, shares no state with the others (no locks), and a crash fails that job alone
-with the signal and its log path. The child kills itself when the Snakemake process goes
+once (torch, ONNX, ONNX Runtime, onnxsim, ModelOpt, Polygraphy): it shares no state with
+the jobs running beside it (no locks), and a crash fails that job alone with the signal and
+its log path. Heavy, stateful stages (export, precision) get a fresh child per job; the
+many small jobs of a lane (e.g. ONNX Runtime audits, builds and benches) reuse a warm
+worker of that lane, which saves the fork and the first touch of the libraries' memory
+(~0.1–0.4 s a job); a worker that crashes fails its job and is replaced. The child kills itself when the Snakemake process goes
 away (Ctrl-C), and the parent kills a child that outlives the job's time limit.
 
 Where Snakemake runs every job as its own process (cluster executors: Slurm, Kubernetes,
@@ -106,16 +109,13 @@ def _log_to(log_path: str) -> None:
     root.setLevel(logging.INFO)
 
 
-def _child(conn, target: str, args: tuple, log_path: str, env: dict, cwd: str) -> None:
-    import multiprocessing.connection  # noqa: F401 - used by the watcher thread
-
+def _execute(conn, target: str, args: tuple, log_path: str, env: dict, cwd: str) -> None:
+    """Run one job in this (child) process and send its reply."""
     # The fork server's environment and directory are those it started with: use the
     # caller's, now.
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
-    _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
     _log_to(log_path)
     try:
         reply = ("ok", call(target, *args))
@@ -130,8 +130,32 @@ def _child(conn, target: str, args: tuple, log_path: str, env: dict, cwd: str) -
         conn.send(reply)
     except Exception as err:  # noqa: BLE001 - e.g. an unpicklable result
         conn.send(("unexpected", f"result not transferable: {type(err).__name__}: {err}"))
+    for h in list(logging.getLogger().handlers):
+        h.close()
+
+
+def _child(conn, target: str, args: tuple, log_path: str, env: dict, cwd: str) -> None:
+    """A process for one job."""
+    import multiprocessing.connection  # noqa: F401 - used by the watcher thread
+
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    _execute(conn, target, args, log_path, env, cwd)
     conn.close()
-    logging.shutdown()
+
+
+def _serve(conn) -> None:
+    """A warm worker: runs the jobs of one lane, one after the other, until the pipe closes."""
+    import multiprocessing.connection  # noqa: F401 - used by the watcher thread
+
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    while True:
+        try:
+            request = conn.recv()
+        except (EOFError, OSError):
+            return
+        _execute(conn, *request)
 
 
 def call(target: str, *args):
@@ -144,24 +168,61 @@ class UnexpectedError(Exception):
     """A bug or an unforeseen library failure in the child; its traceback is in the log."""
 
 
+class _Worker:
+    def __init__(self, ctx, lane: str):
+        self.conn, child = ctx.Pipe(duplex=True)
+        # daemon: ended with this process (at exit, multiprocessing terminates daemons and
+        # would wait forever on a non-daemon worker idling for its next job)
+        self.proc = ctx.Process(target=_serve, args=(child,), name=f"engineforge:{lane}",
+                                daemon=True)
+        self.proc.start()
+        child.close()
+
+
+_IDLE: dict[str, list[_Worker]] = {}   # lane -> warm workers waiting for a job
+_IDLE_LOCK = threading.Lock()
+
+
+def _take(ctx, lane: str) -> _Worker:
+    with _IDLE_LOCK:
+        while _IDLE.get(lane):
+            w = _IDLE[lane].pop()
+            if w.proc.is_alive():
+                return w
+    return _Worker(ctx, lane)
+
+
+def _give_back(lane: str, w: _Worker) -> None:
+    with _IDLE_LOCK:
+        _IDLE.setdefault(lane, []).append(w)
+
+
 def run_isolated(target: str, *args, log_path: str | Path, timeout_s: float | None = None,
-                 job: str = "job"):
+                 job: str = "job", lane: str | None = None):
     """Run ``target(*args)`` in a child process; return its result or raise its error.
 
+    ``lane``: run it in a warm worker of that lane (a process that ran earlier jobs of the
+    same lane and kept its imports and sessions' libraries loaded); None: a fresh child.
     Raises the child's :class:`EngineforgeError` as is, :class:`UnexpectedError` for any
-    other exception, :class:`JobCrashed` when the child died (signal or exit code) and
-    :class:`JobTimedOut` past ``timeout_s``.
+    other exception, :class:`JobCrashed` when the process died (signal or exit code; a warm
+    worker is then replaced) and :class:`JobTimedOut` past ``timeout_s``.
     """
     if not enabled():
         return call(target, *args)
     ctx = _context()
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, name=f"engineforge:{job}", daemon=False,
-                       args=(send, target, args, str(log_path), dict(os.environ), os.getcwd()))
-    proc.start()
-    send.close()
+    request = (target, args, str(log_path), dict(os.environ), os.getcwd())
+    if lane is None:
+        conn, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_child, name=f"engineforge:{job}", daemon=False,
+                           args=(send, *request))
+        proc.start()
+        send.close()
+    else:
+        w = _take(ctx, lane)
+        conn, proc = w.conn, w.proc
+        conn.send(request)
     try:
-        ready = multiprocessing.connection.wait([recv, proc.sentinel], timeout=timeout_s)
+        ready = multiprocessing.connection.wait([conn, proc.sentinel], timeout=timeout_s)
         if not ready:
             proc.kill()
             proc.join()
@@ -169,17 +230,21 @@ def run_isolated(target: str, *args, log_path: str | Path, timeout_s: float | No
                               f"killed; log: {log_path}", fix="raise the job's time limit "
                               "(ENGINEFORGE_JOB_TIMEOUT_S) or make the model smaller")
         try:
-            kind, value = recv.recv() if recv in ready or recv.poll() else ("died", None)
-        except EOFError:
+            kind, value = conn.recv() if conn in ready or conn.poll() else ("died", None)
+        except (EOFError, OSError):
             kind, value = "died", None
-        proc.join()
+        if lane is None or kind == "died":
+            proc.join()
     except BaseException:
         if proc.is_alive():
             proc.kill()
             proc.join()
+        conn.close()
         raise
-    finally:
-        recv.close()
+    if lane is None:
+        conn.close()
+    elif kind != "died":
+        _give_back(lane, w)
     if kind == "ok":
         return value
     if kind == "error":

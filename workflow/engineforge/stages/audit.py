@@ -145,6 +145,11 @@ def _runner(backend, engine: Path):
                           "audit") from None
 
 
+def worker_lane(job) -> str:
+    """Many small jobs: a warm worker per backend runs them (see worker.py)."""
+    return f"backend:{job.backend}"
+
+
 def run(job) -> AuditResult:
     s: Settings = job.settings
     t0 = time.perf_counter()

@@ -77,6 +77,11 @@ def device_info() -> dict:
     return info
 
 
+def worker_lane(job) -> str:
+    """Many small jobs: a warm worker per backend runs them (see worker.py)."""
+    return f"backend:{job.backend}"
+
+
 def run(job) -> BenchResult:
     """Bench one engine at its profile's min/opt/max; 'not runnable' is a result."""
     s: Settings = job.settings

@@ -54,6 +54,11 @@ def device(job) -> str:
     return get_backend(job.backend).device()
 
 
+def worker_lane(job) -> str:
+    """Many small jobs: a warm worker per backend runs them (see worker.py)."""
+    return f"backend:{job.backend}"
+
+
 def run(job) -> BuildResult:
     s: Settings = job.settings
     be = get_backend(s.backend)
