@@ -6,10 +6,11 @@ in a child forked from a multiprocessing *fork server* that imported the heavy l
 once (torch, ONNX, ONNX Runtime, onnxsim, ModelOpt, Polygraphy): it shares no state with
 the jobs running beside it (no locks), and a crash fails that job alone with the signal and
 its log path. Heavy, stateful stages (export, precision) get a fresh child per job; the
-many small jobs of a lane (e.g. ONNX Runtime audits, builds and benches) reuse a warm
-worker of that lane, which saves the fork and the first touch of the libraries' memory
-(~0.1–0.4 s a job); a worker that crashes fails its job and is replaced. The child kills itself when the Snakemake process goes
-away (Ctrl-C), and the parent kills a child that outlives the job's time limit.
+many small jobs of a lane (builds, audits and benches of one backend) reuse a warm worker
+of that lane, which saves the fork and the first touch of the libraries' memory (~0.1-0.4 s
+a job); a worker that crashes fails its job and is replaced. A child exits when the
+Snakemake process goes away (Ctrl-C), and the parent kills one that outlives the job's time
+limit.
 
 Where Snakemake runs every job as its own process (cluster executors: Slurm, Kubernetes,
 cluster-generic), that process already isolates the job: bodies run in it directly
