@@ -128,3 +128,12 @@ def test_a_lane_reuses_its_warm_worker_and_replaces_a_crashed_one(tmp_path, monk
     assert after != first                   # the crashed worker was replaced
     assert _run("env", "ENGINEFORGE_TEST_VALUE", tmp_path=tmp_path, lane="test-lane") == "lane"
     assert _run("pid", tmp_path=tmp_path) not in (first, after)  # no lane: a fresh child
+
+
+@pytest.mark.parametrize("lane", [None, "test-lane"])
+def test_a_jobs_console_output_goes_to_its_log(tmp_path, capfd, lane):
+    assert _run("shout", "hello", tmp_path=tmp_path, lane=lane) == "done"
+    out, err = capfd.readouterr()
+    assert "hello" not in out + err
+    log = (tmp_path / "job.log").read_text()
+    assert "hello" in log and "native hello" in log

@@ -110,6 +110,17 @@ def _log_to(log_path: str) -> None:
     root.setLevel(logging.INFO)
 
 
+def _output_to(log_path: str) -> None:
+    """The job's stdout and stderr (Polygraphy's console, native libraries' prints) go to
+    its log, not to the terminal the run reports to."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
 def _execute(conn, target: str, args: tuple, log_path: str, env: dict, cwd: str) -> None:
     """Run one job in this (child) process and send its reply."""
     # The fork server's environment and directory are those it started with: use the
@@ -118,6 +129,7 @@ def _execute(conn, target: str, args: tuple, log_path: str, env: dict, cwd: str)
     os.environ.update(env)
     os.chdir(cwd)
     _log_to(log_path)
+    _output_to(log_path)
     try:
         reply = ("ok", call(target, *args))
     except EngineforgeError as err:
