@@ -108,5 +108,5 @@ def run_stage(stage: str, models: dict, model: str, inputs: dict, outputs: dict,
     from engineforge.sidecar import read_json
 
     job = stage_job(stage, models, model, inputs, outputs, workspace, **wildcards)
-    run_job(job, job.artifacts)
+    run_job(job)
     return read_json(job.outputs["sidecar"]) if "sidecar" in job.outputs else {}

@@ -90,7 +90,7 @@ def artifacts(tmp_path_factory):
                                                              "md": lay.drift("md", MODEL)},
                                 root),
                       extra_inputs=[Path(lay.audit(MODEL, b, PRECISION)) for b in BACKENDS])
-        run_job(job, job.artifacts)
+        run_job(job)
     return lay, models
 
 

@@ -82,7 +82,7 @@ def _drift(models: dict, tmp: Path, audits: list[Path]) -> dict:
     job = stage_job("drift", models, MODEL, {},
                     {"json": tmp / "a/drift.json", "md": tmp / "a/drift.md"}, tmp)
     job = replace(job, extra_inputs=[Path(p) for p in audits])
-    run_job(job, job.artifacts)
+    run_job(job)
     return read_json(tmp / "a/drift.json")
 
 

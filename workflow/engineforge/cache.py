@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from engineforge.sidecar import atomic_path, fingerprint, read_json, sha256_file, write_json
+from engineforge.sidecar import atomic_path, read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 _unreachable: dict[str, str] = {}  # tracking URI -> first error: stop asking it in this process
@@ -54,16 +54,6 @@ def lookup(group: str, fingerprint: str) -> str | None:
         log.warning("cache lookup for %s failed; no more lookups in this run: %s", group,
                     _unreachable[tracking_uri()])
         return None
-
-
-def try_restore(group: str, *, inputs: dict, config_slice: dict, tools: dict,
-                outputs: dict[str, Path], sidecar_path: Path, device: str | None = None) -> bool:
-    """Compute the stage's fingerprint from its inputs and restore it from the cache."""
-    if not enabled():
-        return False
-    fp = fingerprint({role: sha256_file(p) for role, p in inputs.items()}, config_slice, tools,
-                     device)
-    return restore(group, fp, outputs, sidecar_path)
 
 
 def restore(group: str, fingerprint: str, outputs: dict[str, Path], sidecar_path: Path) -> bool:

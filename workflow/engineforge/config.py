@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from engineforge.errors import ConfigError
+from engineforge.settings import QUANTIZED
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SCHEMA_PATH = PACKAGE_DIR.parent / "schemas" / "config.schema.yaml"
@@ -121,7 +122,7 @@ def _check_model(name: str, m: dict, root: Path) -> None:
             raise ConfigError(f"{section} data '{m[section]['path']}' does not exist.",
                               model=name, key=f"models.{name}.{section}.path",
                               fix="create the .npz or remove the section")
-    needs_calib = [p for p in m["precisions"] if p in ("int8", "fp8")]
+    needs_calib = [p for p in m["precisions"] if p in QUANTIZED]
     if needs_calib and "calibration" not in m:
         raise ConfigError(f"precisions {needs_calib} need calibration data.", model=name,
                           key=f"models.{name}.calibration",

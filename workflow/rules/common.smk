@@ -15,6 +15,7 @@ from engineforge import worker as efworker
 from engineforge.errors import EngineforgeError
 from engineforge.job import Canonical
 from engineforge.layout import ALL_PROFILES, Layout, files_of
+from engineforge.stages import build as efbuild
 from engineforge.stages import export as efexport
 from engineforge.versions import tool_versions
 
@@ -113,7 +114,7 @@ def build_input(backend):
         m = MODELS[w.model]
         if cls.builds_from == "torch":
             return checkpoint_input(w)
-        if not cls.flags_mode or m["tensorrt"]["precision_mode"] != "flags":
+        if not efbuild.flags_mode(m, backend):
             return {"onnx": L.precision("model.onnx", w.model, w.precision)}
         out = {"fp32": L.precision("model.onnx", w.model, "fp32")}
         if w.precision == "int8":

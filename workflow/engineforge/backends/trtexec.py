@@ -32,10 +32,10 @@ from pathlib import Path
 
 from engineforge.backends.base import Availability, Backend, BuildRequest
 from engineforge.errors import BackendUnavailable, BenchError, BuildError
+from engineforge.settings import PRECISIONS
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 ENV_BINARY = "ENGINEFORGE_TRTEXEC"
 HOW = ("run inside the NGC container nvcr.io/nvidia/tensorrt:<tag> "
        "or set tensorrt.trtexec / ENGINEFORGE_TRTEXEC")
