@@ -137,3 +137,19 @@ def test_a_jobs_console_output_goes_to_its_log(tmp_path, capfd, lane):
     assert "hello" not in out + err
     log = (tmp_path / "job.log").read_text()
     assert "hello" in log and "native hello" in log
+
+
+def test_a_bad_time_limit_is_one_line(tiny_models, tiny_workspace, monkeypatch):
+    from conftest import run_stage
+
+    from engineforge.runner import StageFailed
+
+    monkeypatch.setenv("ENGINEFORGE_JOB_TIMEOUT_S", "ten minutes")
+    out = tiny_workspace / "out"
+    with pytest.raises(StageFailed) as err:
+        run_stage("export", tiny_models, "tinyfcn", {"calibration": "calib_fcn.npz"},
+                  {"onnx": out / "model.onnx", "reference": out / "reference.npz",
+                   "sidecar": out / "export.json"}, tiny_workspace)
+    line = str(err.value)
+    assert "key=ENGINEFORGE_JOB_TIMEOUT_S" in line and "'ten minutes'" in line
+    assert "\n" not in line and "Traceback" not in line

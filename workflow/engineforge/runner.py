@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from engineforge import cache, worker
-from engineforge.errors import EngineforgeError
+from engineforge.errors import ConfigError, EngineforgeError
 from engineforge.job import Canonical, Job
 from engineforge.sidecar import fingerprint, make_sidecar, sha256_file, write_json
 
@@ -42,7 +42,16 @@ def stage_module(stage: str):
 
 
 def timeout_s() -> float:
-    return float(os.environ.get("ENGINEFORGE_JOB_TIMEOUT_S", DEFAULT_TIMEOUT_S))
+    raw = os.environ.get("ENGINEFORGE_JOB_TIMEOUT_S", DEFAULT_TIMEOUT_S)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigError(f"ENGINEFORGE_JOB_TIMEOUT_S={raw!r} is not a positive number of "
+                          "seconds.", key="ENGINEFORGE_JOB_TIMEOUT_S",
+                          fix="set it to e.g. 3600, or unset it")
+    return value
 
 
 # -- called from the rules ---------------------------------------------------------------------
@@ -59,12 +68,12 @@ def run_rule(stage: str, wildcards, input, output, params, log, artifacts: str) 
     job = Job(stage=stage, model=w.get("model"), wildcards=w, inputs=named_in,
               outputs=named_out, settings=settings, tools=tools, device=None,
               log=Path(log[0]), artifacts=artifacts, extra_inputs=extra)
-    run_job(job, artifacts)
+    run_job(job)
 
 
-def run_job(job: Job, artifacts: str) -> None:
+def run_job(job: Job) -> None:
     job_id = "-".join([job.stage, *job.wildcards.values()])
-    failure = Path(artifacts) / "_failures" / f"{job_id}.txt"
+    failure = Path(job.artifacts) / "_failures" / f"{job_id}.txt"
     job.log.parent.mkdir(parents=True, exist_ok=True)
     job.log.write_text("")
     try:
@@ -93,10 +102,10 @@ def _run(job: Job, job_id: str) -> None:
     if hasattr(stage, "device"):  # what the output is specific to (engines: the GPU class)
         job = replace(job, device=stage.device(job))
     sidecar_path = job.outputs.get("sidecar")
-    fp = None
+    settings = Canonical(job.settings).dump()
     if sidecar_path is not None:
         hashes = {role: sha256_file(p) for role, p in job.inputs.items()}
-        fp = fingerprint(hashes, Canonical(job.settings).dump(), job.tools, job.device)
+        fp = fingerprint(hashes, settings, job.tools, job.device)
         group = stage.cache_group(job) if hasattr(stage, "cache_group") else None
         if group:
             with _log_to(job.log):  # "cache hit ..." belongs in the job's log
@@ -118,7 +127,7 @@ def _run(job: Job, job_id: str) -> None:
         if sidecar_path is not None:
             side = make_sidecar(
                 stage=job.stage, model=job.model or "", inputs=job.inputs, input_hashes=hashes,
-                config_slice=Canonical(job.settings).dump(), tools=job.tools,
+                config_slice=settings, tools=job.tools,
                 outputs={k: v for k, v in staging.job.outputs.items() if k != "sidecar"},
                 result=result.model_dump(mode="json") if result is not None else {},
                 device=job.device)
