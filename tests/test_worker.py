@@ -141,7 +141,6 @@ def test_a_jobs_console_output_goes_to_its_log(tmp_path, capfd, lane):
 
 def test_a_bad_time_limit_is_one_line(tiny_models, tiny_workspace, monkeypatch):
     from conftest import run_stage
-
     from engineforge.runner import StageFailed
 
     monkeypatch.setenv("ENGINEFORGE_JOB_TIMEOUT_S", "ten minutes")
