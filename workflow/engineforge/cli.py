@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     except EngineforgeError as err:
         print(f"engineforge: {err}", file=sys.stderr)
         code = 2
+    except BrokenPipeError:  # `engineforge schema | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
     sys.exit(code)
 
 
