@@ -10,7 +10,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
-for p in (ROOT, FIXTURES):
+# this checkout's engineforge first (also in a git worktree beside an editable install)
+for p in (ROOT / "workflow", ROOT, FIXTURES):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
@@ -21,7 +22,7 @@ def tiny_raw_config(precisions=("fp32",), backends=("onnxruntime",)) -> dict:
         "experiment": "engineforge-tests",
         "defaults": {"precisions": list(precisions), "backends": list(backends),
                      "bench": {"warmup": 1, "iterations": 3, "threads": 1},
-                     "export": {"reference_batch": 4},
+                     "audit": {"samples": 8},
                      "precision": {"int8": {"calib_size": 8}, "fp8": {"calib_size": 8}}},
         "models": {
             "tinycls": {

@@ -32,6 +32,8 @@ class Job:
     log: Path
     artifacts: str = "artifacts"
     extra_inputs: list[Path] = field(default_factory=list)  # unnamed inputs (reports)
+    # seconds per stage (the model's time_limits; not part of the fingerprint)
+    limits: dict[str, float] = field(default_factory=dict)
 
     def __getattr__(self, name):  # job.precision, job.backend, job.profile
         wildcards = self.__dict__.get("wildcards") or {}

@@ -41,8 +41,13 @@ def stage_module(stage: str):
     return importlib.import_module(STAGES[stage])
 
 
-def timeout_s() -> float:
-    raw = os.environ.get("ENGINEFORGE_JOB_TIMEOUT_S", DEFAULT_TIMEOUT_S)
+def timeout_s(job: Job | None = None, stage: str | None = None) -> float:
+    """The job's time limit: ENGINEFORGE_JOB_TIMEOUT_S when set (every stage), else the
+    model's ``time_limits.<stage>``."""
+    raw = os.environ.get("ENGINEFORGE_JOB_TIMEOUT_S")
+    if raw is None:
+        limits = job.limits if job is not None else {}
+        return float(limits.get(stage or (job.stage if job else ""), DEFAULT_TIMEOUT_S))
     try:
         value = float(raw)
     except ValueError:
@@ -55,7 +60,8 @@ def timeout_s() -> float:
 
 
 # -- called from the rules ---------------------------------------------------------------------
-def run_rule(stage: str, wildcards, input, output, params, log, artifacts: str) -> None:
+def run_rule(stage: str, wildcards, input, output, params, log, artifacts: str,
+             limits: dict | None = None) -> None:
     """Snakemake's ``run:`` body of every rule: turn the rule's objects into a Job, run it."""
     w = dict(wildcards.items())
     if "backend" in params.keys():  # rules that hold their backend in the path
@@ -67,7 +73,8 @@ def run_rule(stage: str, wildcards, input, output, params, log, artifacts: str) 
     tools = params.tools.value if "tools" in params.keys() else {}
     job = Job(stage=stage, model=w.get("model"), wildcards=w, inputs=named_in,
               outputs=named_out, settings=settings, tools=tools, device=None,
-              log=Path(log[0]), artifacts=artifacts, extra_inputs=extra)
+              log=Path(log[0]), artifacts=artifacts, extra_inputs=extra,
+              limits=dict(limits or {}))
     run_job(job)
 
 
@@ -119,7 +126,7 @@ def _run(job: Job, job_id: str) -> None:
         if getattr(stage, "ISOLATED", True) and worker.enabled():
             lane = stage.worker_lane(job) if hasattr(stage, "worker_lane") else None
             result = worker.run_isolated("engineforge.runner:body", staging.job,
-                                         log_path=job.log, timeout_s=timeout_s(), job=job_id,
+                                         log_path=job.log, timeout_s=timeout_s(job), job=job_id,
                                          lane=lane)
         else:
             with _log_to(job.log):

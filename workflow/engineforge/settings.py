@@ -35,8 +35,6 @@ class ExportSettings(Section):
         "dynamo", description="dynamo first; torchscript is the fallback (reason recorded).")
     fallback: bool = Field(True, description="Fall back to the TorchScript exporter when "
                                              "dynamo fails.")
-    reference_batch: int = Field(8, ge=1, description="Samples in the saved PyTorch reference "
-                                                      "(drawn at the opt shape).")
     seed: int = Field(0, description="Seed of random reference inputs.")
 
 
@@ -102,6 +100,31 @@ class Tolerances(Section):
     fp8: Tolerance = Field(Tolerance(), description="fp8 limits.")
 
 
+class AuditSettings(Section):
+    samples: int = Field(32, ge=1, description="Samples the audit compares (drawn from the "
+                                               "evaluation data, else the calibration data, "
+                                               "else seeded random; run in batches that fit "
+                                               "the first profile).")
+
+
+class TimeLimits(Section):
+    """Seconds a job may run before it fails with one line (the run goes on). Not part of
+    any fingerprint: changing a limit reruns nothing. ENGINEFORGE_JOB_TIMEOUT_S overrides
+    every stage's limit."""
+
+    export: float = Field(3600, gt=0, description="Checkpoint -> ONNX (and the reference).")
+    simplify: float = Field(1800, gt=0, description="onnxsim.")
+    precision: float = Field(3600, gt=0, description="AutoCast / Q/DQ calibration.")
+    build: float = Field(3600, gt=0, description="One engine build.")
+    audit: float = Field(1800, gt=0, description="One audit (variant vs reference).")
+    emulated_audit: float = Field(300, gt=0, description="The ONNX-reference emulation of a "
+                                                         "variant no runtime here can run "
+                                                         "(pure Python: slow on big models).")
+    bench: float = Field(1800, gt=0, description="One latency benchmark.")
+    baseline: float = Field(1800, gt=0, description="The eager PyTorch baseline.")
+    track: float = Field(600, gt=0, description="One MLflow upload.")
+
+
 class BenchSettings(Section):
     warmup: int = Field(5, ge=0, description="Untimed runs first.")
     iterations: int = Field(30, ge=1, description="Timed runs per shape.")
@@ -150,6 +173,8 @@ class Settings(Section):
     precision: PrecisionSettings = Field(PrecisionSettings(), description="Settings of each "
                                                                           "precision variant.")
     tolerances: Tolerances = Field(Tolerances(), description="Audit limits per precision.")
+    audit: AuditSettings = Field(AuditSettings(), description="Accuracy audit.")
+    time_limits: TimeLimits = Field(TimeLimits(), description="Per-job time limits (s).")
     bench: BenchSettings = Field(BenchSettings(), description="Latency benchmark.")
     tensorrt: TensorRTSettings = Field(TensorRTSettings(), description="TensorRT builders.")
 

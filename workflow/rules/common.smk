@@ -45,7 +45,9 @@ wildcard_constraints:
 
 
 def run_stage(stage, wildcards, input, output, params, log):
-    efrunner.run_rule(stage, wildcards, input, output, params, log, A)
+    model = dict(wildcards.items()).get("model")
+    limits = MODELS[model]["time_limits"] if model in MODELS else {}
+    efrunner.run_rule(stage, wildcards, input, output, params, log, A, limits)
 
 
 def settings_param(stage, **fixed):
