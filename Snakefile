@@ -1,7 +1,7 @@
 # engineforge: PyTorch checkpoints -> audited inference engines.
 #   checkpoint -> export (ONNX) -> simplify (onnxsim) -> precision variants
 #   -> audit (Polygraphy) + engine build per backend x precision x profile -> bench -> MLflow
-# Settings: config.yaml (schema: workflow/schemas/config.schema.yaml).
+# Settings: config.yaml or --configfile (schema: workflow/schemas/config.schema.yaml).
 # Run settings: profiles/default (picked up automatically). Architecture: docs/architecture.md
 
 from snakemake.utils import min_version
@@ -9,7 +9,8 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# The demo zoo's config.yaml is read in common.smk unless --configfile names another config
+# (which then replaces it; --config key=value edits either).
 
 
 include: "workflow/rules/common.smk"

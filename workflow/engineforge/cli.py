@@ -24,6 +24,10 @@ def cmd_run(args) -> int:
     # profiles (only its CLI does), so hand over to the CLI: the checkout's workflow profile
     # (named, so it applies from any directory) and all cores, then the user's flags (later
     # flags win). Absolute paths: it also works outside the checkout.
+    from engineforge import config
+
+    for path in _configfiles(args.snakemake_args):  # our one line, not Snakemake's
+        config.read(path)
     exe = Path(sys.executable).with_name("snakemake")
     exe = str(exe) if exe.exists() else shutil.which("snakemake") or "snakemake"
     argv = [exe, "--workflow-profile", str(REPO / PROFILE), "--cores", "all"]
@@ -34,6 +38,22 @@ def cmd_run(args) -> int:
     argv += args.snakemake_args
     os.execvp(argv[0], argv)
     return 0  # not reached
+
+
+def _configfiles(argv: list[str]) -> list[str]:
+    """The files given with --configfile/--configfiles (several may follow one flag)."""
+    files, taking = [], False
+    for arg in argv:
+        if arg in ("--configfile", "--configfiles"):
+            taking = True
+        elif arg.startswith(("--configfile=", "--configfiles=")):
+            files.append(arg.split("=", 1)[1])
+            taking = False
+        elif taking and not arg.startswith("-"):
+            files.append(arg)
+        else:
+            taking = False
+    return files
 
 
 def cmd_sync(args) -> int:

@@ -154,17 +154,50 @@ def _check_model(name: str, m: dict, root: Path) -> None:
                                       model=name, key=key, fix="reorder the shapes")
 
 
-def load(path: str | os.PathLike) -> dict:
-    """Read and resolve a config file (paths resolve relative to its directory)."""
+def read(path: str | os.PathLike) -> dict:
+    """A config file as written (not resolved): one line for a missing file, a YAML syntax
+    error (with its line and column) or a document that is not a mapping."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file '{path}' not found.",
                           fix="pass --configfile PATH") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file '{path}' cannot be read: {err}.",
+                          fix="check the path and its permissions") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {err}".replace("\n", " "),
-                          fix="fix the YAML syntax") from None
-    return resolve(raw, path.parent)
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}: {problem}.",
+                          fix="fix the YAML syntax there (indent with spaces, quote values "
+                              "holding ':' or '#')") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file '{path}' must be a mapping of keys (experiment, "
+                          f"artifacts, defaults, models), got {type(raw).__name__}.",
+                          fix="start from the repository's config.yaml")
+    return raw
 
 
+def load(path: str | os.PathLike) -> dict:
+    """Read and resolve a config file (paths resolve relative to its directory)."""
+    path = Path(path)
+    return resolve(read(path), path.parent)
+
+
+def check_artifacts(path: str | os.PathLike) -> None:
+    """The artifacts directory must be a directory this process can write (created here)."""
+    path = Path(path)
+    fix = "set `artifacts:` to a writable directory"
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"artifacts path '{path}' is a file, not a directory.",
+                          key="artifacts", fix=fix + " (or move the file away)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"artifacts directory '{path}' is not writable: "
+                          f"{err.strerror or err}.", key="artifacts", fix=fix) from None

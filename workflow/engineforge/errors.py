@@ -91,3 +91,9 @@ class JobTimedOut(EngineforgeError):
     """A job ran past its time limit and was killed."""
 
     stage = "job"
+
+
+class JobCancelled(EngineforgeError):
+    """The run was interrupted (Ctrl-C, SIGTERM) while the job ran; its child was killed."""
+
+    stage = "job"

@@ -97,11 +97,24 @@ def run_job(job: Job) -> None:
     except Exception as err:  # noqa: BLE001 - a bug or an unforeseen tool failure
         if not isinstance(err, worker.UnexpectedError):
             _append_log(job.log, f"unexpected error:\n{traceback.format_exc()}")
-        first = (str(err).strip().splitlines() or [""])[0][:300]
+        text = " ".join(str(err).split())[:300] or "(no message)"
         name = "" if isinstance(err, worker.UnexpectedError) else f"{type(err).__name__}: "
-        line = f"[{job_id}] unexpected {name}{first} (traceback: {job.log})"
+        hint = getattr(stage_module(job.stage), "LIKELY_FIX", None) or DEFAULT_FIX
+        line = str(_Unforeseen(f"{name}{text}", stage=job.stage, model=job.model,
+                               fix=f"{hint}; the full traceback is in {job.log}"))
         _record(failure, line)
         raise StageFailed(line) from None
+
+
+DEFAULT_FIX = "read the traceback in the log; if the input is valid, report a bug"
+
+
+class _Unforeseen(EngineforgeError):
+    """A library error no check foresaw, in our one-line format."""
+
+    def __init__(self, message, *, stage, **kw):
+        self.stage = stage
+        super().__init__(message, **kw)
 
 
 def _run(job: Job, job_id: str) -> None:
@@ -120,6 +133,7 @@ def _run(job: Job, job_id: str) -> None:
                                                 if k != "sidecar"}, sidecar_path)
             if hit:
                 return
+    before = _stat(job.inputs)
     staging = _Staging(job)
     try:
         t0 = time.perf_counter()
@@ -131,6 +145,7 @@ def _run(job: Job, job_id: str) -> None:
         else:
             with _log_to(job.log):
                 result = body(staging.job)
+        _check_inputs_untouched(job, before)
         if sidecar_path is not None:
             side = make_sidecar(
                 stage=job.stage, model=job.model or "", inputs=job.inputs, input_hashes=hashes,
@@ -145,6 +160,29 @@ def _run(job: Job, job_id: str) -> None:
         staging.publish()
     finally:
         staging.cleanup()
+
+
+def _stat(files: dict[str, Path]) -> dict[str, tuple]:
+    out = {}
+    for role, p in files.items():
+        try:
+            st = os.stat(p)
+            out[role] = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            out[role] = None
+    return out
+
+
+def _check_inputs_untouched(job: Job, before: dict) -> None:
+    """A stage must never write to its inputs (they are other jobs' published outputs, which
+    their sidecars vouch for). Libraries that write beside their input get a copy."""
+    changed = [role for role, st in _stat(job.inputs).items() if st != before[role]]
+    if changed:
+        raise EngineforgeError(
+            f"the {job.stage} stage modified its input(s) "
+            f"{', '.join(f'{r} ({job.inputs[r]})' for r in changed)}; its result is not "
+            "trusted and the changed file will be rebuilt", fix="report this bug (a library "
+            "wrote to its input: the stage must hand it a copy)")
 
 
 def body(job: Job):
@@ -252,7 +290,37 @@ def _record(path: Path, text: str) -> None:
     path.write_text(text + "\n")
 
 
-def fail_fast(err: EngineforgeError) -> None:
+class OneLineFailures(logging.Filter):
+    """Snakemake prints a failed ``run:`` block as ``RuleException: StageFailed in file
+    <rule file>, line N:`` + our line + the Python frames of the rule files. Our line already
+    names the model, stage, key, fix and log (the traceback, if any, is in the job's log):
+    this filter on Snakemake's logger keeps just that line. Its "Directory cannot be locked"
+    becomes one line naming the run that holds the directory, when that run is ours."""
+
+    MARK = f"{StageFailed.__name__} in "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg if isinstance(record.msg, str) else ""
+        if "Directory cannot be locked" in msg:
+            from engineforge import runlock
+
+            if busy := runlock.busy_line():
+                record.msg, record.args = f"engineforge: {busy}", ()
+        elif self.MARK in msg:
+            after = msg.split(self.MARK, 1)[1].split("\n", 1)
+            if len(after) == 2:
+                record.msg = after[1].split("\n  File ", 1)[0].strip()
+                record.args = ()
+        return True
+
+
+def quiet_stage_failures() -> None:
+    log = logging.getLogger("snakemake.logging")  # the logger snakemake.logging.logger
+    if not any(isinstance(f, OneLineFailures) for f in log.filters):
+        log.addFilter(OneLineFailures())
+
+
+def fail_fast(err: EngineforgeError | str) -> None:
     """Bad config: one line, no traceback, before any job runs."""
     sys.stderr.write(f"engineforge: {err}\n")
     sys.exit(1)

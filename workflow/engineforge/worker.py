@@ -30,7 +30,7 @@ import threading
 import traceback
 from pathlib import Path
 
-from engineforge.errors import EngineforgeError, JobCrashed, JobTimedOut
+from engineforge.errors import EngineforgeError, JobCancelled, JobCrashed, JobTimedOut
 
 # Imported once by the fork server, so that forked jobs start warm (a fork costs ~25 ms;
 # importing ModelOpt in a job ~1.3 s, the dynamo exporter stack ~0.6 s, onnxsim ~0.5 s).
@@ -43,6 +43,9 @@ PRELOAD = ["numpy", "onnx", "onnxruntime", "torch", "torch._dynamo", "onnxscript
 _CTX_LOCK = threading.Lock()
 _ctx = None
 JOB_PROCESS = False  # set by the workflow when this process runs one job (remote execution)
+_STOP = threading.Event()  # set by Ctrl-C / SIGTERM: running children are killed at once
+_STOP_REASON = ["interrupted"]
+_POLL_S = 0.2
 
 
 def enabled() -> bool:
@@ -75,9 +78,48 @@ def _context():
 
 
 def start() -> None:
-    """Start the fork server now, in the background (it imports for a few seconds)."""
+    """Start the fork server now, in the background (it imports for a few seconds), and
+    make Ctrl-C / SIGTERM stop running jobs at once. Call from the main thread."""
+    stop_on_signals()
     if enabled():
         threading.Thread(target=_context, name="engineforge-forkserver", daemon=True).start()
+
+
+def stop_on_signals() -> None:
+    """Snakemake answers SIGTERM by waiting for the running jobs to finish, and Ctrl-C by
+    waiting for its job threads: a job that runs for an hour would hold the run for an hour.
+    Chain a handler in front of Snakemake's: it kills the jobs' children (their jobs fail as
+    "stopped"), then Snakemake's own handler stops scheduling and exits."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.getsignal(sig)
+        if getattr(previous, "_engineforge", False):
+            continue
+
+        def handler(signum, frame, previous=previous):
+            stop(signal.Signals(signum).name)
+            if callable(previous):
+                previous(signum, frame)
+            elif previous == signal.SIG_DFL:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+
+        handler._engineforge = True
+        try:
+            signal.signal(sig, handler)
+        except ValueError:  # not the main thread: leave Snakemake's handling as it is
+            return
+
+
+def stop(reason: str = "interrupted") -> None:
+    """Kill every running job's child now and make new ones fail at once."""
+    _STOP_REASON[0] = reason
+    _STOP.set()
+    with _IDLE_LOCK:
+        for workers in _IDLE.values():
+            for w in workers:
+                if w.proc.is_alive():
+                    w.proc.kill()
+        _IDLE.clear()
 
 
 def warm_import(module: str) -> None:
@@ -177,6 +219,28 @@ def call(target: str, *args):
     return getattr(importlib.import_module(module), func)(*args)
 
 
+def _wait(objects: list, timeout_s: float | None) -> list:
+    """multiprocessing.connection.wait in short slices, so that a stop is seen at once."""
+    import time
+
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        if _STOP.is_set():
+            return []
+        left = _POLL_S if deadline is None else min(_POLL_S, deadline - time.monotonic())
+        if left <= 0:
+            return []
+        ready = multiprocessing.connection.wait(objects, timeout=left)
+        if ready:
+            return ready
+
+
+def _check_stopped(job: str) -> None:
+    if _STOP.is_set():
+        raise JobCancelled(f"{job} was stopped: the run got {_STOP_REASON[0]}",
+                           fix="rerun when ready; finished jobs are kept")
+
+
 class UnexpectedError(Exception):
     """A bug or an unforeseen library failure in the child; its traceback is in the log."""
 
@@ -222,6 +286,7 @@ def run_isolated(target: str, *args, log_path: str | Path, timeout_s: float | No
     """
     if not enabled():
         return call(target, *args)
+    _check_stopped(job)
     ctx = _context()
     request = (target, args, str(log_path), dict(os.environ), os.getcwd())
     if lane is None:
@@ -235,13 +300,15 @@ def run_isolated(target: str, *args, log_path: str | Path, timeout_s: float | No
         conn, proc = w.conn, w.proc
         conn.send(request)
     try:
-        ready = multiprocessing.connection.wait([conn, proc.sentinel], timeout=timeout_s)
+        ready = _wait([conn, proc.sentinel], timeout_s)
         if not ready:
             proc.kill()
             proc.join()
+            _check_stopped(job)
             raise JobTimedOut(f"{job} ran past its time limit of {timeout_s:g} s and was "
-                              f"killed; log: {log_path}", fix="raise the job's time limit "
-                              "(ENGINEFORGE_JOB_TIMEOUT_S) or make the model smaller")
+                              f"killed; log: {log_path}", fix="raise the stage's time_limits "
+                              "setting (or ENGINEFORGE_JOB_TIMEOUT_S), or make the model "
+                              "smaller")
         try:
             kind, value = conn.recv() if conn in ready or conn.poll() else ("died", None)
         except (EOFError, OSError):
@@ -264,6 +331,7 @@ def run_isolated(target: str, *args, log_path: str | Path, timeout_s: float | No
         raise value
     if kind == "unexpected":
         raise UnexpectedError(value)
+    _check_stopped(job)
     code = proc.exitcode
     how = (f"signal {-code} ({signal.Signals(-code).name})" if code is not None and code < 0
            else f"exit code {code}")

@@ -9,6 +9,7 @@ sys.path.insert(1, str(Path(workflow.basedir)))  # the shipped models/ package
 
 from engineforge import backends as efbackends
 from engineforge import config as efconfig
+from engineforge import runlock as efrunlock
 from engineforge import runner as efrunner
 from engineforge import settings as efsettings
 from engineforge import worker as efworker
@@ -19,13 +20,21 @@ from engineforge.stages import build as efbuild
 from engineforge.stages import export as efexport
 from engineforge.versions import tool_versions
 
+efrunner.quiet_stage_failures()  # a failed job prints our one line, not rule-file frames
+# A cluster executor runs each job as its own process: that is the job's isolation.
+efworker.JOB_PROCESS = workflow.remote_exec or workflow.subprocess_exec
+
 try:
+    if not workflow.overwrite_configfiles:  # no --configfile: the demo zoo's config.yaml
+        config.update(efconfig.deep_merge(efconfig.read("config.yaml"), config))
     EF = efconfig.resolve(config, Path("."))
+    if not efworker.JOB_PROCESS:
+        efconfig.check_artifacts(EF["artifacts"])
 except EngineforgeError as err:
     efrunner.fail_fast(err)
 
-# A cluster executor runs each job as its own process: that is the job's isolation.
-efworker.JOB_PROCESS = workflow.remote_exec or workflow.subprocess_exec
+if not efworker.JOB_PROCESS:
+    efrunlock.remove_stale_locks()  # left by a run that was killed
 
 MODELS = EF["models"]
 A = EF["artifacts"]
@@ -165,8 +174,10 @@ def all_targets():
 
 
 def start_workers():
-    """Jobs are about to run: warm the worker fork server and the MLflow client (cache
-    lookups, tracking) in the background while Snakemake schedules."""
+    """Jobs are about to run: record the run as this directory's owner, warm the worker
+    fork server and the MLflow client (cache lookups, tracking) in the background while
+    Snakemake schedules."""
+    efrunlock.claim()
     efworker.start()
     efworker.warm_import("mlflow.tracking")
 

@@ -10,6 +10,7 @@ from engineforge.settings import BenchSettings, Section
 from engineforge.stages.bench import device_info, time_callable
 
 TOOLS = ("torch", "torchvision")
+LIKELY_FIX = "check that the PyTorch model runs on every profile shape (profiles:)"
 
 
 class Settings(Section):

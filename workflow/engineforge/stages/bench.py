@@ -24,6 +24,8 @@ from engineforge.results import BenchPoint, BenchResult
 from engineforge.settings import BenchSettings, Section
 
 TOOLS = ()  # the backend's own tools and version are added (see the rules' tools param)
+LIKELY_FIX = ("check that the model accepts every profile shape (profiles:) on this backend, "
+              "or drop the backend for this model")
 
 
 class Settings(Section):

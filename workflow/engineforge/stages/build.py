@@ -18,6 +18,8 @@ from engineforge.results import BuildResult
 from engineforge.settings import Section
 
 TOOLS = ()  # the backend's own tools and version are added (see tools())
+LIKELY_FIX = ("the backend rejected the graph: check its op support for this precision "
+              "(docs/backends.md), or drop the backend for this model")
 
 
 class Settings(Section):

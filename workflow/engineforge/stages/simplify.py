@@ -18,6 +18,7 @@ from engineforge.settings import Section
 log = logging.getLogger(__name__)
 
 TOOLS = ("onnx", "onnxsim")
+LIKELY_FIX = "set simplify: {enabled: false} for this model (onnxsim cannot handle the graph)"
 
 
 class Settings(Section):
