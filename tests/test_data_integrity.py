@@ -101,6 +101,21 @@ def test_good_data_loads_cast_to_the_input_dtypes(tmp_path):
     np.testing.assert_array_equal(data["labels"], LABELS)
 
 
+def test_data_outside_the_profile_is_refused_where_engines_run_it(tmp_path):
+    # setup: 8x8 images for a model of dynamic size, a profile of 16..32
+    inputs = {"img": {"shape": ["batch", 1, "h", "w"]}}
+    profile = {"img": {"min": [1, 1, 16, 16], "opt": [1, 1, 16, 16], "max": [2, 1, 32, 32]}}
+    np.savez(tmp_path / "d.npz", img=np.zeros((2, 1, 8, 8), np.float32))
+    # control: without a profile (calibration on ONNX Runtime's CPU) the size is free
+    modelio.load_data(tmp_path / "d.npz", inputs, model="m", section="evaluation")
+    # execute / assert
+    with pytest.raises(AuditError, match=r"dim 2 \(h\) is outside the first profile's "
+                                         r"16..32") as info:
+        modelio.load_data(tmp_path / "d.npz", inputs, model="m", section="evaluation",
+                          profile=profile, error_cls=AuditError)
+    assert info.value.key == "models.m.evaluation.path" and "profiles" in info.value.fix
+
+
 def test_inputs_with_different_sample_counts_are_refused(tmp_path):
     inputs = INPUTS | {"ids": {"dtype": "int64", "shape": ["batch", 5]}}
     np.savez(tmp_path / "d.npz", x=GOOD, ids=np.ones((3, 5), np.int64))

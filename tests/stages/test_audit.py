@@ -338,8 +338,8 @@ def test_inf_in_the_variant_only_fails(exported):
     (out,) = r["outputs"]
     assert r["status"] == "fail"
     assert f"variant output '{out}' is not finite: 0 NaN and 40 Inf of 40 values" in r["failures"]
-    assert (f"variant on evaluation data output '{out}' is not finite: 0 NaN and 160 Inf of "
-            "160 values") in r["failures"]
+    assert (f"variant output '{out}' on the evaluation data is not finite: 0 NaN and 160 Inf "
+            "of 160 values") in r["failures"]
     assert not any("reference" in f for f in r["failures"])
 
 
@@ -405,7 +405,9 @@ def test_audit_compares_32_samples_in_batches_within_the_profile(tiny_workspace,
     whole = data_nets.BatchCentred()(torch.from_numpy(ref["in:x"])).detach().numpy()
     (out,) = [k for k in ref.files if k.startswith("out:")]
     assert np.abs(whole - ref[out]).max() > 1e-3
-    assert read_json(tiny_workspace / "e/export.json")["result"]["reference_samples"] == 32
+    export = read_json(tiny_workspace / "e/export.json")["result"]
+    assert export["reference_samples"] == len(ref["in:x"]) == 32
+    assert export["reference_inputs"] == "evaluation data"
 
 
 def test_input_mismatch_is_one_audit_error_line(exported):

@@ -58,7 +58,7 @@ def _non_finite(arr: np.ndarray) -> str | None:
 
 
 def load_data(path: str | Path, inputs: dict, *, model: str, section: str,
-              labels: str | None = None,
+              labels: str | None = None, profile: dict | None = None,
               error_cls: type = EngineforgeError) -> dict[str, np.ndarray]:
     """A model's ``section`` data (calibration / evaluation ``.npz``), checked before use.
 
@@ -67,7 +67,8 @@ def load_data(path: str | Path, inputs: dict, *, model: str, section: str,
     ``models.<model>.<section>.path``, or ``...evaluation.labels``): a file that is not a
     readable ``.npz``, a missing or empty array, NaN/Inf values, a rank or static dim that
     does not fit the input, different sample counts, labels that are not one non-negative
-    integer per sample. (Labels beyond the model's classes: the audit, once outputs exist.)
+    integer per sample; with ``profile`` (data the engines run), a named dim outside the
+    profile's min..max. (Labels beyond the model's classes: the audit, once outputs exist.)
     """
     key = f"models.{model}.{section}.path"
 
@@ -121,6 +122,13 @@ def load_data(path: str | Path, inputs: dict, *, model: str, section: str,
             refuse(f"array '{name}' has shape {list(arr.shape)} but input '{name}' is {dims}: "
                    f"dim {wrong[0]} must be {dims[wrong[0]]}",
                    f"save samples of the model's input shape {dims}")
+        for i in range(1, len(dims)) if profile else ():
+            lo, hi = profile[name]["min"][i], profile[name]["max"][i]
+            if not lo <= arr.shape[i] <= hi:
+                refuse(f"array '{name}' has shape {list(arr.shape)}: dim {i} "
+                       f"({dims[i]}) is outside the first profile's {lo}..{hi}",
+                       f"resize the samples, or widen models.{model}.profiles (the first "
+                       "profile's engines run them)")
         if not arr.size:
             refuse(f"array '{name}' holds no values (shape {list(arr.shape)})",
                    "add samples")

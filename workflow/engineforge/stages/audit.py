@@ -36,6 +36,7 @@ class Settings(Section):
     inputs: dict
     labels: str | None = None       # labels array of the evaluation data (None: unlabelled)
     batch: int = 1                  # samples per batch (fits the first profile; the export's)
+    profile: dict = {}              # the first profile (the audited engines' shapes)
 
 
 def settings(m: dict, w: dict) -> Settings:
@@ -43,7 +44,8 @@ def settings(m: dict, w: dict) -> Settings:
     return Settings(backend=w["backend"], precision=w["precision"], task=m["task"],
                     tolerance=m["tolerances"][w["precision"]], inputs=m["inputs"],
                     labels=modelio.labels_key(m),
-                    batch=modelio.batch_size(m["inputs"], first, m["audit"]["samples"]))
+                    batch=modelio.batch_size(m["inputs"], first, m["audit"]["samples"]),
+                    profile=first)
 
 
 REFERENCE = "pytorch"
@@ -75,14 +77,15 @@ def _last_line(err: BaseException) -> str:
     return (text[-1] if text else type(err).__name__)[:300]
 
 
-def non_finite(outputs: dict, who: str) -> list[str]:
-    """One failure per output of ``outputs`` that holds NaN or Inf, saying how many."""
+def non_finite(outputs: dict, who: str, names, where: str = "") -> list[str]:
+    """One failure per output (of ``names``) that holds NaN or Inf, saying how many."""
     found = []
-    for name, arr in outputs.items():
-        arr = np.asarray(arr)
+    for name in (n for n in names if n in outputs):
+        arr = np.asarray(outputs[name])
         if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
-            found.append(f"{who} output '{name}' is not finite: {int(np.isnan(arr).sum())} "
-                         f"NaN and {int(np.isinf(arr).sum())} Inf of {arr.size} values")
+            found.append(f"{who} output '{name}'{where} is not finite: "
+                         f"{int(np.isnan(arr).sum())} NaN and {int(np.isinf(arr).sum())} Inf "
+                         f"of {arr.size} values")
     return found
 
 
@@ -151,7 +154,7 @@ def _evaluation(job, s: Settings, eval_ref: dict) -> dict:
     """The labelled evaluation data, checked (labels against the model's classes too)."""
     path = job.inputs["evaluation"]
     data = modelio.load_data(path, s.inputs, model=job.model, section="evaluation",
-                             labels=s.labels, error_cls=AuditError)
+                             labels=s.labels, profile=s.profile, error_cls=AuditError)
     labels = data[s.labels]
     if not eval_ref or len(next(iter(eval_ref.values()))) != len(labels):
         raise AuditError("the export's reference holds no outputs for these evaluation data",
@@ -217,8 +220,9 @@ def run(job) -> AuditResult:
     engine = job.inputs["engine"]
     feed, ref_out, eval_ref = _reference(job.inputs["reference"])
     evaluation = _evaluation(job, s, eval_ref) if s.labels else None
-    ref_failures = non_finite(ref_out, "reference (PyTorch)")
-    ref_failures += non_finite(eval_ref, "reference (PyTorch) on evaluation data") if (
+    on_eval = " on the evaluation data"
+    ref_failures = non_finite(ref_out, "reference (PyTorch)", ref_out)
+    ref_failures += non_finite(eval_ref, "reference (PyTorch)", eval_ref, on_eval) if (
         evaluation) else []
     be = get_backend(s.backend)
     ok, why = be.runnable(s.precision)
@@ -226,13 +230,12 @@ def run(job) -> AuditResult:
     def measure(make_runner) -> dict:
         produced = infer_all(make_runner(), feed, s.batch, job.model, engine)
         outputs, failures = compare(ref_out, produced, s.task)
-        failures = ref_failures + non_finite(
-            {n: v for n, v in produced.items() if n in ref_out}, "variant") + failures
+        failures = ref_failures + non_finite(produced, "variant", ref_out) + failures
         metrics = {"outputs": outputs}
         if evaluation:
             eval_feed = {n: evaluation[n] for n in s.inputs}
             eval_out = infer_all(make_runner(), eval_feed, s.batch, job.model, engine)
-            failures += non_finite(eval_out, "variant on evaluation data")
+            failures += non_finite(eval_out, "variant", eval_ref, on_eval)
             metrics["task"] = task_accuracy(eval_out, evaluation[s.labels], eval_ref)
         failures += verdict(metrics, s.tolerance, s.task)[1]
         return {"status": "fail" if failures else "pass", "failures": failures,
