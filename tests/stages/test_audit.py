@@ -18,7 +18,7 @@ import pytest
 from conftest import run_stage, stage_job, tiny_raw_config, write_tiny_workspace
 from engineforge import config
 from engineforge.results import AuditResult, BuildResult
-from engineforge.runner import run_job
+from engineforge.runner import StageFailed, run_job
 from engineforge.settings import Tolerance
 from engineforge.sidecar import read_json
 from engineforge.stages import audit, drift
@@ -101,11 +101,11 @@ def test_settings_slice_from_the_model_config(tiny_models):
     # execute
     cls = audit.settings(tiny_models["tinycls"], {"backend": "onnxruntime", "precision": "fp16"})
     fcn = audit.settings(tiny_models["tinyfcn"], {"backend": "onnxruntime", "precision": "fp32"})
-    # assert: labelled classifier -> task accuracy on the first profile's max batch
+    # assert: labelled classifier; batches of audit.samples (8 here) within the profile
     assert cls.backend == "onnxruntime" and cls.precision == "fp16"
-    assert cls.task == "classification" and cls.labels == "labels" and cls.eval_batch == 8
+    assert cls.task == "classification" and cls.labels == "labels" and cls.batch == 8
     assert cls.tolerance == Tolerance(**tiny_models["tinycls"]["tolerances"]["fp16"])
-    assert fcn.task == "regression" and fcn.labels is None and fcn.eval_batch == 2
+    assert fcn.task == "regression" and fcn.labels is None and fcn.batch == 2
 
 
 def test_exact_variant_passes_with_task_accuracy(exported):
@@ -246,3 +246,213 @@ def test_verdict_lists_every_violated_limit():
     # top-1 agreement is a classification limit only
     assert audit.verdict(metrics, Tolerance(max_abs=1, cosine_min=0, accuracy_drop_max=1),
                          "regression") == (True, [])
+
+
+# --- integrity: non-finite outputs, enough samples in profile-sized batches, feeds, limits
+
+
+def _data_nets_models(root: Path, arch: str, inputs: dict | None = None,
+                      profiles: dict | None = None, task: str = "classification",
+                      samples: int | None = None) -> dict:
+    """A one-model config ('net') on a tests/fixtures/data_nets.py module, with tinycls'
+    calibration and labelled evaluation data; ``samples=None``: the default audit.samples."""
+    shutil.copy(Path(__file__).parent.parent / "fixtures" / "data_nets.py", root)
+    raw = tiny_raw_config()
+    if samples is None:
+        del raw["defaults"]["audit"]
+    else:
+        raw["defaults"]["audit"] = {"samples": samples}
+    net = dict(raw["models"]["tinycls"], task=task,
+               checkpoint={"kind": "state_dict", "arch": f"data_nets:{arch}"})
+    if inputs:
+        net.update(inputs=inputs, profiles=profiles)
+        net.pop("evaluation")
+        net["calibration"] = {"path": "calib_fcn.npz"}
+    raw["models"] = {"net": net}
+    return config.resolve(raw, root)["models"]
+
+
+def _pipeline(models: dict, tmp: Path, precision: str = "fp32", variant: Path | None = None,
+              limits: dict | None = None) -> dict:
+    """export -> (precision) -> onnxruntime build -> audit of model 'net'; the audit's
+    sidecar. ``variant``: build this ONNX instead of the export's."""
+    m = models["net"]
+    data = {s: m[s]["path"] for s in ("evaluation", "calibration") if s in m}
+    run_stage("export", models, "net", {"arch_source": "data_nets.py", **data},
+              {"onnx": tmp / "e/model.onnx", "reference": tmp / "e/reference.npz",
+               "sidecar": tmp / "e/export.json"}, tmp)
+    src = variant or tmp / "e/model.onnx"
+    if precision != "fp32" and variant is None:
+        run_stage("precision", models, "net", {"onnx": src},
+                  {"onnx": tmp / "p/model.onnx", "sidecar": tmp / "p/precision.json"}, tmp,
+                  precision=precision)
+        src = tmp / "p/model.onnx"
+    profile = next(iter(m["profiles"]))
+    run_stage("build", models, "net", {"onnx": src},
+              {"engine": tmp / "b/engine.onnx", "sidecar": tmp / "b/build.json"}, tmp,
+              backend="onnxruntime", precision=precision, profile=profile)
+    job = stage_job("audit", models, "net",
+                    {"engine": tmp / "b/engine.onnx", "reference": tmp / "e/reference.npz",
+                     **({"evaluation": m["evaluation"]["path"]} if "evaluation" in m else {})},
+                    {"sidecar": tmp / "a" / f"{precision}.json"}, tmp,
+                    backend="onnxruntime", precision=precision)
+    run_job(replace(job, limits=limits or {}))
+    return read_json(tmp / "a" / f"{precision}.json")
+
+
+def test_nan_outputs_fail_with_reason_in_the_drift_matrix(tiny_workspace):
+    # setup: a model whose every output is NaN, in PyTorch and in its ONNX alike
+    models = _data_nets_models(tiny_workspace, "NanClassifier", samples=8)
+    # execute
+    side = _pipeline(models, tiny_workspace)
+    job = stage_job("drift", models, "net", {}, {"json": tiny_workspace / "a/drift.json",
+                                                  "md": tiny_workspace / "a/drift.md"},
+                    tiny_workspace)
+    run_job(replace(job, extra_inputs=[tiny_workspace / "a/fp32.json"]))
+    # assert: fail, saying which output, how many NaN of how many values, on which side
+    r = AuditResult.model_validate(side["result"])
+    (out,) = r.outputs
+    assert r.status == "fail" and r.samples == 8
+    assert f"reference (PyTorch) output '{out}' is not finite: 40 NaN and 0 Inf of 40 " \
+           "values" in r.failures
+    assert f"variant output '{out}' is not finite: 40 NaN and 0 Inf of 40 values" in r.failures
+    assert any("max_abs is nan (not finite)" in f for f in r.failures)
+    assert r.reason == "; ".join(r.failures)
+    (row,) = read_json(tiny_workspace / "a/drift.json")["rows"]
+    assert row["status"] == "fail" and row["reason"] == r.reason and row["samples"] == 8
+    md = (tiny_workspace / "a/drift.md").read_text()
+    assert "| fp32 | onnxruntime | fail [1] | nan |" in md and f"1. {r.reason}" in md
+
+
+def test_inf_in_the_variant_only_fails(exported):
+    # setup: the last layer's bias set to +Inf: every variant logit is Inf, the reference not
+    models, tmp = exported
+    model = onnx.load(str(tmp / "e/model.onnx"))
+    bias = next(i for i in model.graph.initializer if numpy_helper.to_array(i).shape == (5,))
+    bias.CopyFrom(numpy_helper.from_array(np.full(5, np.inf, np.float32), bias.name))
+    onnx.save(model, str(tmp / "inf.onnx"))
+    _build(models, tmp, tmp / "inf.onnx", "b")
+    # execute
+    r = _audit(models, tmp, tmp / "b/engine.onnx", "fp32")["result"]
+    # assert: the variant's 8 x 5 logits (and its 32 x 5 on the evaluation data) are named
+    (out,) = r["outputs"]
+    assert r["status"] == "fail"
+    assert f"variant output '{out}' is not finite: 0 NaN and 40 Inf of 40 values" in r["failures"]
+    assert (f"variant output '{out}' on the evaluation data is not finite: 0 NaN and 160 Inf "
+            "of 160 values") in r["failures"]
+    assert not any("reference" in f for f in r["failures"])
+
+
+@pytest.mark.parametrize("metric", ["max_abs", "cosine", "top1_agreement"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_verdict_fails_on_a_metric_that_is_not_finite(metric, value):
+    # setup: metrics within every limit (positive control), then one made non-finite
+    good = {"outputs": {"y": {"max_abs": 0.5, "cosine": 0.999, "top1_agreement": 1.0}}}
+    assert audit.verdict(good, Tolerance(), "classification") == (True, [])
+    bad = {"outputs": {"y": dict(good["outputs"]["y"], **{metric: value})}}
+    # execute
+    passed, failures = audit.verdict(bad, Tolerance(), "classification")
+    # assert
+    assert passed is False and failures == [f"y: {metric} is {value} (not finite)"]
+
+
+def test_verdict_fails_on_non_finite_accuracy_drop_and_on_nothing_compared():
+    metrics = {"outputs": {"y": {"max_abs": 0.0, "cosine": 1.0}},
+               "task": {"accuracy_drop": float("nan")}}
+    assert audit.verdict(metrics, Tolerance(), "regression") == (
+        False, ["accuracy drop is nan (not finite)"])
+    assert audit.verdict({"outputs": {}}, Tolerance(), "regression") == (
+        False, ["no output was compared"])
+
+
+@pytest.mark.parametrize("shape, profile, batch", [
+    (["batch", 3, 8, 8], {"min": [1, 3, 8, 8], "opt": [4, 3, 8, 8], "max": [8, 3, 8, 8]}, 8),
+    ([4, 3, 8, 8], {"min": [4, 3, 8, 8], "opt": [4, 3, 8, 8], "max": [4, 3, 8, 8]}, 4)])
+def test_audit_compares_32_samples_in_batches_within_the_profile(tiny_workspace, monkeypatch,
+                                                                 shape, profile, batch):
+    """A model whose outputs depend on the batch (logits minus the batch mean) passes fp32
+    only if the PyTorch reference ran in the audit's batches. A spy on the ONNX Runtime
+    runner's infer (in-process: ENGINEFORGE_ISOLATION=0) records every batch it ran."""
+    # setup: default audit.samples; a dynamic batch of 1..8, or a static batch of 4
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+
+    models = _data_nets_models(tiny_workspace, "BatchCentred")
+    models["net"]["inputs"] = {"x": {"dtype": "float32", "shape": shape}}
+    models["net"]["profiles"] = {"p": {"x": profile}}
+    batches = []
+    real_infer = OnnxrtRunner.infer
+
+    def spy(self, feed_dict, *args, **kwargs):
+        batches.append(len(feed_dict["x"]))
+        return real_infer(self, feed_dict, *args, **kwargs)
+
+    monkeypatch.setattr(OnnxrtRunner, "infer", spy)
+    monkeypatch.setenv("ENGINEFORGE_ISOLATION", "0")
+    # execute
+    side = _pipeline(models, tiny_workspace)
+    # assert: 32 samples (and the 32 labelled ones) in full batches within the profile
+    r = AuditResult.model_validate(side["result"])
+    assert r.samples == 32 and r.task.samples == 32
+    assert batches == [batch] * (64 // batch)
+    assert r.status == "pass", r.failures
+    assert max(o.max_abs for o in r.outputs.values()) < 1e-5
+    # control: the reference run as one batch of 32 differs (batches matter for this model)
+    ref = np.load(tiny_workspace / "e/reference.npz")
+    import data_nets
+    import torch
+
+    torch.manual_seed(0)
+    whole = data_nets.BatchCentred()(torch.from_numpy(ref["in:x"])).detach().numpy()
+    (out,) = [k for k in ref.files if k.startswith("out:")]
+    assert np.abs(whole - ref[out]).max() > 1e-3
+    export = read_json(tiny_workspace / "e/export.json")["result"]
+    assert export["reference_samples"] == len(ref["in:x"]) == 32
+    assert export["reference_inputs"] == "evaluation data"
+
+
+def test_input_mismatch_is_one_audit_error_line(exported):
+    # setup: a variant with no inputs (an exporter folded its input away)
+    models, tmp = exported
+    out = onnx.load(str(tmp / "e/model.onnx")).graph.output[0].name
+    folded = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Constant", [], [out], value=numpy_helper.from_array(
+            np.zeros((8, 5), np.float32)))], "g", [],
+        [onnx.helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, [8, 5])]),
+        opset_imports=[onnx.helper.make_opsetid("", 17)])
+    onnx.save(folded, str(tmp / "folded.onnx"))
+    _build(models, tmp, tmp / "folded.onnx", "b")
+    # execute
+    with pytest.raises(StageFailed) as failed:
+        _audit(models, tmp, tmp / "b/engine.onnx", "fp32")
+    # assert
+    msg = str(failed.value)
+    assert msg.startswith("[model=tinycls stage=audit key=models.tinycls.inputs] input "
+                          "mismatch: the reference feeds ['x'], the variant ")
+    assert msg.count("takes []") == 1 and "Fix:" in msg and "unexpected" not in msg
+    assert not (tmp / "a/fp32.json").exists()
+
+
+def test_emulated_audit_stops_at_its_time_limit(tiny_workspace):
+    """bf16 (ModelOpt AutoCast) is not runnable on ORT's CPU provider, so the ONNX reference
+    evaluator emulates it; its bilinear Resize takes seconds in pure Python."""
+    # setup
+    models = _data_nets_models(
+        tiny_workspace, "Upsampler", task="regression", samples=8,
+        inputs={"img": {"shape": ["batch", 1, 8, 8]}},
+        profiles={"p": {"img": {"min": [1, 1, 8, 8], "opt": [2, 1, 8, 8],
+                                "max": [2, 1, 8, 8]}}})
+    np.savez(tiny_workspace / "calib_fcn.npz",
+             img=np.random.default_rng(0).random((8, 1, 8, 8), dtype=np.float32))
+    # execute: a 0.2 s limit
+    side = _pipeline(models, tiny_workspace, "bf16", limits={"emulated_audit": 0.2})
+    # assert: stopped, as a result; the job's own result is written
+    r = AuditResult.model_validate(side["result"])
+    assert r.status == "not_runnable" and r.reason.startswith("not runnable on onnxruntime")
+    assert r.emulated.status == "not_runnable" and not r.emulated.outputs
+    assert r.emulated.reason.startswith(
+        "emulation stopped after 0.2 s (models.net.time_limits.emulated_audit)")
+    assert r.time_s < 5
+    # control: a generous limit lets the same emulation finish and measure
+    again = _pipeline(models, tiny_workspace, "bf16", limits={"emulated_audit": 300})
+    emu = AuditResult.model_validate(again["result"]).emulated
+    assert emu.outputs and emu.samples == 8 and emu.status in ("pass", "fail")

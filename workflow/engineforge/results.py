@@ -20,6 +20,9 @@ class ExportResult(Result):
     exporter: str
     fallback_reason: str | None = None
     reference: str
+    reference_samples: int | None = Field(None, description="samples in reference.npz")
+    reference_inputs: str | None = Field(None, description="where they come from: "
+                                               "evaluation / calibration data or random")
     opset: int
     outputs: list[str]
     time_s: float
@@ -117,8 +120,9 @@ class TaskAccuracy(Result):
 
 class Measurement(Result):
     status: Literal["pass", "fail", "not_runnable"]
-    reason: str | None = None
+    reason: str | None = None   # not_runnable: why; fail: the failures, joined
     failures: list[str] = []
+    samples: int | None = Field(None, description="samples compared (outputs of each)")
     outputs: dict[str, OutputDrift] = {}
     task: TaskAccuracy | None = None
 

@@ -3,12 +3,17 @@
 The audit uses it for variants that no runtime on this machine can execute —
 bf16 and fp8 on ONNX Runtime's CPU provider — so their drift is still
 measured, by the ONNX specification's arithmetic (numpy, emulated low
-precision). It is slow, so it is only used below ``MAX_BYTES`` and on the
-audit's small batches; its rows are labelled ``onnx-reference (emulated)``.
+precision). It is slow (pure Python: a bilinear ``Resize`` once took 24+ minutes), so it
+is only used below ``MAX_BYTES`` and within a time limit (:func:`time_limit`, the model's
+``time_limits.emulated_audit``); its rows are labelled ``onnx-reference (emulated)``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import signal
+import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -57,3 +62,53 @@ class OnnxReferenceRunner(BaseRunner):
 
 def usable(path: str | Path) -> bool:
     return Path(path).stat().st_size <= MAX_BYTES
+
+
+class Stopped(BaseException):
+    """The emulation ran past its time limit. A BaseException, like KeyboardInterrupt: the
+    ``except Exception`` blocks of the libraries it runs through do not swallow it."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise :class:`Stopped` in this thread once ``seconds`` have passed; the timer is
+    cleared on the way out, however the block ends.
+
+    In the main thread (the audit's worker process runs bodies there) a ``SIGALRM`` timer
+    interrupts the pure-Python evaluator between bytecodes; elsewhere (isolation off) a
+    timer thread sets an asynchronous exception in this thread, which acts the same way.
+    """
+    if threading.current_thread() is threading.main_thread():
+        def alarm(signum, frame):
+            raise Stopped(seconds)
+
+        previous = signal.signal(signal.SIGALRM, alarm)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            yield
+        finally:
+            try:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            finally:
+                signal.signal(signal.SIGALRM, previous)
+        return
+    tid, lock, state = threading.get_ident(), threading.Lock(), {"done": False, "fired": False}
+
+    def fire():
+        with lock:
+            if not state["done"]:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid),
+                                                           ctypes.py_object(Stopped))
+                state["fired"] = True
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        with lock:
+            state["done"] = True
+            timer.cancel()
+            if state["fired"]:  # drop one still pending (set after the block had ended)
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), None)

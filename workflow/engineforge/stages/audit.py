@@ -1,15 +1,19 @@
 """Stage 4 — accuracy audit of a variant (or engine) against the PyTorch reference.
 
-Polygraphy runs the variant (``Comparator.run``) and compares it with the saved
-PyTorch outputs (``Comparator.compare_accuracy`` with ``CompareFunc.simple``,
-error quantile 0.99): per output max/mean/median/p99 absolute and relative
-error. On top: cosine similarity, top-1 agreement for classifiers, and task
-accuracy on labelled evaluation data. A variant that cannot run on the backend
-is a result ("not runnable on <backend>: <reason>"), not an error.
+The variant's Polygraphy runner runs every sample of the reference (``audit.samples``,
+saved by the export) in batches that fit the first profile; the concatenated outputs are
+compared with the PyTorch outputs, computed in the same batches, by Polygraphy
+(``Comparator.compare_accuracy`` with ``SimpleCompareFunc``, error quantile 0.99): per
+output max/mean/median/p99 absolute and relative error. On top: cosine similarity, top-1
+agreement for classifiers, and task accuracy on labelled evaluation data. NaN or Inf in the
+reference or in the variant's outputs, or a metric that is not finite, fails the verdict.
+A variant that cannot run on the backend is a result ("not runnable on <backend>:
+<reason>"), not an error; so is an emulated audit stopped at its time limit.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -17,6 +21,7 @@ import numpy as np
 
 from engineforge import modelio
 from engineforge.backends import get_backend, onnx_reference
+from engineforge.errors import AuditError
 from engineforge.results import AuditResult, Measurement
 from engineforge.settings import Section, Tolerance
 
@@ -30,16 +35,17 @@ class Settings(Section):
     tolerance: Tolerance
     inputs: dict
     labels: str | None = None       # labels array of the evaluation data (None: unlabelled)
-    eval_batch: int = 1             # batch size of the accuracy pass (the first profile's max)
+    batch: int = 1                  # samples per batch (fits the first profile; the export's)
+    profile: dict = {}              # the first profile (the audited engines' shapes)
 
 
 def settings(m: dict, w: dict) -> Settings:
     first = next(iter(m["profiles"].values()))
-    labelled = "evaluation" in m and m["task"] == "classification"
     return Settings(backend=w["backend"], precision=w["precision"], task=m["task"],
                     tolerance=m["tolerances"][w["precision"]], inputs=m["inputs"],
-                    labels=m["evaluation"].get("labels", "labels") if labelled else None,
-                    eval_batch=next(iter(first.values()))["max"][0])
+                    labels=modelio.labels_key(m),
+                    batch=modelio.batch_size(m["inputs"], first, m["audit"]["samples"]),
+                    profile=first)
 
 
 REFERENCE = "pytorch"
@@ -66,31 +72,73 @@ def top1(x: np.ndarray) -> np.ndarray:
     return x.reshape(x.shape[0], -1).argmax(axis=1)
 
 
-def compare(reference: dict, feed: dict, runner, task: str) -> dict:
-    """Per-output drift of ``runner`` against ``reference`` through Polygraphy."""
-    from polygraphy.comparator import Comparator, CompareFunc, RunResults
+def _last_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[-1] if text else type(err).__name__)[:300]
+
+
+def non_finite(outputs: dict, who: str, names, where: str = "") -> list[str]:
+    """One failure per output (of ``names``) that holds NaN or Inf, saying how many."""
+    found = []
+    for name in (n for n in names if n in outputs):
+        arr = np.asarray(outputs[name])
+        if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+            found.append(f"{who} output '{name}'{where} is not finite: "
+                         f"{int(np.isnan(arr).sum())} NaN and {int(np.isinf(arr).sum())} Inf "
+                         f"of {arr.size} values")
+    return found
+
+
+def infer_all(runner, feed: dict, batch: int, model: str, engine: Path) -> dict:
+    """The runner's outputs on every sample of ``feed``, run in batches of ``batch``.
+    A runtime that cannot load or run it: :class:`NotRunnable`; inputs that differ from
+    the reference's: :class:`AuditError` (a wrong export, not a runtime limit)."""
+    try:
+        runner.activate()
+    except Exception as err:  # noqa: BLE001 - the runtime rejects the variant: a result
+        raise NotRunnable(_last_line(err)) from None
+    try:
+        takes = list(runner.get_input_metadata(use_numpy_dtypes=False))
+        if set(takes) != set(feed):
+            raise AuditError(
+                f"input mismatch: the reference feeds {sorted(feed)}, the variant "
+                f"'{engine}' takes {sorted(takes)}", model=model, key=f"models.{model}.inputs",
+                fix="the exported ONNX must take exactly the model's declared inputs: check "
+                    "the export (an input the model ignores is folded away) or the inputs: "
+                    "section")
+        try:
+            return modelio.run_batched(runner.infer, feed, batch)
+        except Exception as err:  # noqa: BLE001
+            raise NotRunnable(_last_line(err)) from None
+    finally:
+        runner.deactivate()
+
+
+def compare(reference: dict, produced: dict, task: str) -> tuple[dict, list[str]]:
+    """Per-output drift of ``produced`` against ``reference`` through Polygraphy, and the
+    failures no metric can express (outputs the variant lacks)."""
+    from polygraphy.comparator import Comparator, RunResults, SimpleCompareFunc
     from polygraphy.comparator.struct import IterationResult
     from polygraphy.logger import G_LOGGER
 
     G_LOGGER.module_severity = G_LOGGER.WARNING
-
-    try:
-        results = Comparator.run([runner], data_loader=[feed], warm_up=0)
-    except Exception as err:  # noqa: BLE001 - the runtime rejects the variant: a result
-        text = str(err).strip().splitlines()
-        raise NotRunnable((text[-1] if text else type(err).__name__)[:300]) from None
-    ref = RunResults()
-    ref.append((REFERENCE, [IterationResult(outputs=reference, runner_name=REFERENCE)]))
-    actual_name, actual = results[0]
-    ref.append((actual_name, actual))
+    missing = [n for n in reference if n not in produced]
+    failures = [f"the variant has no output '{n}' (it has {sorted(produced)})" for n in missing]
+    common = [n for n in reference if n in produced]
+    if not common:
+        return {}, failures
+    actual = {n: np.asarray(produced[n], dtype=np.float32) for n in common}
+    runs = RunResults()
+    runs.append((REFERENCE, [IterationResult(outputs={n: reference[n] for n in common},
+                                             runner_name=REFERENCE)]))
+    runs.append(("variant", [IterationResult(outputs=actual, runner_name="variant")]))
     acc = Comparator.compare_accuracy(
-        ref, compare_func=CompareFunc.simple(atol=np.inf, rtol=np.inf, error_quantile=0.99,
+        runs, compare_func=SimpleCompareFunc(atol=np.inf, rtol=np.inf, error_quantile=0.99,
                                              check_error_stat="quantile", check_shapes=True))
     (per_iter,) = next(iter(acc[0].values()))  # one compare func, one iteration
     outputs = {}
-    produced = actual[0]
     for name, res in per_iter.items():
-        a, b = reference[name], np.asarray(produced[name], dtype=np.float32)
+        a, b = reference[name], actual[name]
         stats = {"max_abs": float(res.max_absdiff), "mean_abs": float(res.mean_absdiff),
                  "median_abs": float(res.median_absdiff), "p99_abs": float(res.quantile_absdiff),
                  "max_rel": float(res.max_reldiff), "mean_rel": float(res.mean_reldiff),
@@ -99,41 +147,57 @@ def compare(reference: dict, feed: dict, runner, task: str) -> dict:
         if task == "classification":
             stats["top1_agreement"] = float((top1(a) == top1(b)).mean())
         outputs[name] = stats
-    return outputs
+    return outputs, failures
 
 
-def task_accuracy(runner, s: Settings, eval_path: Path, eval_ref: dict) -> dict:
-    """Accuracy of the variant and of the PyTorch reference on labelled data."""
-    data = modelio.load_npz(eval_path)
+def _evaluation(job, s: Settings, eval_ref: dict) -> dict:
+    """The labelled evaluation data, checked (labels against the model's classes too)."""
+    path = job.inputs["evaluation"]
+    data = modelio.load_data(path, s.inputs, model=job.model, section="evaluation",
+                             labels=s.labels, profile=s.profile, error_cls=AuditError)
     labels = data[s.labels]
-    names, max_batch = list(s.inputs), s.eval_batch
-    preds = []
-    with runner:
-        for start in range(0, len(labels), max_batch):
-            feed = {n: data[n][start:start + max_batch].astype(modelio.input_dtype(s.inputs, n))
-                    for n in names}
-            out = runner.infer(feed)
-            preds.append(top1(np.asarray(next(iter(out.values())), dtype=np.float32)))
-    acc = float((np.concatenate(preds) == labels).mean())
+    if not eval_ref or len(next(iter(eval_ref.values()))) != len(labels):
+        raise AuditError("the export's reference holds no outputs for these evaluation data",
+                         model=job.model, key=f"models.{job.model}.evaluation.path",
+                         fix="re-run the export (it reads the evaluation data)")
+    name, logits = next(iter(eval_ref.items()))
+    modelio.check_labels(labels, int(np.prod(logits.shape[1:])), path=path, model=job.model,
+                         name=s.labels, output=name, error_cls=AuditError)
+    return data
+
+
+def task_accuracy(outputs: dict, labels: np.ndarray, eval_ref: dict) -> dict:
+    """Accuracy of the variant and of the PyTorch reference on labelled data."""
+    acc = float((top1(np.asarray(next(iter(outputs.values())), np.float32)) == labels).mean())
     ref_acc = float((top1(next(iter(eval_ref.values()))) == labels).mean())
     return {"accuracy": acc, "reference_accuracy": ref_acc, "accuracy_drop": ref_acc - acc,
             "samples": len(labels)}
 
 
 def verdict(metrics: dict, tol: Tolerance, task: str) -> tuple[bool, list[str]]:
-    """Pass/fail against the precision's tolerances; lists every violated limit."""
+    """Pass/fail against the precision's tolerances; lists every violated limit. A metric
+    that is not finite, or no output compared at all, fails too."""
     failures = []
+    if not metrics["outputs"]:
+        failures.append("no output was compared")
+    limits = [("max_abs", "max_abs", lambda v: v > tol.max_abs, f"> {tol.max_abs}", ".3g"),
+              ("cosine", "cosine", lambda v: v < tol.cosine_min, f"< {tol.cosine_min}", ".6f")]
+    if task == "classification":
+        limits.append(("top1_agreement", "top1", lambda v: v < tol.top1_min,
+                       f"< {tol.top1_min}", ".3f"))
     for name, s in metrics["outputs"].items():
-        if s["max_abs"] > tol.max_abs:
-            failures.append(f"{name}: max_abs {s['max_abs']:.3g} > {tol.max_abs}")
-        if s["cosine"] < tol.cosine_min:
-            failures.append(f"{name}: cosine {s['cosine']:.6f} < {tol.cosine_min}")
-        if task == "classification" and s["top1_agreement"] < tol.top1_min:
-            failures.append(f"{name}: top1 {s['top1_agreement']:.3f} < {tol.top1_min}")
+        bad = [k for k, v in s.items() if v is not None and not math.isfinite(v)]
+        failures += [f"{name}: {k} is {s[k]} (not finite)" for k in bad]
+        for key, label, violated, limit, spec in limits:
+            if key not in bad and violated(s[key]):
+                failures.append(f"{name}: {label} {format(s[key], spec)} {limit}")
     task_m = metrics.get("task")
-    if task_m and task_m["accuracy_drop"] > tol.accuracy_drop_max:
-        failures.append(f"accuracy drop {task_m['accuracy_drop']:.4f} > "
-                        f"{tol.accuracy_drop_max}")
+    if task_m:
+        drop = task_m["accuracy_drop"]
+        if not math.isfinite(drop):
+            failures.append(f"accuracy drop is {drop} (not finite)")
+        elif drop > tol.accuracy_drop_max:
+            failures.append(f"accuracy drop {drop:.4f} > {tol.accuracy_drop_max}")
     return not failures, failures
 
 
@@ -155,15 +219,28 @@ def run(job) -> AuditResult:
     t0 = time.perf_counter()
     engine = job.inputs["engine"]
     feed, ref_out, eval_ref = _reference(job.inputs["reference"])
+    evaluation = _evaluation(job, s, eval_ref) if s.labels else None
+    on_eval = " on the evaluation data"
+    ref_failures = non_finite(ref_out, "reference (PyTorch)", ref_out)
+    ref_failures += non_finite(eval_ref, "reference (PyTorch)", eval_ref, on_eval) if (
+        evaluation) else []
     be = get_backend(s.backend)
     ok, why = be.runnable(s.precision)
 
     def measure(make_runner) -> dict:
-        metrics = {"outputs": compare(ref_out, feed, make_runner(), s.task)}
-        if s.labels:
-            metrics["task"] = task_accuracy(make_runner(), s, job.inputs["evaluation"], eval_ref)
-        passed, failures = verdict(metrics, s.tolerance, s.task)
-        return {"status": "pass" if passed else "fail", "failures": failures, **metrics}
+        produced = infer_all(make_runner(), feed, s.batch, job.model, engine)
+        outputs, failures = compare(ref_out, produced, s.task)
+        failures = ref_failures + non_finite(produced, "variant", ref_out) + failures
+        metrics = {"outputs": outputs}
+        if evaluation:
+            eval_feed = {n: evaluation[n] for n in s.inputs}
+            eval_out = infer_all(make_runner(), eval_feed, s.batch, job.model, engine)
+            failures += non_finite(eval_out, "variant", eval_ref, on_eval)
+            metrics["task"] = task_accuracy(eval_out, evaluation[s.labels], eval_ref)
+        failures += verdict(metrics, s.tolerance, s.task)[1]
+        return {"status": "fail" if failures else "pass", "failures": failures,
+                "reason": "; ".join(failures) or None,
+                "samples": len(next(iter(feed.values()))), **metrics}
 
     result: dict = {}
     if not ok:
@@ -175,11 +252,22 @@ def run(job) -> AuditResult:
             result = {"status": "not_runnable", "reason": f"not runnable on {s.backend}: {err}"}
             # The ONNX variant itself can still be audited by the ONNX spec's arithmetic.
             if onnx_reference.usable(engine):
-                try:
-                    result["emulated"] = measure(
-                        lambda: onnx_reference.OnnxReferenceRunner(engine))
-                except NotRunnable as err2:
-                    result["emulated"] = Measurement(status="not_runnable", reason=str(err2))
+                result["emulated"] = _emulate(job, measure, engine)
     return AuditResult(backend=s.backend, precision=s.precision,
                        tolerance=s.tolerance.model_dump(), **result,
                        time_s=round(time.perf_counter() - t0, 3))
+
+
+def _emulate(job, measure, engine: Path) -> Measurement:
+    """The emulated measurement, stopped at the model's ``time_limits.emulated_audit``."""
+    limit = job.limits.get("emulated_audit", 300)
+    try:
+        with onnx_reference.time_limit(limit):
+            return Measurement(**measure(lambda: onnx_reference.OnnxReferenceRunner(engine)))
+    except NotRunnable as err:
+        return Measurement(status="not_runnable", reason=str(err))
+    except onnx_reference.Stopped:
+        return Measurement(status="not_runnable", reason=(
+            f"emulation stopped after {limit:g} s (models.{job.model}.time_limits."
+            "emulated_audit): ONNX's reference evaluator is pure Python; raise the limit "
+            "to measure it"))

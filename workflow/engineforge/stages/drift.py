@@ -1,7 +1,10 @@
 """Report — the drift matrix of one model: rows precision × backend (every audited variant,
-emulated rows included), columns the headline metrics of the worst output. JSON + Markdown."""
+emulated rows included), columns the headline metrics of the worst output and the number of
+samples compared. JSON + Markdown; a failed or not-runnable row says why (a numbered note)."""
 
 from __future__ import annotations
+
+import math
 
 from engineforge.backends import names as backend_names
 from engineforge.backends import onnx_reference
@@ -13,12 +16,19 @@ ISOLATED = False
 TOOLS = ()
 REFERENCE = "pytorch"
 HEADLINE = ("status", "max_abs", "p99_abs", "mean_rel", "cosine", "top1_agreement", "accuracy",
-            "accuracy_drop")
+            "accuracy_drop", "samples")
 EMULATED = f"{onnx_reference.NAME} (emulated)"
 
 
 def settings(m: dict, w: dict):
     return None
+
+
+def _worst(pick, values: list[float]) -> float:
+    """The worst of ``values`` (``max`` or ``min``); a value that is not finite wins
+    (Python's max/min are order-dependent with NaN)."""
+    bad = [v for v in values if not math.isfinite(v)]
+    return bad[0] if bad else pick(values)
 
 
 def rows_of(audits) -> list[dict]:
@@ -32,16 +42,17 @@ def rows_of(audits) -> list[dict]:
             results.append((EMULATED, r.precision, r.emulated))
     rows = []
     for backend, precision, r in results:
-        row = {"precision": precision, "backend": backend,
-               "status": r.status, "reason": r.reason}
+        row = {"precision": precision, "backend": backend, "status": r.status,
+               "reason": r.reason or ("; ".join(r.failures) if r.failures else None),
+               "samples": r.samples}
         outs = r.outputs
         if outs:
-            row["max_abs"] = max(o.max_abs for o in outs.values())
-            row["p99_abs"] = max(o.p99_abs for o in outs.values())
-            row["mean_rel"] = max(o.mean_rel for o in outs.values())
-            row["cosine"] = min(o.cosine for o in outs.values())
+            row["max_abs"] = _worst(max, [o.max_abs for o in outs.values()])
+            row["p99_abs"] = _worst(max, [o.p99_abs for o in outs.values()])
+            row["mean_rel"] = _worst(max, [o.mean_rel for o in outs.values()])
+            row["cosine"] = _worst(min, [o.cosine for o in outs.values()])
             if all(o.top1_agreement is not None for o in outs.values()):
-                row["top1_agreement"] = min(o.top1_agreement for o in outs.values())
+                row["top1_agreement"] = _worst(min, [o.top1_agreement for o in outs.values()])
         if r.task:
             row["accuracy"] = r.task.accuracy
             row["reference_accuracy"] = r.task.reference_accuracy
@@ -66,7 +77,8 @@ def markdown(model: str, rows: list[dict]) -> str:
             v = r.get(key)
             if key == "status" and r.get("reason"):
                 notes += [r["reason"]] if r["reason"] not in notes else []
-                v = f"not runnable [{notes.index(r['reason']) + 1}]"
+                label = "not runnable" if v == "not_runnable" else v
+                v = f"{label} [{notes.index(r['reason']) + 1}]"
             spec = ".6f" if key == "cosine" else ".4g"
             cells.append("—" if v is None else format(v, spec) if isinstance(v, float)
                          else str(v))

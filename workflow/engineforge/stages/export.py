@@ -36,15 +36,19 @@ class Settings(Section):
     optimize: bool          # optimize in the exporter (only when onnxsim does not run next)
     reference_shapes: dict[str, list[int]]
     task: str
-    labelled: bool          # save reference outputs on the evaluation set too
+    labels: str | None      # labels array: save reference outputs on the evaluation set too
+    samples: int            # reference samples (audit.samples, in whole batches)
+    batch: int              # samples per batch of the reference (fits the first profile)
 
 
 def settings(m: dict, w: dict) -> Settings:
     first = next(iter(m["profiles"].values()))
+    batch = modelio.batch_size(m["inputs"], first, m["audit"]["samples"])
     return Settings(checkpoint=m["checkpoint"], inputs=m["inputs"], opset=m["opset"],
                     export=m["export"], optimize=not m["simplify"]["enabled"],
                     reference_shapes={i: s["opt"] for i, s in first.items()},
-                    task=m["task"], labelled="evaluation" in m)
+                    task=m["task"], labels=modelio.labels_key(m),
+                    samples=modelio.whole_batches(m["audit"]["samples"], batch), batch=batch)
 
 
 def cache_group(job) -> str:
@@ -188,15 +192,15 @@ def run(job) -> ExportResult:
     t0 = time.perf_counter()
     m, model = job.settings, job.model
     onnx_out, reference_out = job.outputs["onnx"], job.outputs["reference"]
-    ref_path = job.inputs.get("evaluation") or job.inputs.get("calibration")
-    data = modelio.load_npz(ref_path) if ref_path else None
+    data, source = _reference_data(job)
     feed = modelio.sample_inputs(m.inputs, m.reference_shapes, seed=m.export.seed, data=data)
-    eval_feed = _eval_feed(m, job.inputs["evaluation"]) if m.labelled else None
+    ref_feed = modelio.sample_inputs(m.inputs, _sample_shapes(m), seed=m.export.seed, data=data)
+    eval_feed = {n: data[n] for n in m.inputs} if m.labels else None
     if m.checkpoint["kind"] == "onnx":
         shutil.copyfile(job.inputs["checkpoint"], onnx_out)
         facts = {"exporter": "none (onnx checkpoint)", "fallback_reason": None}
-        reference = _run_onnx(onnx_out, feed)
-        eval_ref = _run_onnx(onnx_out, eval_feed) if eval_feed else {}
+        reference = _run_onnx(onnx_out, ref_feed, m.batch)
+        eval_ref = _run_onnx(onnx_out, eval_feed, m.batch) if eval_feed else {}
         ref_source = "onnxruntime on the given ONNX (no PyTorch checkpoint)"
     else:
         net = load_module(model, m.checkpoint, job.inputs.get("checkpoint"))
@@ -205,16 +209,18 @@ def run(job) -> ExportResult:
         runnable = net.module() if hasattr(net, "module") and not isinstance(
             net, torch.nn.Module) else net
         out_names = _onnx_outputs(onnx_out)
-        reference = _run_torch(runnable, feed, m.inputs, out_names)
-        eval_ref = _run_torch(runnable, eval_feed, m.inputs, out_names) if eval_feed else {}
+        reference = _run_torch(runnable, ref_feed, m.inputs, out_names, m.batch)
+        eval_ref = (_run_torch(runnable, eval_feed, m.inputs, out_names, m.batch)
+                    if eval_feed else {})
         ref_source = "pytorch eager (cpu, fp32)"
     _check(model, onnx_out)
-    arrays = {f"in:{k}": v for k, v in feed.items()}
+    arrays = {f"in:{k}": v for k, v in ref_feed.items()}
     arrays |= {f"out:{k}": v for k, v in reference.items()}
     arrays |= {f"eval_out:{k}": v for k, v in eval_ref.items()}
     with open(reference_out, "wb") as f:
         np.savez(f, **arrays)
     return ExportResult(**facts, reference=ref_source, opset=m.opset, outputs=list(reference),
+                        reference_samples=m.samples, reference_inputs=source,
                         time_s=round(time.perf_counter() - t0, 3))
 
 
@@ -233,26 +239,48 @@ def arch_source(ckpt: dict, roots=(Path("."),)) -> str | None:
     return None
 
 
-def _eval_feed(m: Settings, path: Path) -> dict:
-    data = modelio.load_npz(path)
-    return {n: data[n].astype(modelio.input_dtype(m.inputs, n)) for n in m.inputs}
+def _reference_data(job) -> tuple[dict | None, str]:
+    """The checked data the reference samples come from (evaluation, else calibration) and
+    a word on where the samples come from; bad data stops the export here, in one line."""
+    m = job.settings
+    section = next((s for s in ("evaluation", "calibration") if job.inputs.get(s)), None)
+    if section is None:
+        return None, f"random (seed {m.export.seed})"
+    data = modelio.load_data(job.inputs[section], m.inputs, model=job.model, section=section,
+                             labels=m.labels if section == "evaluation" else None,
+                             error_cls=ExportError)
+    fits = all(list(data[n].shape[1:]) == list(s[1:]) for n, s in m.reference_shapes.items())
+    return data, (f"{section} data" if fits else
+                  f"random (seed {m.export.seed}): the {section} data's shapes are not the "
+                  "first profile's opt shapes")
 
 
-def _run_torch(net, feed: dict, inputs: dict, out_names: list[str]) -> dict:
+def _sample_shapes(m: Settings) -> dict[str, list[int]]:
+    """The reference samples' shapes: ``samples`` of the first profile's opt shape."""
+    return {n: [m.samples, *s[1:]] for n, s in m.reference_shapes.items()}
+
+
+def _run_torch(net, feed: dict, inputs: dict, out_names: list[str], batch: int) -> dict:
+    """The module's outputs (tuple, list, dict: flattened in the exporter's order) on
+    every sample of ``feed``, in batches of ``batch`` like the audit's."""
     import torch
+    from torch.utils._pytree import tree_leaves
 
-    with torch.inference_mode():
-        out = net(*(torch.from_numpy(feed[n]) for n in inputs))
-    outs = out if isinstance(out, (tuple, list)) else [out]
-    return {name: o.detach().float().numpy() for name, o in zip(out_names, outs)}
+    def infer(b: dict) -> dict:
+        with torch.inference_mode():
+            out = net(*(torch.from_numpy(b[n]) for n in inputs))
+        outs = [o for o in tree_leaves(out) if isinstance(o, torch.Tensor)]
+        return {name: o.detach().float().numpy() for name, o in zip(out_names, outs)}
+
+    return modelio.run_batched(infer, feed, batch)
 
 
-def _run_onnx(path: Path, feed: dict) -> dict:
+def _run_onnx(path: Path, feed: dict, batch: int) -> dict:
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in sess.get_outputs()]
-    return dict(zip(names, sess.run(names, feed)))
+    return modelio.run_batched(lambda b: dict(zip(names, sess.run(names, b))), feed, batch)
 
 
 def _check(model: str, path: Path) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engineforge import modelio
 from engineforge.errors import PrecisionError
 from engineforge.results import PrecisionResult
 from engineforge.settings import (
@@ -84,24 +85,18 @@ def _calibration(model: str, inputs: dict, precision: str, path: Path | None,
         raise PrecisionError(f"{precision} needs calibration data.", model=model,
                              key=f"models.{model}.calibration",
                              fix="add calibration: {path: calib/<file>.npz}")
-    key = f"models.{model}.calibration.path"
-    data = {}
-    with np.load(path) as npz:
-        for name, spec in inputs.items():
-            if name not in npz.files:
-                raise PrecisionError(
-                    f"calibration data '{path}' has no array '{name}' "
-                    f"(it has {sorted(npz.files)}).", model=model, key=key,
-                    fix=f"save one array per model input, named {sorted(inputs)}")
-            arr = npz[name]
-            if n is not None and len(arr) < n:
-                lower = (f" or lower models.{model}.precision.{precision}.calib_size"
-                         if precision in ("int8", "fp8") else "")
-                raise PrecisionError(
-                    f"calibration data '{path}' has {len(arr)} samples of '{name}', "
-                    f"{precision} needs {n}.", model=model, key=key, fix=f"add samples{lower}")
-            data[name] = np.ascontiguousarray(arr[:n].astype(spec.get("dtype", "float32")))
-    return data
+    # readable, finite, one array per input of the input's rank and static dims
+    data = modelio.load_data(path, inputs, model=model, section="calibration",
+                             error_cls=PrecisionError)
+    for name, arr in data.items():
+        if n is not None and len(arr) < n:
+            lower = (f" or lower models.{model}.precision.{precision}.calib_size"
+                     if precision in ("int8", "fp8") else "")
+            raise PrecisionError(
+                f"calibration data '{path}' has {len(arr)} samples of '{name}', "
+                f"{precision} needs {n}.", model=model, key=f"models.{model}.calibration.path",
+                fix=f"add samples{lower}")
+    return {name: np.ascontiguousarray(arr[:n]) for name, arr in data.items()}
 
 
 def _autocast(job, onnx_in: Path, out: Path) -> dict:
