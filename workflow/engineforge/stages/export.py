@@ -11,9 +11,13 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
+import math
+import pickletools
+import re
 import shutil
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +30,17 @@ from engineforge.settings import ExportSettings, Section
 log = logging.getLogger(__name__)
 
 TOOLS = ("torch", "torchvision", "onnx", "onnxscript")
+# Weights above this go to external data (``model.onnx.data``, published beside the ONNX): one
+# protobuf cannot exceed 2 GiB.
+EXTERNAL_DATA_BYTES = 1 << 30
+ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32"}  # onnx.TensorProto
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 class Settings(Section):
     checkpoint: dict
     inputs: dict
+    profiles: dict          # every profile's shapes run through the ONNX right after export
     opset: int
     export: ExportSettings
     optimize: bool          # optimize in the exporter (only when onnxsim does not run next)
@@ -42,6 +52,7 @@ class Settings(Section):
 def settings(m: dict, w: dict) -> Settings:
     first = next(iter(m["profiles"].values()))
     return Settings(checkpoint=m["checkpoint"], inputs=m["inputs"], opset=m["opset"],
+                    profiles=m["profiles"],
                     export=m["export"], optimize=not m["simplify"]["enabled"],
                     reference_shapes={i: s["opt"] for i, s in first.items()},
                     task=m["task"], labelled="evaluation" in m)
@@ -64,8 +75,14 @@ def load_module(model: str, ckpt: dict, path: Path | None):
         if kind == "exported_program":
             return torch.export.load(str(path))
     except Exception as err:  # noqa: BLE001 - any loader failure is the user's file
-        raise ExportError(f"cannot load {kind} checkpoint '{path}': {err}", model=model,
-                          key=f"{key}.path", fix="check the file and checkpoint.kind") from None
+        log.info("loading %s checkpoint '%s' failed:\n%s", kind, path, err)
+        save = {"torchscript": "torch.jit.save(torch.jit.script(model), path)",
+                "exported_program": "torch.export.save(torch.export.export(model, args), "
+                                    "'model.pt2')"}[kind]
+        raise ExportError(f"cannot load {kind} checkpoint '{path}': {_describe_unreadable(path)}"
+                          f" ({_first_line(err)})", model=model, key=f"{key}.path",
+                          fix=f"check that the file is complete and checkpoint.kind is right; "
+                              f"re-save it with {save}") from None
 
     module_name, attr = ckpt["arch"].split(":")
     if str(root.resolve()) not in sys.path:
@@ -92,8 +109,12 @@ def load_module(model: str, ckpt: dict, path: Path | None):
 
 
 def _load_state_dict(model: str, path: Path, key: str) -> dict:
+    """Weights only: a pickle that needs code (a class, a function) is refused, never run."""
     import torch
 
+    resave = ("if you trust the file, load it yourself and re-save only the weights: "
+              "torch.save(model.state_dict(), 'model.pt') or "
+              "safetensors.torch.save_file(model.state_dict(), 'model.safetensors')")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -101,31 +122,101 @@ def _load_state_dict(model: str, path: Path, key: str) -> dict:
             state = load_file(str(path))
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001
-        raise ExportError(f"cannot read state_dict '{path}': {err}".splitlines()[0],
+    except Exception as err:  # noqa: BLE001 - never torch's advice to turn the safety off
+        log.info("loading state_dict '%s' failed:\n%s", path, err)
+        found = _pickled_globals(path, err)
+        if found:
+            raise ExportError(f"checkpoint '{path}' holds pickled Python objects or code "
+                              f"({', '.join(found)}), not just weights: refused for safety "
+                              "(weights-only loading; nothing in it was run)", model=model,
+                              key=f"{key}.path", fix=resave) from None
+        raise ExportError(f"cannot read state_dict '{path}': {_describe_unreadable(path)}",
                           model=model, key=f"{key}.path",
-                          fix="save with torch.save(model.state_dict()) or safetensors "
-                              "(weights_only loading: no pickled code)") from None
+                          fix="check that the file is complete; re-save it with "
+                              "torch.save(model.state_dict(), 'model.pt') or safetensors"
+                          ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"],
                                                                         dict):
         state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                              for v in state.values()):
+        what = type(state).__name__ if not isinstance(state, dict) else "a dict of non-tensors"
+        raise ExportError(f"checkpoint '{path}' holds {what}, not a state_dict (parameter "
+                          "names to tensors)", model=model, key=f"{key}.path", fix=resave)
     return state
 
 
+def _first_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in _ANSI.sub("", str(err)).splitlines() if ln.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def _describe_unreadable(path: Path) -> str:
+    """What a checkpoint that no loader reads looks like, from its first bytes."""
+    head = path.read_bytes()[:4] if path.is_file() else b""
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK"):
+        return "a zip archive that is truncated or corrupt" if not zipfile.is_zipfile(path) \
+            else "a zip archive that is not of this checkpoint kind"
+    if head.startswith(b"\x80"):
+        return "a raw Python pickle, not a torch.save archive"
+    return "not a checkpoint of this kind (unknown format: corrupt or random bytes)"
+
+
+def _pickled_globals(path: Path, err: Exception) -> list[str]:
+    """The classes/functions a refused pickle would import (read with pickletools, which
+    runs nothing); [] when the file is no pickle with globals."""
+    named = re.findall(r"GLOBAL ([\w.]+)", str(err))
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+        else:
+            data = path.read_bytes()
+        strings: list[str] = []
+        scanned: list[str] = []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL":
+                scanned.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                scanned.append(".".join(strings[-2:]))
+            elif isinstance(arg, str):
+                strings.append(arg)
+        named += scanned  # only a pickle read to its end (random bytes may look like one)
+    except Exception:  # noqa: BLE001 - not a (complete) pickle: nothing more to name
+        pass
+    found = list(dict.fromkeys(n for n in named if not _weights_only_global(n)))
+    return found[:3] + (["..."] if len(found) > 3 else [])
+
+
+def _weights_only_global(name: str) -> bool:
+    """Globals a plain torch.save(state_dict) pickle uses (weights_only allows them)."""
+    return (name.startswith(("torch._utils.", "_codecs.")) or name.endswith("Storage")
+            or name in ("collections.OrderedDict", "torch.Size", "torch.device"))
+
+
 def _export(net, model: str, m: Settings, example: tuple, tmp: Path) -> dict:
-    """Dynamo first, TorchScript exporter as fallback. Returns export facts."""
+    """Dynamo first, TorchScript exporter as fallback, then the ONNX is verified against the
+    declared inputs and every profile shape. Returns export facts."""
     import torch
 
+    if isinstance(net, torch.export.ExportedProgram):
+        _check_program_shapes(model, net, m)
     names = list(m.inputs)
+    out_names, n_out = _output_names(net, example)
     dyn = modelio.dynamic_dims(m.inputs)
     # Named, unbounded dims: the ONNX keeps the names, and profile ranges (which only the
     # engine builds use) can change without a re-export.
     dims = {d: torch.export.Dim(d) for axes in dyn.values() for d in axes.values()}
     facts: dict = {"exporter": None, "fallback_reason": None}
-    errors = []
+    causes = []
     order = ["dynamo", "torchscript"] if m.export.exporter == "dynamo" else ["torchscript"]
     if not m.export.fallback:
         order = order[:1]
+    elif isinstance(net, torch.jit.ScriptModule) and len(order) == 2:
+        order = ["torchscript"]  # torch.export never takes a ScriptModule
+        facts["fallback_reason"] = "dynamo exporter skipped: it cannot export a ScriptModule"
     for exporter in order:
         try:
             if exporter == "dynamo":
@@ -136,25 +227,133 @@ def _export(net, model: str, m: Settings, example: tuple, tmp: Path) -> dict:
                                             # when it is off (saves ~1 s on resnet18)
                                             optimize=m.optimize,
                                             verbose=False)
-                program.save(str(tmp), external_data=False)
+                for value, name in zip(program.model.graph.outputs, out_names or []):
+                    value.name = name
+                weights = sum(v.const_value.nbytes for v in
+                              program.model.graph.initializers.values() if v.const_value)
+                program.save(str(tmp), external_data=weights > EXTERNAL_DATA_BYTES)
                 _drop_stack_traces(tmp)
             else:
                 torch.onnx.export(net, example, str(tmp), dynamo=False, input_names=names,
+                                  output_names=out_names,
                                   dynamic_axes={n: dyn[n] for n in names if dyn[n]},
                                   opset_version=m.opset, do_constant_folding=True)
             facts["exporter"] = exporter
             break
         except Exception as err:  # noqa: BLE001 - recorded, then the fallback runs
-            reason = f"{exporter} exporter failed: {type(err).__name__}: " + (
-                str(err).strip().splitlines() or [""])[0][:300]
-            log.warning("%s: %s", model, reason)
-            errors.append(reason)
-            facts["fallback_reason"] = reason
+            log.info("%s exporter failed:\n%s", exporter, _ANSI.sub("", str(err)),
+                     exc_info=True)
+            causes.append(f"{exporter} exporter: {_exporter_cause(err)}")
+            log.warning("%s: %s", model, causes[-1])
+            facts["fallback_reason"] = f"{exporter} exporter failed: {_exporter_cause(err)}"
     if facts["exporter"] is None:
-        raise ExportError("; ".join(errors), model=model, key=f"models.{model}.export",
-                          fix="check the model exports with torch.onnx.export, or export it "
+        op = re.search(r"\b(\w+::\w+)", " ".join(causes))
+        causes.sort(key=lambda c: "::" not in c)  # the one naming an operator first
+        lead = f"unsupported operator {op.group(1)}: " if op else "export failed: "
+        raise ExportError(lead + "; ".join(causes), model=model, key=f"models.{model}.export",
+                          fix="export the nn.Module from its source (not a traced TorchScript "
+                              "with fused ops), try another opset:, or export the ONNX "
                               "yourself and use checkpoint.kind: onnx")
+    _verify_onnx(model, m, tmp, {n: list(t.shape) for n, t in zip(names, example)})
+    got = len(_onnx_outputs(tmp))
+    if got != n_out:
+        raise ExportError(f"the exported ONNX has {got} outputs but the model returns {n_out} "
+                          "tensors", model=model, key=f"models.{model}.export",
+                          fix="return tensors only (a tensor, a tuple/list or a dict of "
+                              "tensors), each one a distinct tensor")
     return facts
+
+
+def _exporter_cause(err: Exception) -> str:
+    """One line: the dynamo exporter's exception summary, else the error's first line."""
+    text = _ANSI.sub("", str(err))
+    summary = re.search(r"## Exception summary\s+(.+)", text)
+    if summary:
+        return re.sub(r"^<class '(?:\w+\.)*(\w+)'>", r"\1", summary.group(1).strip())[:300]
+    return _first_line(err)
+
+
+def _flat_outputs(out) -> list:
+    """A model's output tensors in the exporters' order (pytree: tuples, lists, dicts)."""
+    import torch
+    from torch.utils._pytree import tree_leaves
+
+    return [o for o in tree_leaves(out) if isinstance(o, torch.Tensor)]
+
+
+def _output_names(net, example: tuple) -> tuple[list[str] | None, int]:
+    """ONNX output names when the model returns dicts (their keys, 'a.b' when nested; the
+    exporters' own names otherwise) and the number of output tensors."""
+    import torch
+    from torch.utils._pytree import MappingKey, tree_flatten_with_path
+
+    runnable = net.module() if isinstance(net, torch.export.ExportedProgram) else net
+    with torch.inference_mode():
+        out = runnable(*example)
+    paths = [path for path, o in tree_flatten_with_path(out)[0] if isinstance(o, torch.Tensor)]
+    if not any(isinstance(k, MappingKey) for path in paths for k in path):
+        return None, len(paths)
+    return [".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+            for path in paths], len(paths)
+
+
+def _check_program_shapes(model: str, program, m: Settings) -> None:
+    """A .pt2 only runs the shapes it was exported for: each profile shape must lie in the
+    program's range for every input dim (a static dim takes its one size)."""
+    import torch
+
+    names = list(program.graph_signature.user_inputs)
+    vals = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
+    key = f"models.{model}.checkpoint.path"
+    if len(names) != len(m.inputs):
+        raise ExportError(f"the exported program takes {len(names)} inputs {names}, the config "
+                          f"declares {len(m.inputs)} {list(m.inputs)}", model=model,
+                          key=f"models.{model}.inputs", fix="declare one input per argument "
+                          "of the program, in its order")
+    for (iname, spec), arg in zip(m.inputs.items(), names):
+        shape = list(vals[arg].shape) if vals.get(arg) is not None else []
+        if len(shape) != len(spec["shape"]):
+            raise ExportError(f"program input '{arg}' has rank {len(shape)}, input '{iname}' "
+                              f"is declared with rank {len(spec['shape'])} ({spec['shape']})",
+                              model=model, key=f"models.{model}.inputs.{iname}.shape",
+                              fix="declare the shape the program was exported with")
+        for axis, dim in enumerate(shape):
+            if isinstance(dim, torch.SymInt):
+                vr = program.range_constraints.get(dim.node.expr)
+                lo, hi = _bound(vr.lower if vr else 0), _bound(vr.upper if vr else math.inf)
+            else:
+                lo = hi = int(dim)
+            for pname, profile in m.profiles.items():
+                for which in ("min", "opt", "max"):
+                    size = profile[iname][which][axis]
+                    if lo <= size <= hi:
+                        continue
+                    dname = spec["shape"][axis] if isinstance(spec["shape"][axis], str) \
+                        else f"dim{axis}"
+                    need = (min(p[iname]["min"][axis] for p in m.profiles.values()),
+                            max(p[iname]["max"][axis] for p in m.profiles.values()))
+                    took = f"fixed at {lo}" if lo == hi else f"in [{lo}, {hi}]"
+                    raise ExportError(
+                        f"'{program_path(m)}' was exported with input '{iname}' dim {axis} "
+                        f"({dname}) {took}, but profile '{pname}' {which} shape needs "
+                        f"{dname}={size}", model=model, key=key,
+                        fix=f"re-export it with that dim dynamic: torch.export.save("
+                            f"torch.export.export(model, args, dynamic_shapes={{'{arg}': "
+                            f"{{{axis}: torch.export.Dim('{dname}', min={need[0]}, "
+                            f"max={need[1]})}}}}), 'model.pt2'), or keep {dname} within "
+                            f"{took.replace('fixed at', '=').replace('in ', '')} in the "
+                            f"profiles")
+
+
+def program_path(m: Settings) -> str:
+    return m.checkpoint.get("path", "")
+
+
+def _bound(value) -> float:
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        return -math.inf if str(value).startswith("-") else math.inf
 
 
 def _drop_stack_traces(path: Path) -> None:
@@ -163,7 +362,7 @@ def _drop_stack_traces(path: Path) -> None:
     differ. Those traces go, so exports are reproducible byte for byte."""
     import onnx
 
-    proto = onnx.load(str(path))
+    proto = onnx.load(str(path), load_external_data=False)  # weights stay where they are
     graphs = [proto.graph]
     while graphs:
         graph = graphs.pop()
@@ -182,6 +381,134 @@ def _onnx_outputs(path: Path) -> list[str]:
     return [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
 
 
+def _copy_onnx_checkpoint(model: str, m: Settings, src: Path, dest: Path) -> None:
+    """An ONNX checkpoint is the export: readable, and verified like one."""
+    import onnx
+
+    try:
+        onnx.load(str(src), load_external_data=False)
+    except Exception as err:  # noqa: BLE001 - DecodeError and friends: the user's file
+        log.info("reading ONNX checkpoint '%s' failed:\n%s", src, err)
+        raise ExportError(f"ONNX checkpoint '{src}' is not a readable ONNX model: "
+                          f"{_describe_unreadable(src)} ({_first_line(err)})", model=model,
+                          key=f"models.{model}.checkpoint.path",
+                          fix="re-export it (torch.onnx.export) or copy it again; check "
+                              "checkpoint.kind") from None
+    shutil.copyfile(src, dest)
+    _verify_onnx(model, m, dest, None)
+
+
+def _verify_onnx(model: str, m: Settings, path: Path, traced: dict | None) -> None:
+    """The ONNX takes the declared inputs (names, ranks, dtypes, named dims dynamic) and
+    runs once at every profile's min/opt/max shapes (ONNX Runtime, CPU, seeded data)."""
+    import onnx
+
+    given = traced is None  # an ONNX checkpoint, not our export
+    proto = onnx.load(str(path), load_external_data=False)
+    weights = {i.name for i in proto.graph.initializer}
+    got = {i.name: i.type.tensor_type for i in proto.graph.input if i.name not in weights}
+    key = f"models.{model}.inputs"
+    missing = [n for n in m.inputs if n not in got]
+    if missing and not given:
+        raise ExportError(
+            f"the exported ONNX lost declared input(s) {missing} (its inputs: "
+            f"{sorted(got) or 'none'}): the exporter recorded them as constants, typically "
+            "through a custom torch.autograd.Function or non-torch code (numpy, .item(), "
+            "Python numbers) in forward()", model=model, key=key,
+            fix="write forward() with torch ops only (or give the autograd.Function a "
+                "symbolic()); or export the ONNX yourself and use checkpoint.kind: onnx")
+    if missing or set(got) - set(m.inputs):
+        raise ExportError(f"the ONNX checkpoint's inputs are {sorted(got)}, the config "
+                          f"declares {list(m.inputs)}", model=model, key=key,
+                          fix="declare every ONNX input under inputs:, named as in the ONNX")
+    for name, spec in m.inputs.items():
+        tensor = got[name]
+        dtype = ONNX_DTYPES.get(tensor.elem_type) or onnx.TensorProto.DataType.Name(
+            tensor.elem_type).lower()
+        if dtype != spec.get("dtype", "float32"):
+            raise ExportError(f"input '{name}' is {dtype} in the ONNX, declared "
+                              f"{spec.get('dtype', 'float32')}", model=model,
+                              key=f"{key}.{name}.dtype",
+                              fix=f"declare dtype: {dtype}, or cast inside the model")
+        dims, declared = tensor.shape.dim, spec["shape"]
+        if len(dims) != len(declared):
+            raise ExportError(f"input '{name}' has rank {len(dims)} in the ONNX, declared "
+                              f"{declared} (rank {len(declared)})", model=model,
+                              key=f"{key}.{name}.shape", fix="declare one entry per dimension")
+        for axis, (dim, want) in enumerate(zip(dims, declared)):
+            if not dim.HasField("dim_value") or dim.dim_value == want:
+                continue
+            if isinstance(want, str):
+                raise ExportError(
+                    f"input '{name}' dim {axis} ('{want}') is fixed at {dim.dim_value} in the "
+                    f"{'ONNX' if given else 'export'}: the model cannot vary {want} (e.g. a "
+                    "Linear or reshape sized for it)", model=model, key=f"{key}.{name}.shape",
+                    fix=f"declare it static ({dim.dim_value}) in inputs.{name}.shape and the "
+                        f"profiles, or make the model accept any {want}")
+            raise ExportError(f"input '{name}' dim {axis} is {dim.dim_value} in the ONNX, "
+                              f"declared {want}", model=model, key=f"{key}.{name}.shape",
+                              fix=f"declare {dim.dim_value}")
+    _run_profiles(model, m, path, traced)
+
+
+def _run_profiles(model: str, m: Settings, path: Path, traced: dict | None) -> None:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # the failure is raised, not logged twice
+    try:
+        sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001
+        log.info("ONNX Runtime cannot load '%s':\n%s", path, err)
+        raise ExportError(f"ONNX Runtime cannot load the ONNX: {_ort_cause(err)}",
+                          model=model, key=f"models.{model}.export",
+                          fix="try export.exporter: torchscript or another opset:; report "
+                              "the exporter bug") from None
+    seen: set = set()
+    for pname, profile in m.profiles.items():
+        for which in ("min", "opt", "max"):
+            shapes = modelio.shapes_at(profile, which)
+            if repr(shapes) in seen:
+                continue
+            seen.add(repr(shapes))
+            feed = modelio.sample_inputs(m.inputs, shapes, seed=m.export.seed)
+            try:
+                sess.run(None, feed)
+            except Exception as err:  # noqa: BLE001 - the model cannot take this shape
+                log.info("profile '%s' %s shape %s failed in ONNX Runtime:\n%s", pname, which,
+                         shapes, err)
+                raise ExportError(
+                    f"profile '{pname}' {which} shape fails in ONNX Runtime "
+                    f"({_shape_story(m.inputs, shapes, traced)}): {_ort_cause(err)}",
+                    model=model, key=f"models.{model}.profiles.{pname}",
+                    fix="keep the profile to shapes the model takes (or declare the dim "
+                        "static in inputs:), or make the model accept them") from None
+
+
+def _shape_story(inputs: dict, shapes: dict, traced: dict | None) -> str:
+    """'img=[1, 1, 8, 8]: h=8, w=8 (exported at [1, 1, 16, 16])': the named dims that
+    differ from the export example (all named dims without one)."""
+    parts = []
+    for name, shape in shapes.items():
+        base = (traced or {}).get(name)
+        dims = [f"{d}={s}" for a, (d, s) in enumerate(zip(inputs[name]["shape"], shape))
+                if isinstance(d, str) and (base is None or base[a] != s)]
+        if dims or base is None:
+            parts.append(f"{name}={shape}: {', '.join(dims)}"
+                         + (f" (exported at {base})" if base else ""))
+    return "; ".join(parts) or repr(shapes)
+
+
+def _ort_cause(err: Exception) -> str:
+    """ONNX Runtime's message, less its error-code prefix and C++ source locations."""
+    text = " ".join(ln.strip() for ln in str(err).splitlines()[:3] if ln.strip())
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"Non-zero status code returned while running (\w+) node\. "
+                  r"Name:'([^']*)' Status Message: ", r"\1 node '\2': ", text)
+    text = re.sub(r"/onnxruntime_src/\S+:\d+ [^(]*\([^)]*\)\s*", "", text)
+    return text[:300]
+
+
 def run(job) -> ExportResult:
     import torch
 
@@ -193,7 +520,7 @@ def run(job) -> ExportResult:
     feed = modelio.sample_inputs(m.inputs, m.reference_shapes, seed=m.export.seed, data=data)
     eval_feed = _eval_feed(m, job.inputs["evaluation"]) if m.labelled else None
     if m.checkpoint["kind"] == "onnx":
-        shutil.copyfile(job.inputs["checkpoint"], onnx_out)
+        _copy_onnx_checkpoint(model, m, job.inputs["checkpoint"], onnx_out)
         facts = {"exporter": "none (onnx checkpoint)", "fallback_reason": None}
         reference = _run_onnx(onnx_out, feed)
         eval_ref = _run_onnx(onnx_out, eval_feed) if eval_feed else {}
@@ -243,7 +570,7 @@ def _run_torch(net, feed: dict, inputs: dict, out_names: list[str]) -> dict:
 
     with torch.inference_mode():
         out = net(*(torch.from_numpy(feed[n]) for n in inputs))
-    outs = out if isinstance(out, (tuple, list)) else [out]
+    outs = _flat_outputs(out)
     return {name: o.detach().float().numpy() for name, o in zip(out_names, outs)}
 
 
