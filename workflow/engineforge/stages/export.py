@@ -206,7 +206,7 @@ def _export(net, model: str, m: Settings, example: tuple, tmp: Path) -> dict:
     if isinstance(net, torch.export.ExportedProgram):
         _check_program_shapes(model, net, m)
     names = list(m.inputs)
-    out_names, n_out = _output_names(net, example)
+    n_out = 0
     dyn = modelio.dynamic_dims(m.inputs)
     # Named, unbounded dims: the ONNX keeps the names, and profile ranges (which only the
     # engine builds use) can change without a re-export.
@@ -229,6 +229,7 @@ def _export(net, model: str, m: Settings, example: tuple, tmp: Path) -> dict:
                                             # when it is off (saves ~1 s on resnet18)
                                             optimize=m.optimize,
                                             verbose=False)
+                out_names, n_out = _output_names(_traced_outputs(program))
                 for value, name in zip(program.model.graph.outputs, out_names or []):
                     value.name = name
                 weights = sum(v.const_value.nbytes for v in
@@ -236,6 +237,7 @@ def _export(net, model: str, m: Settings, example: tuple, tmp: Path) -> dict:
                 program.save(str(tmp), external_data=weights > EXTERNAL_DATA_BYTES)
                 _drop_stack_traces(tmp)
             else:
+                out_names, n_out = _output_names(_eager_outputs(net, example))
                 torch.onnx.export(net, example, str(tmp), dynamo=False, input_names=names,
                                   output_names=out_names,
                                   dynamic_axes={n: dyn[n] for n in names if dyn[n]},
@@ -283,20 +285,33 @@ def _flat_outputs(out) -> list:
     return [o for o in tree_leaves(out) if isinstance(o, torch.Tensor)]
 
 
-def _output_names(net, example: tuple) -> tuple[list[str] | None, int]:
+def _output_names(out) -> tuple[list[str] | None, int]:
     """ONNX output names when the model returns dicts (their keys, 'a.b' when nested; the
     exporters' own names otherwise) and the number of output tensors."""
     import torch
     from torch.utils._pytree import MappingKey, tree_flatten_with_path
 
-    runnable = net.module() if isinstance(net, torch.export.ExportedProgram) else net
-    with torch.inference_mode():
-        out = runnable(*example)
     paths = [path for path, o in tree_flatten_with_path(out)[0] if isinstance(o, torch.Tensor)]
     if not any(isinstance(k, MappingKey) for path in paths for k in path):
         return None, len(paths)
     return [".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
             for path in paths], len(paths)
+
+
+def _traced_outputs(program):
+    """The output structure the dynamo exporter recorded (tensors as placeholders)."""
+    import torch
+    from torch.utils._pytree import tree_unflatten
+
+    spec = program.exported_program.call_spec.out_spec
+    return tree_unflatten([torch.empty(0)] * spec.num_leaves, spec)
+
+
+def _eager_outputs(net, example: tuple):
+    import torch
+
+    with torch.inference_mode():
+        return net(*example)
 
 
 def _check_program_shapes(model: str, program, m: Settings) -> None:
