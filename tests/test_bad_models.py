@@ -20,10 +20,10 @@ import pytest
 import torch
 from conftest import FIXTURES, run_stage, stage_job, tiny_raw_config
 from engineforge import config, modelio
-from engineforge.errors import ExportError
+from engineforge.errors import BenchError, ExportError
 from engineforge.results import ExportResult
 from engineforge.runner import StageFailed
-from engineforge.stages import export
+from engineforge.stages import baseline, export
 
 FCN_INPUTS = {"img": {"shape": ["batch", 1, "h", "w"]}}
 CLS_INPUTS = {"x": {"shape": ["batch", 3, 8, 8]}}
@@ -229,6 +229,22 @@ def test_static_pt2_with_a_batch_profile(ws):
         export.run(_job(ws, models))
     assert ("dynamic_shapes={'x': {0: torch.export.Dim('batch', min=1, max=8)}}"
             in info.value.fix)
+
+
+def test_static_pt2_in_the_pytorch_baseline(ws):
+    # setup: the eager baseline bench loads the same .pt2 (not through the export)
+    _save_program(ws, "static.pt2", 1)
+    models = _models(ws, {"kind": "exported_program", "path": "static.pt2"}, CLS_INPUTS,
+                     CLS_PROFILE)
+    job = stage_job("baseline", models, "odd", {"checkpoint": "static.pt2"},
+                    {"result": ws / "b.json"}, ws, profile="b1-8")
+    # execute
+    with pytest.raises(BenchError) as info:
+        baseline.run(job)
+    # assert: the same line as the export's, not "Guard failed: x.size()[0] == 1"
+    assert info.value.message == ("'static.pt2' was exported with input 'x' dim 0 (batch) "
+                                  "fixed at 1, but profile 'b1-8' opt shape needs batch=4")
+    assert info.value.key == "models.odd.checkpoint.path"
 
 
 def test_pt2_range_narrower_than_the_profile(ws):

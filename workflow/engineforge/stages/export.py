@@ -204,7 +204,7 @@ def _export(net, model: str, m: Settings, example: tuple, tmp: Path) -> dict:
     import torch
 
     if isinstance(net, torch.export.ExportedProgram):
-        _check_program_shapes(model, net, m)
+        check_program_shapes(model, net, m.inputs, m.profiles, m.checkpoint["path"])
     names = list(m.inputs)
     n_out = 0
     dyn = modelio.dynamic_dims(m.inputs)
@@ -314,7 +314,8 @@ def _eager_outputs(net, example: tuple):
         return net(*example)
 
 
-def _check_program_shapes(model: str, program, m: Settings) -> None:
+def check_program_shapes(model: str, program, inputs: dict, profiles: dict, path: str,
+                         error=ExportError) -> None:
     """A .pt2 only runs the shapes it was exported for: each profile shape must lie in the
     program's range for every input dim (a static dim takes its one size)."""
     import torch
@@ -322,48 +323,44 @@ def _check_program_shapes(model: str, program, m: Settings) -> None:
     names = list(program.graph_signature.user_inputs)
     vals = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
     key = f"models.{model}.checkpoint.path"
-    if len(names) != len(m.inputs):
-        raise ExportError(f"the exported program takes {len(names)} inputs {names}, the config "
-                          f"declares {len(m.inputs)} {list(m.inputs)}", model=model,
-                          key=f"models.{model}.inputs", fix="declare one input per argument "
-                          "of the program, in its order")
-    for (iname, spec), arg in zip(m.inputs.items(), names):
+    if len(names) != len(inputs):
+        raise error(f"the exported program takes {len(names)} inputs {names}, the config "
+                    f"declares {len(inputs)} {list(inputs)}", model=model,
+                    key=f"models.{model}.inputs", fix="declare one input per argument of the "
+                    "program, in its order")
+    for (iname, spec), arg in zip(inputs.items(), names):
         shape = list(vals[arg].shape) if vals.get(arg) is not None else []
         if len(shape) != len(spec["shape"]):
-            raise ExportError(f"program input '{arg}' has rank {len(shape)}, input '{iname}' "
-                              f"is declared with rank {len(spec['shape'])} ({spec['shape']})",
-                              model=model, key=f"models.{model}.inputs.{iname}.shape",
-                              fix="declare the shape the program was exported with")
+            raise error(f"program input '{arg}' has rank {len(shape)}, input '{iname}' is "
+                        f"declared with rank {len(spec['shape'])} ({spec['shape']})",
+                        model=model, key=f"models.{model}.inputs.{iname}.shape",
+                        fix="declare the shape the program was exported with")
         for axis, dim in enumerate(shape):
             if isinstance(dim, torch.SymInt):
                 vr = program.range_constraints.get(dim.node.expr)
                 lo, hi = _bound(vr.lower if vr else 0), _bound(vr.upper if vr else math.inf)
             else:
                 lo = hi = int(dim)
-            for pname, profile in m.profiles.items():
+            for pname, profile in profiles.items():
                 for which in ("min", "opt", "max"):
                     size = profile[iname][which][axis]
                     if lo <= size <= hi:
                         continue
                     dname = spec["shape"][axis] if isinstance(spec["shape"][axis], str) \
                         else f"dim{axis}"
-                    need = (min(p[iname]["min"][axis] for p in m.profiles.values()),
-                            max(p[iname]["max"][axis] for p in m.profiles.values()))
+                    need = (min(p[iname]["min"][axis] for p in profiles.values()),
+                            max(p[iname]["max"][axis] for p in profiles.values()))
                     took = f"fixed at {lo}" if lo == hi else f"in [{lo}, {hi}]"
-                    raise ExportError(
-                        f"'{program_path(m)}' was exported with input '{iname}' dim {axis} "
+                    keep = f"at {lo}" if lo == hi else f"within [{lo}, {hi}]"
+                    raise error(
+                        f"'{path}' was exported with input '{iname}' dim {axis} "
                         f"({dname}) {took}, but profile '{pname}' {which} shape needs "
                         f"{dname}={size}", model=model, key=key,
                         fix=f"re-export it with that dim dynamic: torch.export.save("
                             f"torch.export.export(model, args, dynamic_shapes={{'{arg}': "
                             f"{{{axis}: torch.export.Dim('{dname}', min={need[0]}, "
-                            f"max={need[1]})}}}}), 'model.pt2'), or keep {dname} within "
-                            f"{took.replace('fixed at', '=').replace('in ', '')} in the "
-                            f"profiles")
-
-
-def program_path(m: Settings) -> str:
-    return m.checkpoint.get("path", "")
+                            f"max={need[1]})}}}}), 'model.pt2'), or keep {dname} {keep} "
+                            "in the profiles")
 
 
 def _bound(value) -> float:
@@ -431,11 +428,12 @@ def _verify_onnx(model: str, m: Settings, path: Path, traced: dict | None) -> No
             f"the exported ONNX lost declared input(s) {missing} (its inputs: "
             f"{sorted(got) or 'none'}): the exporter recorded them as constants, typically "
             "through a custom torch.autograd.Function or non-torch code (numpy, .item(), "
-            "Python numbers) in forward()", model=model, key=key,
+            "Python numbers) in forward(), or forward() never reads them", model=model, key=key,
             fix="write forward() with torch ops only (or give the autograd.Function a "
                 "symbolic()); or export the ONNX yourself and use checkpoint.kind: onnx")
     if missing or set(got) - set(m.inputs):
-        raise ExportError(f"the ONNX checkpoint's inputs are {sorted(got)}, the config "
+        raise ExportError(f"the {'ONNX checkpoint' if given else 'exported ONNX'}'s inputs "
+                          f"are {sorted(got)}, the config "
                           f"declares {list(m.inputs)}", model=model, key=key,
                           fix="declare every ONNX input under inputs:, named as in the ONNX")
     for name, spec in m.inputs.items():
@@ -446,7 +444,9 @@ def _verify_onnx(model: str, m: Settings, path: Path, traced: dict | None) -> No
             raise ExportError(f"input '{name}' is {dtype} in the ONNX, declared "
                               f"{spec.get('dtype', 'float32')}", model=model,
                               key=f"{key}.{name}.dtype",
-                              fix=f"declare dtype: {dtype}, or cast inside the model")
+                              fix=f"declare dtype: {dtype}" if dtype in ONNX_DTYPES.values()
+                              else f"cast inside the model to one of "
+                                   f"{sorted(ONNX_DTYPES.values())}")
         dims, declared = tensor.shape.dim, spec["shape"]
         if len(dims) != len(declared):
             raise ExportError(f"input '{name}' has rank {len(dims)} in the ONNX, declared "
