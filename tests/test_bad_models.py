@@ -359,8 +359,44 @@ def test_unreadable_state_dict(ws, content, found):
     msg = _fails(ws, models, "models.odd.checkpoint.path")
     # assert
     assert msg == (f"cannot read state_dict 'w.pt': {found}" if found else
-                   "checkpoint 'w.pt' holds list, not a state_dict (parameter names to "
+                   "checkpoint 'w.pt' holds a list, not a state_dict (parameter names to "
                    "tensors)")
+
+
+def test_random_bytes_safetensors(ws):
+    (ws / "w.safetensors").write_bytes(np.random.default_rng(7).bytes(4096))
+    models = _models(ws, _arch("TupleHead", path="w.safetensors"), CLS_INPUTS, CLS_PROFILE)
+    msg = _fails(ws, models, "models.odd.checkpoint.path")
+    assert msg == ("cannot read state_dict 'w.safetensors': not a checkpoint of this kind "
+                   "(unknown format: corrupt or random bytes)")
+
+
+def test_training_checkpoint_without_weights(ws):
+    # setup: {"epoch", "optimizer"}, no weights under a known key
+    torch.save({"epoch": 3, "best_acc": 0.9}, ws / "w.pt")
+    models = _models(ws, _arch("TupleHead", path="w.pt"), CLS_INPUTS, CLS_PROFILE)
+    # execute
+    msg = _fails(ws, models, "models.odd.checkpoint.path")
+    # assert
+    assert msg == ("checkpoint 'w.pt' holds entries that are not tensors (epoch, best_acc), "
+                   "not a state_dict")
+
+
+def test_training_checkpoint_with_dataparallel_weights(ws):
+    # setup: what real training scripts save: weights under "model", keys "module.*"
+    torch.manual_seed(5)
+    net = bad_models.TupleHead().eval()
+    weights = {f"module.{k}": v for k, v in net.state_dict().items()}
+    torch.save({"model": weights, "epoch": 3}, ws / "w.pt")
+    models = _models(ws, _arch("TupleHead", path="w.pt"), CLS_INPUTS, CLS_PROFILE)
+    # execute
+    export.run(_job(ws, models))
+    # assert: the trained weights, not the arch's initial ones
+    x = np.random.default_rng(0).random((2, 3, 8, 8), dtype=np.float32)
+    sess = ort.InferenceSession(str(ws / "out/model.onnx"), providers=["CPUExecutionProvider"])
+    with torch.inference_mode():
+        want = net(torch.from_numpy(x))[0].numpy()
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind, fix", [("torchscript", "torch.jit.save"),
@@ -471,3 +507,23 @@ def test_large_weights_go_to_external_data(ws, monkeypatch):
     ref = np.load(ws / "out/reference.npz")
     for name, got in zip(result.outputs, sess.run(None, {"x": ref["in:x"]})):
         np.testing.assert_allclose(got, ref[f"out:{name}"], rtol=1e-4, atol=1e-5)
+
+
+def test_integer_outputs(ws):
+    models = _models(ws, _arch("ArgmaxHead"), CLS_INPUTS, CLS_PROFILE)
+    _exports_and_matches(ws, models, {"x": [3, 3, 8, 8]})
+    sess = ort.InferenceSession(str(ws / "out/model.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.type for o in sess.get_outputs()] == ["tensor(float)", "tensor(int64)"]
+
+
+def test_torchscript_checkpoint_skips_dynamo(ws):
+    # setup: a scripted module (torch.export never takes one)
+    torch.manual_seed(0)
+    torch.jit.script(bad_models.TupleHead().eval()).save(str(ws / "ts.pt"))
+    models = _models(ws, {"kind": "torchscript", "path": "ts.pt"}, CLS_INPUTS, CLS_PROFILE)
+    # execute
+    result = export.run(_job(ws, models))
+    # assert
+    assert result.exporter == "torchscript"
+    assert result.fallback_reason == "dynamo exporter skipped: it cannot export a ScriptModule"
+    assert len(result.outputs) == 3

@@ -135,14 +135,21 @@ def _load_state_dict(model: str, path: Path, key: str) -> dict:
                           fix="check that the file is complete; re-save it with "
                               "torch.save(model.state_dict(), 'model.pt') or safetensors"
                           ) from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"],
-                                                                        dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
-                                              for v in state.values()):
-        what = type(state).__name__ if not isinstance(state, dict) else "a dict of non-tensors"
-        raise ExportError(f"checkpoint '{path}' holds {what}, not a state_dict (parameter "
-                          "names to tensors)", model=model, key=f"{key}.path", fix=resave)
+    # training checkpoints: {"state_dict" | "model_state_dict" | "model": weights, "epoch": ...}
+    wrapped = [k for k in ("state_dict", "model_state_dict", "model")
+               if isinstance(state, dict) and isinstance(state.get(k), dict)]
+    state = state[wrapped[0]] if wrapped else state
+    if not isinstance(state, dict):
+        raise ExportError(f"checkpoint '{path}' holds a {type(state).__name__}, not a "
+                          "state_dict (parameter names to tensors)", model=model,
+                          key=f"{key}.path", fix=resave)
+    other = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if other:
+        raise ExportError(f"checkpoint '{path}' holds entries that are not tensors "
+                          f"({', '.join(map(str, other[:3]))}), not a state_dict", model=model,
+                          key=f"{key}.path", fix=resave)
+    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
+        state = {k[len("module."):]: v for k, v in state.items()}
     return state
 
 
