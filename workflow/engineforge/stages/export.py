@@ -123,7 +123,7 @@ def _load_state_dict(model: str, path: Path, key: str) -> dict:
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - never torch's advice to turn the safety off
-        log.info("loading state_dict '%s' failed:\n%s", path, err)
+        log.info("loading state_dict '%s' failed (weights only):\n%s", path, _safe_text(err))
         found = _pickled_globals(path, err)
         if found:
             raise ExportError(f"checkpoint '{path}' holds pickled Python objects or code "
@@ -151,6 +151,13 @@ def _load_state_dict(model: str, path: Path, key: str) -> dict:
     if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
+
+
+def _safe_text(err: BaseException) -> str:
+    """torch's text less its advice to turn weights-only loading off (not even in the log)."""
+    unsafe = ("False", "trust", "allowlist", "two options", "Alternatively")
+    sentences = re.split(r"(?<=[.:])\s+", _ANSI.sub("", str(err)))
+    return " ".join(t for t in sentences if not any(u in t for u in unsafe))
 
 
 def _first_line(err: BaseException) -> str:
