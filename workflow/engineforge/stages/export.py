@@ -75,7 +75,7 @@ def load_module(model: str, ckpt: dict, path: Path | None):
         if kind == "exported_program":
             return torch.export.load(str(path))
     except Exception as err:  # noqa: BLE001 - any loader failure is the user's file
-        log.info("loading %s checkpoint '%s' failed:\n%s", kind, path, err)
+        log.info("loading %s checkpoint '%s' failed:\n%s", kind, path, _safe_text(err))
         save = {"torchscript": "torch.jit.save(torch.jit.script(model), path)",
                 "exported_program": "torch.export.save(torch.export.export(model, args), "
                                     "'model.pt2')"}[kind]
