@@ -529,3 +529,15 @@ def test_torchscript_checkpoint_skips_dynamo(ws):
     assert result.exporter == "torchscript"
     assert result.fallback_reason == "dynamo exporter skipped: it cannot export a ScriptModule"
     assert len(result.outputs) == 3
+
+
+def test_failed_verification_publishes_nothing(ws):
+    # setup: the export itself succeeds; the profile check fails afterwards
+    models = _models(ws, _arch("FlattenHead"), FCN_INPUTS, {"wide": {"img": {
+        "min": [1, 1, 16, 16], "opt": [1, 1, 16, 16], "max": [1, 1, 16, 32]}}})
+    inputs, outputs = _files(ws, models)
+    # execute
+    with pytest.raises(StageFailed, match=r"profile 'wide' max shape fails in ONNX Runtime"):
+        run_stage("export", models, "odd", inputs, outputs, ws)
+    # assert: the written ONNX stayed in staging and went with it
+    assert [p.name for p in (ws / "out").iterdir()] == []
