@@ -47,6 +47,10 @@ class ExportError(EngineforgeError):
     stage = "export"
 
 
+class ProfileError(EngineforgeError):
+    stage = "profiles"
+
+
 class SimplifyError(EngineforgeError):
     stage = "simplify"
 

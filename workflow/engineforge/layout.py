@@ -31,6 +31,10 @@ class Layout:
         return f"{self.root}/{model}/simplify/{name}"
 
     # precision
+    def profile_check(self, model="{model}", profile="{profile}") -> str:
+        """Sidecar of the check that runs a profile's shapes through the fp32 ONNX."""
+        return f"{self.root}/{model}/export/profiles/{profile}.json"
+
     def precision(self, name: str, model="{model}", precision="{precision}") -> str:
         """``model.onnx`` or the sidecar ``precision.json``."""
         return f"{self.root}/{model}/precision/{precision}/{name}"

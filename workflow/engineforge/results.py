@@ -16,6 +16,13 @@ class Result(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ProfileCheckResult(Result):
+    profile: str
+    checked: list[str]            # which of min/opt/max ran (equal shapes run once)
+    skipped: str | None = None    # why nothing ran (ONNX Runtime's CPU provider cannot)
+    time_s: float
+
+
 class ExportResult(Result):
     exporter: str
     fallback_reason: str | None = None

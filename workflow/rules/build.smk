@@ -6,6 +6,7 @@ for _backend in efbackends.names():
         name:
             f"build_{_backend.replace('-', '_')}"
         input:
+            profile_checks,  # order only: not in the build's fingerprint
             unpack(build_input(_backend)),
         output:
             engine=L.engine(_backend),

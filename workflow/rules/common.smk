@@ -139,6 +139,13 @@ def build_input(backend):
     return files
 
 
+def profile_checks(w):
+    """The checks that the engine's profile shapes run through the fp32 ONNX."""
+    m = MODELS[w.model]
+    names = list(m["profiles"]) if w.profile == ALL_PROFILES else [w.profile]
+    return [L.profile_check(w.model, p) for p in names]
+
+
 def engine_of(w, profile=None):
     return L.engine(w.backend, w.model, w.precision, profile or w.profile)
 

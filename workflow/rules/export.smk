@@ -15,3 +15,18 @@ rule export:
         tools=tools_param("export"),
     run:
         run_stage("export", wildcards, input, output, params, log)
+
+
+rule profile_check:
+    input:
+        onnx=L.export("model.onnx"),
+    output:
+        sidecar=L.profile_check(),
+    log:
+        L.log("profile-check-{profile}"),
+    priority: 3
+    params:
+        settings=settings_param("profiles"),
+        tools=tools_param("profiles"),
+    run:
+        run_stage("profiles", wildcards, input, output, params, log)

@@ -9,6 +9,7 @@ no child process). The runner does the rest (see runner.py).
 
 STAGES = {
     "export": "engineforge.stages.export",
+    "profiles": "engineforge.stages.profiles",
     "simplify": "engineforge.stages.simplify",
     "precision": "engineforge.stages.precision",
     "audit": "engineforge.stages.audit",

@@ -29,7 +29,7 @@ def settings(m: dict, w: dict) -> Settings:
 def run(job) -> BenchResult:
     import torch
 
-    from engineforge.stages.export import load_module
+    from engineforge.stages.export import check_program_shapes, load_module
 
     s: Settings = job.settings
     base = {"backend": "pytorch", "profile": s.profile, "threads": s.bench.threads,
@@ -39,6 +39,8 @@ def run(job) -> BenchResult:
                            **base)
     net = load_module(job.model, s.checkpoint, job.inputs.get("checkpoint"))
     if not isinstance(net, torch.nn.Module):
+        check_program_shapes(job.model, net, s.inputs, {s.profile: s.shapes},
+                             s.checkpoint["path"], error=BenchError)  # a static .pt2
         net = net.module()
     torch.set_num_threads(s.bench.threads)
     points = {}
