@@ -210,6 +210,9 @@ def test_bad_config_stops_before_any_job_with_one_line(tmp_path):
     assert "key=models.tinycls.precisions.1" in lines[0] and "Allowed:" in lines[0]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "artifacts").exists()
+    # positive control: with that key fixed, the same workspace plans the whole pipeline
+    write_config(tmp_path, tiny_raw_config())
+    assert planned_jobs(tmp_path)["export"] == 2
 
 
 def test_one_failing_model_does_not_stop_the_others(tmp_path):
@@ -226,3 +229,4 @@ def test_one_failing_model_does_not_stop_the_others(tmp_path):
     assert (tmp_path / "artifacts/tinyfcn/track.json").exists()  # the other model finished
     assert "model=tinycls stage=export key=models.tinycls.checkpoint.path" in proc.stderr
     assert not (tmp_path / "artifacts/tinycls/export/model.onnx").exists()
+    assert (tmp_path / "artifacts/tinyfcn/export/model.onnx").is_file()  # the path is right
