@@ -73,11 +73,13 @@ def test_verify_exits_1_and_lists_the_mismatch(ws, tmp_path):
     cli("release", "1.1.0", "--config", str(ws / "config.yaml"), "--no-register", "--select",
         "tinyfcn/*/small/tensorrt-rtx", "--out", str(tmp_path), cwd=tmp_path)
     bundle = tmp_path / "engineforge-1.1.0.tar.gz"
+    intact = cli("verify", str(bundle), cwd=tmp_path)
     plan = backend_class("tensorrt-rtx").artifact
     rewrite(bundle, lambda n, d: (n, d[:-1] + bytes([d[-1] ^ 1]) if n.endswith(plan) else d))
     # execute
     proc = cli("verify", str(bundle), cwd=tmp_path)
     # assert
+    assert (intact.returncode, intact.stdout) == (0, "OK: 2 engines verified\n")  # control
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.splitlines()[0] == f"FAILED: {bundle}"
     mismatches = [ln for ln in proc.stderr.splitlines() if "sha256 mismatch" in ln]
