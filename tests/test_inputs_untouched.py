@@ -11,9 +11,12 @@ builds for onnxruntime and tensorrt-rtx, bench and the PyTorch baseline. After t
 - no directory holding a stage input has an entry that was not there before the run and
   that no job declared (a library writing beside its input).
 
-The positive control runs the int8 precision body as it was before the fix (ModelOpt was
-handed the published input, and its shape inference rewrote simplify/model.onnx in place)
-on copies, and the same check flags it; so does a body that leaves a file beside its input.
+ModelOpt's in-place shape inference (the bug: it rewrote simplify/model.onnx) leaves the
+tiny e2e graphs byte for byte as they are, so the int8 precision body also runs on a copy
+whose shape information was dropped, which that inference does rewrite: the current body
+must leave it untouched (a regression of the fix fails here), and as positive controls the
+same check flags the body as it was before the fix, and a body that leaves a file beside
+its input.
 """
 
 from __future__ import annotations
@@ -153,10 +156,11 @@ def _leaves_a_file_beside(job, onnx_in: Path, out: Path) -> dict:
     (_leaves_a_file_beside, ["inputs/model_static.onnx: new beside a stage input, declared "
                              "by no job"]),
 ], ids=["fixed", "pre-fix-rewrites-input", "writes-beside-input"])
-def test_the_check_flags_a_stage_that_writes_to_its_input(tmp_path_factory, tmp_path,
-                                                          monkeypatch, body, expected):
-    """Positive control. The int8 body runs in this process (ENGINEFORGE_ISOLATION=0) so
-    that the replaced body is the one that runs; everything else is the real runner."""
+def test_int8_input_untouched_and_misbehaviour_flagged(tmp_path_factory, tmp_path, monkeypatch,
+                                                      body, expected):
+    """The current int8 body leaves its input alone; the check flags the misbehaving ones.
+    The body runs in this process (ENGINEFORGE_ISOLATION=0) so that a replaced body is the
+    one that runs; everything else is the real runner."""
     # setup: copies of the e2e run's int8 inputs; the model without the shape information
     # onnxsim leaves (as an export kept unsimplified has it), which ModelOpt's in-place
     # shape inference adds
