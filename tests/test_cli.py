@@ -18,7 +18,7 @@ from engineforge import config, tracking
 from engineforge.backends import backend_class
 from engineforge.layout import Layout
 from engineforge.sidecar import read_json
-from test_release import built_workspace, rewrite
+from test_release import built_workspace, job_stats, rewrite
 from workflow_helpers import ROOT
 
 pytestmark = pytest.mark.e2e
@@ -73,11 +73,13 @@ def test_verify_exits_1_and_lists_the_mismatch(ws, tmp_path):
     cli("release", "1.1.0", "--config", str(ws / "config.yaml"), "--no-register", "--select",
         "tinyfcn/*/small/tensorrt-rtx", "--out", str(tmp_path), cwd=tmp_path)
     bundle = tmp_path / "engineforge-1.1.0.tar.gz"
+    intact = cli("verify", str(bundle), cwd=tmp_path)
     plan = backend_class("tensorrt-rtx").artifact
     rewrite(bundle, lambda n, d: (n, d[:-1] + bytes([d[-1] ^ 1]) if n.endswith(plan) else d))
     # execute
     proc = cli("verify", str(bundle), cwd=tmp_path)
     # assert
+    assert (intact.returncode, intact.stdout) == (0, "OK: 2 engines verified\n")  # control
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr.splitlines()[0] == f"FAILED: {bundle}"
     mismatches = [ln for ln in proc.stderr.splitlines() if "sha256 mismatch" in ln]
@@ -132,9 +134,22 @@ def test_sync_uploads_a_pending_record_and_release_finds_its_runs(ws, tmp_path, 
     uri = f"sqlite:///{tmp_path}/up.db"
     client = MlflowClient(tracking_uri=uri)
     client.create_experiment(cfg["experiment"], artifact_location=str(tmp_path / "up-runs"))
-    # execute
+    kept = {p.name: p.read_bytes() for p in pending.glob("*.json")}
+    exp_id = client.get_experiment_by_name(cfg["experiment"]).experiment_id
+
+    def n_runs() -> int:
+        return len(client.search_runs([exp_id], max_results=1000))
+
+    # execute: upload; sync again (nothing pending); sync a record already uploaded (a sync
+    # killed between the upload and removing the record)
     up = cli("sync", "--artifacts", str(arts), cwd=ws, uri=uri)
+    after_up = n_runs()
     again = cli("sync", "--artifacts", str(arts), cwd=ws, uri=uri)
+    after_again = n_runs()
+    for name, data in kept.items():
+        (pending / name).write_bytes(data)
+    replay = cli("sync", "--artifacts", str(arts), cwd=ws, uri=uri)
+    after_replay = n_runs()
     rel = cli("release", "3.0.0", "--config", str(ws / "config.yaml"), "--artifacts", str(arts),
               "--select", "tinycls", "--out", str(tmp_path / "rel"), cwd=tmp_path, uri=uri)
     # assert
@@ -144,7 +159,13 @@ def test_sync_uploads_a_pending_record_and_release_finds_its_runs(ws, tmp_path, 
     assert up.stdout.startswith(f"uploaded tinycls-{record['id']}.json: parent run ")
     assert up.stdout.rstrip().endswith("(4 child run(s))")
     assert list(pending.glob("*.json")) == []
-    assert again.stdout.startswith("nothing pending under")
+    assert after_up == 1 + 4  # positive control: the first sync logged the parent and children
+    assert again.returncode == 0 and again.stdout == f"nothing pending under {pending}\n"
+    assert replay.returncode == 0, replay.stderr
+    assert replay.stdout == (f"uploaded tinycls-{record['id']}.json: parent run "
+                             f"{up.stdout.split('parent run ')[1].split()[0]} (already logged)\n")
+    assert after_again == after_replay == after_up  # nothing logged twice
+    assert list(pending.glob("*.json")) == []
     exp = client.get_experiment_by_name(cfg["experiment"])
     runs = client.search_runs([exp.experiment_id], max_results=100)
     children = {r.info.run_name: r.info.run_id for r in runs
@@ -162,12 +183,22 @@ def test_sync_uploads_a_pending_record_and_release_finds_its_runs(ws, tmp_path, 
 def test_run_hands_over_to_snakemake_with_the_workflow_profile(ws):
     # setup
     uri = f"sqlite:///{ws}/mlflow.db"
-    # execute
+    upgrade = {"ENGINEFORGE_TOOL_VERSIONS": json.dumps({"tensorrt_rtx_cu13_bindings": "99"})}
+    # execute: on the built tree, then as after a TensorRT-RTX upgrade
     proc = cli("run", "--dry-run", "--configfile", "config.yaml", cwd=ws, uri=uri)
+    planned = cli("run", "--dry-run", "--configfile", "config.yaml", cwd=ws, uri=uri,
+                  env=upgrade)
     # assert
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     # Snakemake names the profile it uses: the checkout's profiles/default
     assert f"workflow specific profile {ROOT / 'profiles' / 'default'} " in out
-    # a planned dry run (up to date, or jobs listed while the workflow code is being edited)
-    assert "Nothing to be done" in out or "This was a dry-run" in out
+    assert "Nothing to be done (all requested files are present and up to date)." in out
+    assert "This was a dry-run" not in out
+    # positive control: the same command sees work when there is some, exactly the
+    # TensorRT-RTX engines (2 precisions x 3 profiles) and what reads them
+    out = planned.stdout + planned.stderr
+    assert planned.returncode == 0, out[-3000:]
+    assert job_stats(out) == {"build_tensorrt_rtx": 6, "audit": 4, "bench": 6,
+                              "drift_matrix": 2, "track": 2, "summary": 1, "all": 1}
+    assert "This was a dry-run" in out and "Nothing to be done" not in out

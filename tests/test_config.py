@@ -36,49 +36,73 @@ def test_repository_config_resolves(raw):
     assert len(cfg["models"]["tiny_sr"]["profiles"]) == 2
 
 
-@pytest.mark.parametrize("mutate, key, words", [
+SCHEMA_FIX = ("Fix: correct that key (see the comments in config.yaml, or `engineforge schema` "
+              "for every key)")
+
+
+@pytest.mark.parametrize("mutate, model, key, words", [
     (lambda r: r["models"]["resnet18"].update(precisions=["fp32", "fp4"]),
-     "models.resnet18.precisions.1", "Allowed: fp32, fp16, bf16, int8, fp8"),
-    (lambda r: r["models"]["resnet18"].update(bogus=1), "models.resnet18", "bogus"),
-    (lambda r: r["defaults"].update(opset=7), "defaults.opset", "minimum"),
-    (lambda r: r["models"]["resnet18"].pop("profiles"), "models.resnet18", "profiles"),
+     "resnet18", "models.resnet18.precisions.1",
+     "'fp4' is not one of ['fp32', 'fp16', 'bf16', 'int8', 'fp8']. "
+     "Allowed: fp32, fp16, bf16, int8, fp8."),
+    (lambda r: r["models"]["resnet18"].update(bogus=1), "resnet18", "models.resnet18",
+     "('bogus' was unexpected)"),
+    (lambda r: r["defaults"].update(opset=7), None, "defaults.opset",
+     "7 is less than the minimum of 13"),
+    (lambda r: r["models"]["resnet18"].pop("profiles"), "resnet18", "models.resnet18",
+     "'profiles' is a required property"),
     (lambda r: r["models"]["tiny_sr"]["checkpoint"].update(kind="keras"),
-     "models.tiny_sr.checkpoint", ""),
+     "tiny_sr", "models.tiny_sr.checkpoint", "'kind': 'keras'"),
 ])
-def test_schema_errors_name_the_key(raw, mutate, key, words):
+def test_schema_errors_name_the_key(raw, mutate, model, key, words):
     # setup
     mutate(raw)
     # execute
     with pytest.raises(ConfigError) as info:
         config.resolve(raw, ROOT)
-    # assert
+    # assert: [model=… stage=config key=…] invalid config at '<key>': <what>. Fix: <how>
     msg = str(info.value)
-    assert f"key={key}" in msg and words in msg
-    assert "\n" not in msg and "Fix:" in msg
+    where = f"model={model} stage=config" if model else "stage=config"
+    assert msg.startswith(f"[{where} key={key}] invalid config at '{key}': "), msg
+    assert words in msg and msg.endswith(SCHEMA_FIX)
+    assert "\n" not in msg
+    assert (info.value.model, info.value.key) == (model, key)
 
 
-@pytest.mark.parametrize("mutate, key, words", [
+@pytest.mark.parametrize("mutate, key, words, fix", [
     (lambda m: m["checkpoint"].update(path="models/missing.safetensors"),
-     "models.digits_cnn.checkpoint.path", "does not exist"),
-    (lambda m: m.pop("calibration"), "models.digits_cnn.calibration", "need calibration"),
+     "models.digits_cnn.checkpoint.path",
+     "checkpoint file 'models/missing.safetensors' does not exist.",
+     "point it at an existing file (paths are relative to the config's directory)"),
+    (lambda m: m.pop("calibration"), "models.digits_cnn.calibration",
+     "precisions ['int8'] need calibration data.",
+     "add calibration: {path: calib/<file>.npz} or drop int8/fp8"),
     (lambda m: m["profiles"]["bs1-64"]["image"].update(min=[1, 1, 8]),
-     "models.digits_cnn.profiles.bs1-64.image", "rank"),
+     "models.digits_cnn.profiles.bs1-64.image",
+     "min shape [1, 1, 8] has rank 3, input 'image' has rank 4", "use one number per dimension"),
     (lambda m: m["profiles"]["bs1-64"]["image"].update(opt=[16, 3, 8, 8]),
-     "models.digits_cnn.profiles.bs1-64.image", "static dimension"),
+     "models.digits_cnn.profiles.bs1-64.image",
+     "opt shape [16, 3, 8, 8] changes static dimension 1 of input 'image'",
+     "only named (dynamic) dims may vary"),
     (lambda m: m["profiles"]["bs1-64"]["image"].update(min=[32, 1, 8, 8]),
-     "models.digits_cnn.profiles.bs1-64.image", "min <= opt <= max"),
+     "models.digits_cnn.profiles.bs1-64.image", "needs min <= opt <= max per dimension, got "
+     "[32, 1, 8, 8] / [16, 1, 8, 8] / [64, 1, 8, 8].", "reorder the shapes"),
     (lambda m: m["profiles"]["bs1-64"].update(extra={"min": [1], "opt": [1], "max": [1]}),
-     "models.digits_cnn.profiles.bs1-64", "gives shapes for"),
+     "models.digits_cnn.profiles.bs1-64",
+     "profile 'bs1-64' gives shapes for ['extra', 'image'] but the model's inputs are ['image']",
+     "give min/opt/max for every input"),
 ])
-def test_cross_field_errors(raw, mutate, key, words):
+def test_cross_field_errors(raw, mutate, key, words, fix):
     # setup
     mutate(raw["models"]["digits_cnn"])
     # execute
     with pytest.raises(ConfigError) as info:
         config.resolve(raw, ROOT)
     # assert
-    assert f"key={key}" in str(info.value) and words in str(info.value)
-    assert "model=digits_cnn" in str(info.value)
+    msg = str(info.value)
+    assert msg.startswith(f"[model=digits_cnn stage=config key={key}] "), msg
+    assert words in msg and msg.endswith(f" Fix: {fix}")
+    assert "\n" not in msg
 
 
 def slice_of(m: dict, stage: str, **wildcards) -> dict:
@@ -171,6 +195,11 @@ def test_load_reports_yaml_errors(tmp_path):
     # setup
     bad = tmp_path / "c.yaml"
     bad.write_text("models: [unclosed\n")
-    # execute / assert
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    # execute
+    with pytest.raises(ConfigError) as info:
         config.load(bad)
+    # assert: the file, where it breaks, and the fix (no model or key: it is not parsed)
+    msg = str(info.value)
+    assert msg.startswith(f"[stage=config] config file '{bad}' is not valid YAML: ")
+    assert "line 2, column 1" in msg and msg.endswith(" Fix: fix the YAML syntax")
+    assert "\n" not in msg

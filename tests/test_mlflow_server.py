@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -146,13 +147,35 @@ def test_outage_keeps_records_and_sync_uploads_them(server, tmp_path_factory):
     assert [t["status"] for t in tracks] == ["pending", "pending"]
     assert len(pending) == 2
     assert Path(layout.summary("md")).exists()
+    kept = {p.name: p.read_bytes() for p in pending}
+
+    def sync() -> subprocess.CompletedProcess:
+        return subprocess.run([str(Path(sys.executable).with_name("engineforge")), "sync",
+                               "--artifacts", layout.root],
+                              env={**os.environ, "MLFLOW_TRACKING_URI": server.uri},
+                              capture_output=True, text=True, cwd=ws, timeout=300)
+
     # execute: the server comes back; sync uploads what was kept
     server.start()
-    proc = subprocess.run([str(Path(sys.executable).with_name("engineforge")), "sync",
-                           "--artifacts", layout.root],
-                          env={**os.environ, "MLFLOW_TRACKING_URI": server.uri},
-                          capture_output=True, text=True, cwd=ws)
-    # assert: nothing lost, nothing pending, and a second sync logs nothing twice
+    proc = sync()
+    after_first = len(_runs(server.uri))
+    # assert: nothing lost (positive control for the counts below), nothing pending
     assert proc.returncode == 0, proc.stderr
-    assert len(_runs(server.uri)) == before + 2 + 12
+    assert after_first == before + 2 + 12
+    assert not list(Path(layout.pending_dir()).glob("*.json"))
+    # execute: a second sync, and a sync of the same records again (as a sync killed after
+    # its upload, before it removed the records, leaves them)
+    again = sync()
+    after_again = len(_runs(server.uri))
+    for name, data in kept.items():
+        (Path(layout.pending_dir()) / name).write_bytes(data)
+    replay = sync()
+    # assert: neither logs anything twice
+    assert again.returncode == 0 and again.stdout.startswith("nothing pending under")
+    assert replay.returncode == 0, replay.stderr
+    parents = dict(re.findall(r"^uploaded (\S+): parent run (\S+) ", proc.stdout, re.M))
+    assert set(parents) == set(kept)
+    assert sorted(replay.stdout.splitlines()) == sorted(
+        f"uploaded {name}: parent run {run} (already logged)" for name, run in parents.items())
+    assert after_again == len(_runs(server.uri)) == after_first
     assert not list(Path(layout.pending_dir()).glob("*.json"))

@@ -8,12 +8,14 @@ scenario then counts the jobs a dry run plans.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import shutil
 
 import numpy as np
 import pytest
 import yaml
+from engineforge.layout import Layout
 from workflow_helpers import ROOT, planned_jobs, planned_outputs, snakemake, write_config
 
 pytestmark = pytest.mark.e2e
@@ -32,10 +34,30 @@ def zoo(tmp_path_factory):
     return ws, raw
 
 
-def _edit(ws, raw, change):
+def _edited(raw, change) -> dict:
     new = copy.deepcopy(raw)
     change(new)
-    write_config(ws, new)
+    return new
+
+
+def _planned_with_config(ws, raw, change) -> list[tuple[str, str]]:
+    """The jobs a dry run plans with ``change`` applied to the config; the config is
+    restored whatever happens."""
+    try:
+        write_config(ws, _edited(raw, change))
+        return planned_outputs(ws)
+    finally:
+        write_config(ws, raw)
+
+
+def _planned_with_file(path, new_bytes: bytes, ws) -> list[tuple[str, str]]:
+    """The jobs a dry run plans with ``path`` holding ``new_bytes``; restored in any case."""
+    original = path.read_bytes()
+    try:
+        path.write_bytes(new_bytes)
+        return planned_outputs(ws)
+    finally:
+        path.write_bytes(original)
 
 
 def test_touch_rebuilds_nothing(zoo):
@@ -48,17 +70,28 @@ def test_touch_rebuilds_nothing(zoo):
     # assert: the profile was found next to the Snakefile, and nothing is planned
     assert "Using workflow specific profile" in proc.stdout + proc.stderr
     assert planned_jobs(ws) == {}
+    # positive control: a real change to a touched file (config.yaml: digits_cnn's bench
+    # settings) is seen, and plans exactly that model's benches and what reads them
+    jobs = _planned_with_config(ws, raw, lambda r: r["models"]["digits_cnn"].update(
+        bench={"iterations": 3}))
+    layout, m = Layout("artifacts"), raw["models"]["digits_cnn"]
+    expected = [("bench", layout.bench("digits_cnn", b, p, prof))
+                for b in raw["defaults"]["backends"] for p in raw["defaults"]["precisions"]
+                for prof in m["profiles"]]
+    expected += [("bench_pytorch", layout.baseline("digits_cnn", prof))
+                 for prof in m["profiles"]]
+    expected += [("track", layout.track("digits_cnn")), ("summary", layout.summary("md")),
+                 ("all", "")]
+    assert sorted(jobs) == sorted(expected) and len(jobs) == 4 * 2 + 1 + 3
+    assert planned_jobs(ws) == {}  # restored
 
 
 def test_editing_a_model_definition_reexports_only_that_model(zoo):
     ws, raw = zoo
     # setup: a comment is enough; the source is a declared input of the export
     arch = ws / "models/digits_cnn.py"
-    original = arch.read_text()
-    arch.write_text(original + "\n# edited\n")
     # execute
-    jobs = planned_outputs(ws)
-    arch.write_text(original)
+    jobs = _planned_with_file(arch, arch.read_bytes() + b"\n# edited\n", ws)
     # assert
     assert [o for r, o in jobs if r == "export"] == ["artifacts/digits_cnn/export/model.onnx"]
     assert all("/digits_cnn/" in o for r, o in jobs if r not in ("summary", "all"))
@@ -66,11 +99,9 @@ def test_editing_a_model_definition_reexports_only_that_model(zoo):
 
 def test_one_precision_setting_reruns_only_that_branch(zoo):
     ws, raw = zoo
-    # setup
-    _edit(ws, raw, lambda r: r["models"]["resnet18"]["precision"]["int8"].update(calib_size=8))
     # execute
-    jobs = planned_outputs(ws)
-    write_config(ws, raw)
+    jobs = _planned_with_config(ws, raw, lambda r: r["models"]["resnet18"]["precision"][
+        "int8"].update(calib_size=8))
     # assert
     rules = [r for r, _ in jobs]
     assert rules.count("precision") == 1 and "export" not in rules and "simplify" not in rules
@@ -87,13 +118,12 @@ def test_new_calibration_data_reruns_only_quantized_variants_of_that_model(zoo):
     ws, raw = zoo
     # setup
     path = ws / "calib/digits_calib.npz"
-    original = path.read_bytes()
     data = dict(np.load(path))
     data["image"] = data["image"][::-1].copy()
-    np.savez_compressed(path, **data)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **data)
     # execute
-    jobs = planned_outputs(ws)
-    path.write_bytes(original)
+    jobs = _planned_with_file(path, buf.getvalue(), ws)
     # assert
     precision_jobs = [o for r, o in jobs if r == "precision"]
     assert precision_jobs == ["artifacts/digits_cnn/precision/int8/model.onnx"]
@@ -102,12 +132,9 @@ def test_new_calibration_data_reruns_only_quantized_variants_of_that_model(zoo):
 
 def test_one_profile_change_reruns_only_its_builds_and_benches(zoo):
     ws, raw = zoo
-    # setup: the second profile of tiny_sr gets a larger max
-    _edit(ws, raw, lambda r: r["models"]["tiny_sr"]["profiles"]["large"]["lowres"].update(
-        max=[2, 1, 512, 512]))
-    # execute
-    jobs = planned_outputs(ws)
-    write_config(ws, raw)
+    # execute: the second profile of tiny_sr gets a larger max
+    jobs = _planned_with_config(ws, raw, lambda r: r["models"]["tiny_sr"]["profiles"][
+        "large"]["lowres"].update(max=[2, 1, 512, 512]))
     # assert
     rules = {r for r, _ in jobs}
     assert rules == {"build_tensorrt_rtx", "build_onnxruntime", "bench", "bench_pytorch", "track",

@@ -47,6 +47,13 @@ def ws(tmp_path_factory) -> Path:
     return built_workspace(tmp_path_factory)
 
 
+def job_stats(text: str) -> dict[str, int]:
+    """Jobs by rule from the "Job stats" table Snakemake prints for a dry run with work."""
+    block = text.split("Job stats:\n", 1)[1].split("\n\n", 1)[0]
+    rows = [line.split() for line in block.splitlines()[2:]]  # after the header and ----
+    return {r[0]: int(r[1]) for r in rows if r[0] != "total"}
+
+
 def cut(ws: Path, out: Path, version: str, patterns=None, **kw) -> tuple[dict, list[str]]:
     said: list[str] = []
     kw.setdefault("register_models", False)
@@ -130,18 +137,33 @@ def test_rebuild_target_is_a_workflow_target(ws):
     # setup
     res, _ = cut(ws, ws / "rel-target", "1.0.1", ["tinyfcn/int8/large/tensorrt-rtx"])
     target = res["manifest"]["engines"][0]["rebuild"][2].rsplit(" ", 1)[1]
-    # execute
+    # execute: as built, then as after a TensorRT-RTX upgrade
     proc = snakemake(ws, "--dry-run", target)
-    # assert
+    upgrade = snakemake(ws, "--dry-run", target, env={"ENGINEFORGE_TOOL_VERSIONS": json.dumps(
+        {"tensorrt_rtx_cu13_bindings": "99"})})
+    # assert: up to date; and when it is not, snakemake rebuilds exactly that engine
     assert target == Layout("artifacts").engine("tensorrt-rtx", "tinyfcn", "int8", "large")
     assert target == "artifacts/tinyfcn/build/tensorrt-rtx/int8/large/engine.plan"
-    out = proc.stdout + proc.stderr  # snakemake knows how to make it (no MissingRuleException)
-    assert "Nothing to be done" in out or f"output: {target}" in out
+    out = proc.stdout + proc.stderr
+    assert "Nothing to be done (all requested files are present and up to date)." in out
+    assert "MissingRuleException" not in out and "This was a dry-run" not in out
+    out = upgrade.stdout + upgrade.stderr
+    assert job_stats(out) == {"build_tensorrt_rtx": 1}
+    assert f"output: {target}, " in out and "This was a dry-run" in out
 
 
 def test_archive_members_are_deterministic(ws, tmp_path):
-    # setup
-    first, _ = cut(ws, tmp_path, "2.0.0a")
+    # setup: what the output directory holds while the archive is being written
+    seen_while_writing = []
+    add = release._add
+
+    def spy(tar, name, data, mtime):
+        seen_while_writing.append(sorted(p.name for p in tmp_path.glob(".*.tmp")))
+        add(tar, name, data, mtime)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(release, "_add", spy)
+        first, _ = cut(ws, tmp_path, "2.0.0a")
     # execute
     second, _ = cut(ws, tmp_path, "2.0.0b")
     # assert
@@ -152,7 +174,10 @@ def test_archive_members_are_deterministic(ws, tmp_path):
     assert names1[0] == "manifest.json" and names1[1:] == sorted(names1[1:])
     assert {(m.uid, m.gid, m.uname, m.mode) for m in m1} == {(0, 0, "", 0o644)}
     assert len({m.mtime for m in m1}) == 1
-    assert not list(tmp_path.glob(".*.tmp"))  # the temp file was renamed away
+    # the archive is written under a temporary name (the glob sees it), then renamed away
+    assert seen_while_writing[0] and seen_while_writing[0][0].startswith(
+        ".engineforge-2.0.0a.tar.gz.")
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_verify_ok_on_a_fresh_bundle(ws, tmp_path):
@@ -171,6 +196,8 @@ def test_verify_fails_after_one_engine_byte_changes(ws, tmp_path):
     # setup
     res, _ = cut(ws, tmp_path, "3.1.0")
     target = res["manifest"]["engines"][2]["path"]
+    assert release.verify(res["bundle"], extract_to=tmp_path / "ok") == (12, [])
+    assert (tmp_path / "ok" / "engineforge-3.1.0" / target).is_file()  # a good one extracts
 
     def flip(name, data):
         if name.endswith(target):
@@ -197,6 +224,12 @@ def test_verify_rejects_path_traversal_and_unlisted_engines(ws, tmp_path):
     assert any("unsafe member '../evil.sh'" in p for p in problems)
     assert f"not in the manifest: x/{plan}" in problems
     assert not (tmp_path / "evil.sh").exists() and not (tmp_path / "x").exists()
+    # positive control: extracted without checks into <dir>/x, the member lands where the
+    # assertion above looks (<dir>/evil.sh)
+    naive = tmp_path / "naive"
+    with tarfile.open(res["bundle"]) as tar:
+        tar.extractall(naive / "x", filter="fully_trusted")
+    assert (naive / "evil.sh").read_bytes() == b"rm -rf ~"
 
 
 def test_verify_reports_a_truncated_bundle(ws, tmp_path):
@@ -235,6 +268,9 @@ def test_refuses_an_empty_selection(ws, tmp_path):
     assert "\n" not in line and line.startswith("[stage=release key=--select]")
     assert "no built engine" in line and "Fix:" in line
     assert not out.exists()
+    # positive control: a selection that matches writes its bundle there
+    cut(ws, out, "5.0.0", ["tinycls/fp32"])
+    assert [p.name for p in out.iterdir()] == ["engineforge-5.0.0.tar.gz"]
 
 
 def test_failed_audit_is_excluded_unless_allowed(ws, tmp_path):
@@ -346,6 +382,9 @@ def test_registration_failure_fails_the_release_and_leaves_no_archive(ws, tmp_pa
     assert "\n" not in line and line.startswith("[stage=release key=MLFLOW_TRACKING_URI]")
     assert "http://127.0.0.1:9" in line and "--no-register" in line
     assert list(tmp_path.iterdir()) == []
+    # positive control: the same release without registration writes its archive there
+    cut(ws, tmp_path, "9.0.0", ["tinycls/fp32"])
+    assert [p.name for p in tmp_path.iterdir()] == ["engineforge-9.0.0.tar.gz"]
 
 
 def test_alias_rules():

@@ -6,23 +6,41 @@ are not installed here and must be reported as skipped.
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 
 import pytest
 from conftest import tiny_raw_config, write_tiny_workspace
-from workflow_helpers import planned_jobs, snakemake, write_config
+from engineforge.layout import Layout
+from engineforge.sidecar import read_json, sha256_file
+from workflow_helpers import planned_jobs, planned_outputs, snakemake, write_config
 
 pytestmark = pytest.mark.e2e
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+EMULATED = "onnx-reference (emulated)"  # bf16 without a bf16 kernel: ONNX's reference evaluator
+_BUILT: dict = {}
+
+
+def finished_workspace(tmp_path_factory) -> tuple:
+    """The workflow run once per session (test_inputs_untouched.py checks the same run):
+    (workspace, raw config, the snakemake process, sha256 of every file before the run)."""
+    if "run" not in _BUILT:
+        ws = tmp_path_factory.mktemp("e2e")
+        write_tiny_workspace(ws)
+        raw = tiny_raw_config(precisions=PRECISIONS,
+                              backends=("onnxruntime", "tensorrt-rtx", "trtexec", "tensorrt"))
+        write_config(ws, raw)
+        before = {p.relative_to(ws).as_posix(): sha256_file(p)
+                  for p in ws.rglob("*") if p.is_file()}
+        _BUILT["run"] = (ws, raw, snakemake(ws), before)
+    return _BUILT["run"]
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    ws = tmp_path_factory.mktemp("e2e")
-    write_tiny_workspace(ws)
-    raw = tiny_raw_config(precisions=("fp32", "fp16", "int8"),
-                          backends=("onnxruntime", "tensorrt-rtx", "trtexec", "tensorrt"))
-    write_config(ws, raw)
-    proc = snakemake(ws)
+    ws, raw, proc, _ = finished_workspace(tmp_path_factory)
     return ws, raw, proc
 
 
@@ -63,6 +81,70 @@ def test_audit_and_accuracy_of_fp32(finished):
     assert fp32["status"] == "pass" and fp32["accuracy"] == fp32["reference_accuracy"]
 
 
+def _finite_metrics(row: dict) -> dict:
+    keys = ("max_abs", "p99_abs", "mean_rel", "cosine", "top1_agreement", "accuracy",
+            "accuracy_drop")
+    return {k: row[k] for k in keys if k in row}
+
+
+@pytest.mark.parametrize("model", ["tinycls", "tinyfcn"])
+def test_verdicts_of_every_precision(finished, model):
+    """Every variant the tiny models can run here passes on finite numbers; the others say
+    why they could not run (bf16 has no ONNX Runtime CPU kernel: it is audited emulated;
+    TensorRT-RTX engines need a GPU)."""
+    ws, _, _ = finished
+    layout = Layout(str(ws / "artifacts"))
+    drift = read_json(layout.drift("json", model))
+    rows = {(r["precision"], r["backend"]): r for r in drift["rows"]}
+    # assert: exactly one row per (precision, backend), plus the emulated bf16 audit
+    assert set(rows) == {(p, b) for p in PRECISIONS for b in ("onnxruntime", "tensorrt-rtx")
+                         } | {("bf16", EMULATED)}
+    passing = [("fp32", "onnxruntime"), ("fp16", "onnxruntime"), ("int8", "onnxruntime"),
+               ("bf16", EMULATED)]
+    for key in passing:
+        row = rows[key]
+        assert (row["status"], row["reason"]) == ("pass", None), (key, row)
+        metrics = _finite_metrics(row)
+        assert {"max_abs", "p99_abs", "mean_rel", "cosine"} <= set(metrics), key
+        assert all(math.isfinite(v) for v in metrics.values()), (key, metrics)
+        assert row["cosine"] > 0.999 and row["max_abs"] < 0.01, (key, row)
+        audit = read_json(layout.audit(model, "onnxruntime", key[0]))["result"]
+        if key[1] == EMULATED:  # the emulated audit rides in the bf16 sidecar of ORT
+            audit = audit["emulated"]
+        assert audit["status"] == "pass" and audit["failures"] == []
+        assert all(math.isfinite(v) for out in audit["outputs"].values()
+                   for v in out.values() if isinstance(v, float))
+    # a low precision really differs from the reference (fp32 is exact up to rounding)
+    assert rows[("fp16", "onnxruntime")]["max_abs"] > rows[("fp32", "onnxruntime")]["max_abs"]
+    assert rows[("bf16", EMULATED)]["max_abs"] > rows[("fp16", "onnxruntime")]["max_abs"]
+    assert rows[("bf16", "onnxruntime")]["status"] == "not_runnable"
+    assert rows[("bf16", "onnxruntime")]["reason"].startswith("not runnable on onnxruntime: ")
+    for p in PRECISIONS:
+        row = rows[(p, "tensorrt-rtx")]
+        assert row["status"] == "not_runnable"
+        assert "TensorRT-RTX engines run only on compute capability" in row["reason"]
+    if model == "tinycls":  # quantized (see below), with labelled evaluation data
+        assert rows[("int8", "onnxruntime")]["max_abs"] > rows[("fp32", "onnxruntime")
+                                                               ]["max_abs"]
+        for key in passing:  # two labels are wrong on purpose: reference accuracy < 1
+            assert rows[key]["accuracy"] == rows[key]["reference_accuracy"] < 1
+            assert rows[key]["accuracy_drop"] == 0.0
+
+
+def test_int8_variants_are_what_they_claim(finished):
+    ws, _, _ = finished
+    layout = Layout(str(ws / "artifacts"))
+    # execute
+    cls = read_json(layout.precision("precision.json", "tinycls", "int8"))["result"]
+    fcn = read_json(layout.precision("precision.json", "tinyfcn", "int8"))["result"]
+    # assert: tinycls is quantized (its int8 pass is an int8 verdict); tinyfcn's convs pass
+    # no quantization rule, and its sidecar says that its int8 computes in high precision
+    assert cls["quantize_linear"] == cls["dequantize_linear"] == 2
+    assert cls["initializer_dtypes"]["INT8"] == 2 and "warning" not in cls["extra"]
+    assert fcn["quantize_linear"] == 0
+    assert fcn["extra"]["warning"].startswith("ModelOpt inserted no Q/DQ nodes")
+
+
 def test_mlflow_has_parent_and_child_runs(finished):
     ws, raw, _ = finished
     from mlflow.tracking import MlflowClient
@@ -73,8 +155,8 @@ def test_mlflow_has_parent_and_child_runs(finished):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert {r.info.run_name for r in parents} == {"tinycls", "tinyfcn"}
-    # tinycls: 3 precisions x 1 profile x 2 backends; tinyfcn: 3 x 2 x 2
-    assert len(children) == 6 + 12
+    # tinycls: 4 precisions x 1 profile x 2 backends; tinyfcn: 4 x 2 x 2
+    assert len(children) == 8 + 16
     child = next(r for r in children if r.info.run_name == "tinycls/fp32/b1-8/onnxruntime")
     assert child.data.metrics["task.accuracy"] > 0.9
     assert "latency.opt.p50_ms" in child.data.metrics
@@ -90,11 +172,27 @@ def test_mlflow_has_parent_and_child_runs(finished):
 
 
 def test_rerun_and_touch_do_nothing(finished):
-    ws, _, _ = finished
+    ws, raw, _ = finished
     assert planned_jobs(ws) == {}
     for f in ["tinycls.pt", "calib.npz", "eval.npz", "config.yaml"]:
         (ws / f).touch()
     assert planned_jobs(ws) == {}
+    # positive control: a real change (tinycls's bench settings) is seen, and plans exactly
+    # its benches and what reads them
+    changed = copy.deepcopy(raw)
+    changed["models"]["tinycls"]["bench"] = {"iterations": 4}
+    try:
+        write_config(ws, changed)
+        jobs = planned_outputs(ws)
+    finally:
+        write_config(ws, raw)
+    layout = Layout("artifacts")
+    assert sorted(jobs) == sorted(
+        [("bench", layout.bench("tinycls", b, p, "b1-8"))
+         for b in ("onnxruntime", "tensorrt-rtx") for p in PRECISIONS]
+        + [("bench_pytorch", layout.baseline("tinycls", "b1-8")),
+           ("track", layout.track("tinycls")), ("summary", layout.summary("md")), ("all", "")])
+    assert planned_jobs(ws) == {}  # restored
 
 
 def test_bad_config_stops_before_any_job_with_one_line(tmp_path):
@@ -112,6 +210,9 @@ def test_bad_config_stops_before_any_job_with_one_line(tmp_path):
     assert "key=models.tinycls.precisions.1" in lines[0] and "Allowed:" in lines[0]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "artifacts").exists()
+    # positive control: with that key fixed, the same workspace plans the whole pipeline
+    write_config(tmp_path, tiny_raw_config())
+    assert planned_jobs(tmp_path)["export"] == 2
 
 
 def test_one_failing_model_does_not_stop_the_others(tmp_path):
@@ -128,3 +229,4 @@ def test_one_failing_model_does_not_stop_the_others(tmp_path):
     assert (tmp_path / "artifacts/tinyfcn/track.json").exists()  # the other model finished
     assert "model=tinycls stage=export key=models.tinycls.checkpoint.path" in proc.stderr
     assert not (tmp_path / "artifacts/tinycls/export/model.onnx").exists()
+    assert (tmp_path / "artifacts/tinyfcn/export/model.onnx").is_file()  # the path is right

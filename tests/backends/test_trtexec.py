@@ -25,7 +25,6 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import run_stage
 from engineforge.backends import backend_class
@@ -235,24 +234,62 @@ def _records():
     return json.loads((FIX / "times.json").read_text())
 
 
-def test_parse_export_times_matches_numpy():
-    recs = _records()
-    lat = np.array([r["latencyMs"] for r in recs])
-    gpu = np.array([r["computeMs"] for r in recs])
+# Hand-computed from fixtures/trtexec/times.json (12 records). Sorted latencyMs:
+# .866 .867 .869 .870 .870 .874 .876 .876 .885 .914 1.004 1.277; percentiles interpolate
+# linearly at rank q/100 * 11: p50 = (.874+.876)/2, p90 = .914 + .9*(1.004-.914),
+# p95 = 1.004 + .45*(1.277-1.004), p99 = 1.004 + .89*(1.277-1.004). Sorted computeMs:
+# .797 .798 .799 .800 .801 .803 .805 .807 .812 .845 .931 1.204, the same ranks.
+FIXTURE_LATENCY = {50: 0.875, 90: 0.995, 95: 1.12685, 99: 1.24697}
+FIXTURE_COMPUTE = {50: 0.804, 90: 0.9224, 95: 1.05385, 99: 1.17397}
+
+
+def test_parse_export_times_matches_hand_computed_stats():
+    # execute
     got = parse_export_times(FIX / "times.json")
+    # assert
     assert got["count"] == 12
     for q in (50, 90, 95, 99):
-        assert got[f"latency_ms_p{q}"] == pytest.approx(np.percentile(lat, q), abs=1e-12)
-        assert got[f"gpu_compute_ms_p{q}"] == pytest.approx(np.percentile(gpu, q), abs=1e-12)
-    assert got["latency_ms_mean"] == pytest.approx(lat.mean())
+        assert got[f"latency_ms_p{q}"] == pytest.approx(FIXTURE_LATENCY[q], abs=1e-9)
+        assert got[f"gpu_compute_ms_p{q}"] == pytest.approx(FIXTURE_COMPUTE[q], abs=1e-9)
+    assert got["latency_ms_mean"] == pytest.approx(11.048 / 12)  # the latencies sum to 11.048
     assert got["latency_ms_min"] == 0.866 and got["latency_ms_max"] == 1.277
-    assert got["latency_ms_cv_pct"] == pytest.approx(100 * lat.std() / lat.mean())
+    # population std (as trtexec) 0.113679 ms over the mean 0.920667 ms
+    assert got["latency_ms_cv_pct"] == pytest.approx(100 * 0.113679 / 0.920667, abs=1e-4)
     # by hand: compute times sum to 10.202 ms; walltime 216.092 - 205 = 11.092 ms
     assert got["gpu_compute_ms_mean"] == pytest.approx(10.202 / 12)
     assert got["walltime_ms"] == pytest.approx(11.092)
     assert got["throughput_qps"] == pytest.approx(12 / 11.092 * 1000)
     assert got["h2d_ms_mean"] == pytest.approx(0.05) and got["d2h_ms_mean"] == pytest.approx(0.0205)
     assert got["enqueue_ms_mean"] == pytest.approx(0.155 / 12)
+
+
+def test_parse_export_times_small_fixed_records():
+    """Five records with round numbers: every figure can be checked by eye."""
+    # setup: latency 1, 2, 3, 4, 10 ms; h2d 0.5, d2h 0.5, compute = latency - 1; 1 ms apart
+    recs = []
+    for i, lat in enumerate([3.0, 1.0, 10.0, 2.0, 4.0]):
+        t = 100.0 + 20 * i
+        recs.append({"startEnqMs": t - 0.25, "endEnqMs": t, "startH2dMs": t, "endH2dMs": t + 0.5,
+                     "startComputeMs": t + 0.5, "endComputeMs": t + lat - 0.5,
+                     "startD2hMs": t + lat - 0.5, "endD2hMs": t + lat,
+                     "h2dMs": 0.5, "computeMs": lat - 1.0, "d2hMs": 0.5, "latencyMs": lat})
+    # execute
+    got = parse_export_times(json.dumps(recs))
+    # assert: ranks q/100 * 4 over 1 2 3 4 10: p50 = 3, p90 = 4 + .6*6, p95 = 4 + .8*6,
+    # p99 = 4 + .96*6
+    assert got["count"] == 5
+    assert [got[f"latency_ms_p{q}"] for q in (50, 90, 95, 99)] == pytest.approx(
+        [3.0, 7.6, 8.8, 9.76])
+    assert [got[f"gpu_compute_ms_p{q}"] for q in (50, 90, 95, 99)] == pytest.approx(
+        [2.0, 6.6, 7.8, 8.76])
+    assert (got["latency_ms_min"], got["latency_ms_max"]) == (1.0, 10.0)
+    assert got["latency_ms_mean"] == pytest.approx(4.0)
+    assert got["latency_ms_cv_pct"] == pytest.approx(100 * 10 ** 0.5 / 4)  # variance 50/5
+    # walltime: first H2D start 100, last D2H end 180 + 4 = 184 -> 84 ms for 5 queries
+    assert got["walltime_ms"] == pytest.approx(84.0)
+    assert got["throughput_qps"] == pytest.approx(5000 / 84)
+    assert got["h2d_ms_mean"] == got["d2h_ms_mean"] == 0.5
+    assert got["enqueue_ms_mean"] == pytest.approx(0.25)
 
 
 def test_parse_export_times_accepts_json_text_and_derives_missing_durations():
@@ -471,18 +508,19 @@ def test_bench_parses_export_times(fake, tmp_path):
     shapes = {"input": [8, 3, 224, 224]}
     # execute
     result = TrtexecBackend().bench(tmp_path / "m.engine", shapes, settings, work)
-    # assert: the BenchPoint fields, from the exportTimes records
-    expected = parse_export_times(FIX / "times.json")
+    # assert: the BenchPoint fields, from the exportTimes records (figures by hand, above)
     extra = result["extra"]
     assert extra["source"] == "exportTimes"
-    assert {k: extra["trtexec"][k] for k in expected} == expected
-    assert result["batch"] == 8 and result["iterations"] == expected["count"] == 12
-    assert [result[f"p{q}_ms"] for q in (50, 90, 95, 99)] == [
-        expected[f"latency_ms_p{q}"] for q in (50, 90, 95, 99)]
-    assert result["mean_ms"] == expected["latency_ms_mean"]
-    assert result["min_ms"] == expected["latency_ms_min"] == 0.866
-    assert result["cv"] == pytest.approx(expected["latency_ms_cv_pct"] / 100)
-    assert result["throughput_per_s"] == pytest.approx(8 * expected["throughput_qps"])
+    assert extra["trtexec"]["count"] == 12
+    assert result["batch"] == 8 and result["iterations"] == 12
+    assert [result[f"p{q}_ms"] for q in (50, 90, 95, 99)] == pytest.approx(
+        [FIXTURE_LATENCY[q] for q in (50, 90, 95, 99)], abs=1e-9)
+    assert [extra["trtexec"][f"gpu_compute_ms_p{q}"] for q in (50, 90, 95, 99)] == (
+        pytest.approx([FIXTURE_COMPUTE[q] for q in (50, 90, 95, 99)], abs=1e-9))
+    assert result["mean_ms"] == pytest.approx(11.048 / 12)
+    assert result["min_ms"] == 0.866
+    assert result["cv"] == pytest.approx(0.113679 / 0.920667, abs=1e-6)  # std / mean
+    assert result["throughput_per_s"] == pytest.approx(8 * 12 / 11.092 * 1000)
     assert result["warmup"] == 200.0  # trtexec warms up for a time (ms), not a count
     assert "shapes" not in result  # the stage adds the shapes it asked for
     assert extra["pinned"] == {"warmup_ms": 200.0, "iterations": 30, "duration_s": 3.0,
@@ -559,9 +597,10 @@ def test_bench_stage_times_every_profile_point(fake, in_process, tiny_models, ti
     # assert
     r = BenchResult.model_validate(side["result"])
     assert (r.status, r.backend, r.precision, r.profile) == ("ok", "trtexec", "fp16", "small")
-    p50 = parse_export_times(FIX / "times.json")["latency_ms_p50"]
-    assert {w: p.p50_ms for w, p in r.points.items()} == {"min": p50, "opt": p50, "max": p50}
-    assert side["result"]["points"]["opt"]["p50_ms"] == p50
+    p50 = FIXTURE_LATENCY[50]  # the fake trtexec writes the fixture's records every time
+    assert {w: p.p50_ms for w, p in r.points.items()} == pytest.approx(
+        {"min": p50, "opt": p50, "max": p50}, abs=1e-9)
+    assert side["result"]["points"]["opt"]["p50_ms"] == pytest.approx(p50, abs=1e-9)
     assert r.points["opt"].shapes == {"img": [1, 1, 16, 16]}
     assert r.points["max"].batch == 2 and r.points["max"].extra["source"] == "exportTimes"
     opt_cmd = r.points["opt"].extra["command"]
