@@ -20,10 +20,10 @@ import pytest
 import torch
 from conftest import FIXTURES, run_stage, stage_job, tiny_raw_config
 from engineforge import config, modelio
-from engineforge.errors import BenchError, ExportError
+from engineforge.errors import BenchError, ExportError, ProfileError
 from engineforge.results import ExportResult
-from engineforge.runner import StageFailed
-from engineforge.stages import baseline, export
+from engineforge.runner import StageFailed, run_job
+from engineforge.stages import baseline, export, profiles
 
 FCN_INPUTS = {"img": {"shape": ["batch", 1, "h", "w"]}}
 CLS_INPUTS = {"x": {"shape": ["batch", 3, 8, 8]}}
@@ -74,6 +74,26 @@ def _fails(ws: Path, models: dict, key: str) -> str:
     assert err.fix and f" Fix: {err.fix}" in msg
     assert "\n" not in msg and "\x1b" not in msg and "Traceback" not in msg
     assert "weights_only=False" not in msg and "likely succeed" not in msg
+    return err.message
+
+
+def _profile_check(ws: Path, models: dict, profile: str):
+    """Export through the real runner (it succeeds), then the profiles stage's job."""
+    inputs, outputs = _files(ws, models)
+    run_stage("export", models, "odd", inputs, outputs, ws)
+    return stage_job("profiles", models, "odd", {"onnx": outputs["onnx"]},
+                     {"sidecar": ws / "out" / "profiles" / f"{profile}.json"}, ws,
+                     profile=profile)
+
+
+def _profile_fails(ws: Path, models: dict, profile: str) -> str:
+    """The exported ONNX cannot take one of the profile's shapes: one ProfileError line."""
+    with pytest.raises(ProfileError) as info:
+        profiles.run(_profile_check(ws, models, profile))
+    err, msg = info.value, str(info.value)
+    assert msg.startswith(f"[model=odd stage=profiles key=models.odd.profiles.{profile}] ")
+    assert err.fix and f" Fix: {err.fix}" in msg
+    assert "\n" not in msg and "Traceback" not in msg
     return err.message
 
 
@@ -157,11 +177,13 @@ def test_profile_shape_the_model_cannot_take(ws):
         "fits": {"img": {"min": [1, 1, 16, 16], "opt": [1, 1, 16, 16], "max": [4, 1, 16, 16]}},
         "wide": {"img": {"min": [1, 1, 16, 16], "opt": [1, 1, 16, 16], "max": [1, 1, 16, 32]}}})
     # execute
-    msg = _fails(ws, models, "models.odd.profiles.wide")
+    msg = _profile_fails(ws, models, "wide")
+    fits = profiles.run(_profile_check(ws, models, "fits"))  # control: the first one runs
     # assert
     assert msg.startswith("profile 'wide' max shape fails in ONNX Runtime (img=[1, 1, 16, 32]: "
-                          "w=32 (exported at [1, 1, 16, 16])): Reshape node ")
+                          "batch=1, h=16, w=32): Reshape node ")
     assert "onnxruntime_src" not in msg and "[ONNXRuntimeError]" not in msg
+    assert fits.checked == ["min", "max"]  # opt equals min: run once
 
 
 def test_sequence_longer_than_learned_positions(ws):
@@ -170,10 +192,10 @@ def test_sequence_longer_than_learned_positions(ws):
     models = _models(ws, _arch("PositionalTokens"), inputs, {"tokens": {"ids": {
         "min": [1, 4], "opt": [2, 16], "max": [2, 32]}}})
     # execute
-    msg = _fails(ws, models, "models.odd.profiles.tokens")
+    msg = _profile_fails(ws, models, "tokens")
     # assert
     assert msg.startswith("profile 'tokens' max shape fails in ONNX Runtime (ids=[2, 32]: "
-                          "seq=32 (exported at [2, 16])): Add node ")
+                          "batch=2, seq=32): Add node ")
     assert "broadcast" in msg
 
 
@@ -531,13 +553,16 @@ def test_torchscript_checkpoint_skips_dynamo(ws):
     assert len(result.outputs) == 3
 
 
-def test_failed_verification_publishes_nothing(ws):
+def test_failed_profile_check_publishes_nothing(ws):
     # setup: the export itself succeeds; the profile check fails afterwards
     models = _models(ws, _arch("FlattenHead"), FCN_INPUTS, {"wide": {"img": {
         "min": [1, 1, 16, 16], "opt": [1, 1, 16, 16], "max": [1, 1, 16, 32]}}})
-    inputs, outputs = _files(ws, models)
+    job = _profile_check(ws, models, "wide")
     # execute
     with pytest.raises(StageFailed, match=r"profile 'wide' max shape fails in ONNX Runtime"):
-        run_stage("export", models, "odd", inputs, outputs, ws)
-    # assert: the written ONNX stayed in staging and went with it
-    assert [p.name for p in (ws / "out").iterdir()] == []
+        run_job(job)
+    # assert: no sidecar vouches for the profile; the export's own outputs stay published
+    assert not job.outputs["sidecar"].exists()
+    assert not [p for p in job.outputs["sidecar"].parent.iterdir()
+                if p.name.startswith(".staging-")]
+    assert (ws / "out" / "model.onnx").is_file()
