@@ -9,6 +9,7 @@ sys.path.insert(1, str(Path(workflow.basedir)))  # the shipped models/ package
 
 from engineforge import backends as efbackends
 from engineforge import config as efconfig
+from engineforge import integrity as efintegrity
 from engineforge import runner as efrunner
 from engineforge import settings as efsettings
 from engineforge import worker as efworker
@@ -30,6 +31,8 @@ efworker.JOB_PROCESS = workflow.remote_exec or workflow.subprocess_exec
 MODELS = EF["models"]
 A = EF["artifacts"]
 L = Layout(A)
+if not efworker.JOB_PROCESS:  # outputs that disagree with their sidecar are rebuilt
+    efintegrity.at_parse(A)
 # Availability of every backend a model asks for (package metadata / cached probes only).
 AVAILABLE = {
     b: efbackends.get_backend(b).availability()
