@@ -36,9 +36,18 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(
 def built(tmp_path_factory) -> Path:
     ws = tmp_path_factory.mktemp("integrity-ws")
     write_tiny_workspace(ws)
-    write_config(ws, tiny_raw_config(precisions=("fp32", "int8"), backends=("onnxruntime",)))
+    write_config(ws, zoo_config())
     snakemake(ws)
     return ws
+
+
+def zoo_config() -> dict:
+    """fp32 + int8 on onnxruntime; tinycls keeps its TorchScript export unsimplified (no
+    shape info in it): the case where ModelOpt's quantize() rewrote the simplify output."""
+    raw = tiny_raw_config(precisions=("fp32", "int8"), backends=("onnxruntime",))
+    raw["models"]["tinycls"] |= {"export": {"exporter": "torchscript"},
+                                 "simplify": {"enabled": False}}
+    return raw
 
 
 @pytest.fixture
@@ -128,9 +137,11 @@ def test_check_of_no_artifacts_directory_is_one_line(tmp_path, where):
 # -- the int8 job and its input (issue: the simplify sidecar disagreed with its file) ------------
 def test_a_built_tree_with_int8_agrees_with_its_sidecars_and_leaves_no_temp_files(built):
     """ModelOpt's quantize() runs onnx.shape_inference.infer_shapes_path(onnx_path), which
-    rewrites the file it is given: the precision stage hands it a private copy."""
+    rewrites the file it is given (it adds value_info to a model without it, e.g. a
+    TorchScript export kept unsimplified): the precision stage hands it a private copy."""
     a = built / "artifacts"
     side = json.loads((a / "tinycls/simplify/simplify.json").read_text())
+    assert side["result"]["kept_reason"] == "simplify.enabled is false"
     assert json.loads((a / "tinycls/precision/int8/precision.json").read_text())["result"][
         "quantize_linear"] > 0  # the int8 job really quantized
     assert sc.sha256_file(a / "tinycls/simplify/model.onnx") == side["outputs"]["onnx"]["sha256"]
@@ -247,7 +258,7 @@ def test_a_tree_restored_from_the_mlflow_cache_verifies_without_hashing(built, t
     # setup / execute: a second clone of the zoo against the first one's tracking store
     clone = tmp_path / "clone"
     write_tiny_workspace(clone)
-    write_config(clone, tiny_raw_config(precisions=("fp32", "int8"), backends=("onnxruntime",)))
+    write_config(clone, zoo_config())
     snakemake(clone, env={"MLFLOW_TRACKING_URI": f"sqlite:///{built}/mlflow.db"})
     a = clone / "artifacts"
     restored = [p for p in a.rglob("*.json") if json.loads(p.read_text()).get("cache")]
