@@ -331,7 +331,39 @@ def test_a_dead_writers_temporary_files_are_removed_a_live_ones_kept(tmp_path):
         kept = [live_tmp, *live_staging.dirs.values(), live_scratch, *other_host, legacy_new,
                 export / ".keep"]
         assert all(p.exists() for p in kept), [p for p in kept if not p.exists()]
-        assert said.getvalue() == (f"engineforge: removed 4 temporary file(s) a killed run "
-                                   f"left under {a}\n")
+        assert said.getvalue() == (f"engineforge: removed 4 temporary file(s) or staging "
+                                   f"dir(s) a killed run left under {a}\n")
     assert (export / "model.onnx").read_bytes() == b"being written"
     live_staging.cleanup()
+
+
+@pytest.mark.parametrize("host", ["vm", "node-12", "gpu-3.cluster.example.org"])
+def test_temp_names_carry_their_writer(tmp_path, monkeypatch, host):
+    """Whatever the host name (dashes, digits, dots), the sweep reads back pid and host."""
+    monkeypatch.setattr("socket.gethostname", lambda: host)
+    scratch = Path(tempfile.mkdtemp(prefix=sc.scratch_prefix(), dir=tmp_path))
+    with sc.atomic_path(tmp_path / "model.onnx") as tmp:
+        assert integrity._writer(tmp) == (host, os.getpid())
+    assert integrity._writer(scratch) == (host, os.getpid())
+    assert integrity._writer(tmp_path / "model.onnx") is False  # not a temp file
+
+
+def test_an_untrusted_file_that_cannot_be_moved_is_one_line_and_stops_the_parse(ws, monkeypatch,
+                                                                               capsys):
+    """A read-only tree cannot be made here (tests run as root): os.replace is made to fail
+    as it would there."""
+    flip_a_byte(ws / "artifacts/tinycls/export/model.onnx")
+
+    def read_only(*_):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(integrity.os, "replace", read_only)
+    with pytest.raises(SystemExit) as stop:
+        integrity.at_parse(ws / "artifacts")
+    assert stop.value.code == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    a = f"{ws}/artifacts"
+    assert line == (f"engineforge: [stage=integrity key=artifacts] cannot move "
+                    f"{a}/tinycls/export/export.json aside (Read-only file system); it is "
+                    "untrusted: it, or what it was built from, no longer matches its sidecar. "
+                    f"Fix: make {a} writable or delete {a}/tinycls/export, then rerun")

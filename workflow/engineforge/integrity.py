@@ -23,6 +23,7 @@ a tree moved or copied elsewhere is checked where it is.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -112,7 +113,9 @@ def _stale(entry: Path, now: float) -> bool:
     if writer is False:
         return False
     if writer is None:  # written before temp names carried a pid: go by age
-        return now - entry.lstat().st_mtime > UNKNOWN_WRITER_AGE_S
+        with contextlib.suppress(OSError):  # gone meanwhile: nothing to remove
+            return now - entry.lstat().st_mtime > UNKNOWN_WRITER_AGE_S
+        return False
     host, pid = writer
     return host == socket.gethostname() and not _alive(pid)  # another host's: cannot tell
 
@@ -137,8 +140,9 @@ def _read(path: Path) -> tuple[dict | None, str]:
     except ValueError as err:
         return None, f"not valid JSON, half-written or edited: {err}"
     outputs = side.get("outputs") if isinstance(side, dict) else None
-    if ("sidecar_version" not in side or not isinstance(outputs, dict)
-            or not all(isinstance(r, dict) and {"path", "sha256", "bytes"} <= r.keys()
+    if (not isinstance(outputs, dict) or "sidecar_version" not in side
+            or not all(isinstance(r, dict) and isinstance(r.get("path"), str)
+                       and isinstance(r.get("sha256"), str) and isinstance(r.get("bytes"), int)
                        for r in outputs.values())):
         return None, "not a complete sidecar (no sidecar_version or output records)"
     return side, ""
@@ -176,15 +180,24 @@ def check(root: str | os.PathLike) -> Report:
             else:
                 todo.append((path, file, rec))
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        hashes = list(pool.map(lambda t: sc.sha256_file(t[1]), todo))  # hashlib frees the GIL
+        hashes = list(pool.map(lambda t: _hash(t[1]), todo))  # hashlib frees the GIL
     report.hashed = len(todo)
     for (path, file, rec), sha in zip(todo, hashes):
-        if sha != rec["sha256"]:
+        if isinstance(sha, OSError):
+            report.problems.append(f"{_rel(file)}: unreadable ({sha.strerror})")
+        elif sha != rec["sha256"]:
             report.problems.append(
                 f"{_rel(file)}: content differs from {path.name} (sha256 {sha[:12]} on disk, "
                 f"{rec['sha256'][:12]} recorded)")
     report.problems.sort()
     return report
+
+
+def _hash(file: Path) -> str | OSError:
+    try:
+        return sc.sha256_file(file)
+    except OSError as err:
+        return err
 
 
 # -- the parse-time sweep -----------------------------------------------------------------------
@@ -200,12 +213,11 @@ def sweep(root: str | os.PathLike, *, out=None) -> Report:
     sidecars, hidden = _scan(root)
     now = time.time()
     for entry in hidden:
-        if _stale(entry, now):
-            _remove(entry)
+        if _stale(entry, now) and _remove(entry):
             report.removed.append(entry)
     if report.removed:
-        print(f"engineforge: removed {len(report.removed)} temporary file(s) a killed run left "
-              f"under {root}", file=out)
+        print(f"engineforge: removed {len(report.removed)} temporary file(s) or staging "
+              f"dir(s) a killed run left under {root}", file=out)
 
     verified_path = root / VERIFIED
     verified = _load_verified(verified_path)
@@ -231,7 +243,8 @@ def sweep(root: str | os.PathLike, *, out=None) -> Report:
     if bad:
         stamp = _quarantine_dir(root)
         untrusted = _with_dependents(root, parsed, set(bad))
-        files = [f for side in untrusted for f in _files(side, parsed[side])]
+        order = sorted(bad) + sorted(untrusted - set(bad))  # the causes first
+        files = [f for side in order for f in _files(side, parsed[side])]
         # Snakemake reruns a job with a missing output only when a target needs it: the
         # model's tracking record (a target, built from every sidecar) goes too
         models = sorted({side.relative_to(root).parts[0] for side in untrusted})
@@ -248,7 +261,8 @@ def sweep(root: str | os.PathLike, *, out=None) -> Report:
             print(f"engineforge: {len(untrusted) - len(bad)} result(s) built from them are "
                   "rebuilt too (moved there as well)", file=out)
     if seen != verified:
-        sc.write_json(verified_path, seen)
+        with contextlib.suppress(OSError):  # a cache only (a read-only tree is still checked)
+            sc.write_json(verified_path, seen)
     return report
 
 
@@ -333,16 +347,22 @@ def _quarantine(root: Path, stamp: Path, files: list[Path]) -> None:
             os.replace(f, dest)
         except OSError as err:
             raise IntegrityError(
-                f"{_rel(f)} does not match its sidecar and cannot be moved aside "
-                f"({err.strerror}).", key="artifacts",
-                fix=f"delete {_rel(f.parent)} by hand, then rerun") from None
+                f"cannot move {_rel(f)} aside ({err.strerror}); it is untrusted: it, or what "
+                "it was built from, no longer matches its sidecar.", key="artifacts",
+                fix=f"make {_rel(root)} writable or delete {_rel(f.parent)}, then "
+                    "rerun") from None
 
 
-def _remove(entry: Path) -> None:
-    if entry.is_dir() and not entry.is_symlink():
-        shutil.rmtree(entry, ignore_errors=True)
-    else:
-        entry.unlink(missing_ok=True)
+def _remove(entry: Path) -> bool:
+    """Remove a stale temporary entry; False where it cannot be (it is never trusted)."""
+    try:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink(missing_ok=True)
+    except OSError:
+        return False
+    return True
 
 
 def _root(root: str | os.PathLike) -> Path:
@@ -358,6 +378,9 @@ def at_parse(root: str | os.PathLike) -> None:
     """The workflow's call: :func:`sweep`, and one line + exit 1 when it cannot finish."""
     try:
         sweep(root)
-    except EngineforgeError as err:
+    except (OSError, EngineforgeError) as err:
+        if isinstance(err, OSError):  # e.g. an unreadable directory in the tree
+            err = IntegrityError(f"cannot check the artifacts under {root}: {err}.",
+                                 key="artifacts", fix="make the artifacts directory readable")
         sys.stderr.write(f"engineforge: {err}\n")
         sys.exit(1)
