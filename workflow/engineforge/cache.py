@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from engineforge.sidecar import atomic_path, read_json, sha256_file, write_json
+from engineforge.sidecar import atomic_path, read_json, scratch_prefix, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 _unreachable: dict[str, str] = {}  # tracking URI -> first error: stop asking it in this process
@@ -67,7 +67,8 @@ def restore(group: str, fingerprint: str, outputs: dict[str, Path], sidecar_path
         return False
     artifact_dir = group.replace(".", "/")
     try:
-        with tempfile.TemporaryDirectory(dir=Path(sidecar_path).parent.parent) as tmp:
+        with tempfile.TemporaryDirectory(prefix=scratch_prefix(),
+                                         dir=Path(sidecar_path).parent.parent) as tmp:
             local = Path(_client().download_artifacts(run_id, artifact_dir, tmp))
             side = read_json(local / Path(sidecar_path).name)
             if side["fingerprint"] != fingerprint:
@@ -81,6 +82,7 @@ def restore(group: str, fingerprint: str, outputs: dict[str, Path], sidecar_path
                 with atomic_path(dest) as part:
                     shutil.copyfile(local / Path(side["outputs"][role]["path"]).name, part)
                 side["outputs"][role]["path"] = str(dest)
+                side["outputs"][role]["mtime_ns"] = os.stat(dest).st_mtime_ns  # this copy's
             side["cache"] = {"hit": True, "run_id": run_id, "group": group}
             write_json(sidecar_path, side)
     except Exception as err:  # noqa: BLE001

@@ -1,8 +1,8 @@
 """The ``engineforge`` command: run the pipeline, sync tracking, cut and verify releases,
-print the config schema.
+check artifacts against their sidecars, print the config schema.
 
 Every :class:`EngineforgeError` becomes one line ``engineforge: <message>`` on stderr and
-exit code 2; a failed ``verify`` exits 1 with one line per problem.
+exit code 2; a failed ``verify`` or ``check`` exits 1 with one line per problem.
 """
 
 from __future__ import annotations
@@ -122,11 +122,25 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from engineforge import integrity
+
+    report = integrity.check(args.artifacts)
+    if report.problems:
+        print(f"FAILED: {len(report.problems)} problem(s) under {args.artifacts} (the next run "
+              "rebuilds what they affect)", file=sys.stderr)
+        for p in report.problems:
+            print(f"  - {p}", file=sys.stderr)
+        return 1
+    print(f"OK: {report.outputs} artifacts in {report.sidecars} sidecars verified")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="engineforge",
-        description="Run the pipeline, sync tracking, cut and verify releases, print the "
-                    "config schema.")
+        description="Run the pipeline, sync tracking, cut and verify releases, check "
+                    "artifacts against their sidecars, print the config schema.")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run the Snakemake pipeline (workflow profile, all cores)")
@@ -157,6 +171,10 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("bundle", help="engineforge-<version>.tar.gz")
     v.add_argument("--extract", metavar="DIR", help="extract it there when it verifies")
     v.set_defaults(func=cmd_verify)
+
+    c = sub.add_parser("check", help="re-hash every artifact against its sidecar")
+    c.add_argument("--artifacts", default="artifacts", help="artifacts directory")
+    c.set_defaults(func=cmd_check)
 
     sc = sub.add_parser("schema", help="print the config's JSON schema (every key, its "
                                        "description and default)")

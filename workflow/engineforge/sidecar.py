@@ -3,7 +3,9 @@
 Every stage output has a sidecar ``<name>.json``: what went in (content hashes),
 with which settings and tool versions, what came out, and the fingerprint that
 ties them together. Outputs are written to a temporary name and renamed, so an
-interrupted job never leaves a file a later run would trust.
+interrupted job never leaves a file a later run would trust. Temporary names carry the
+writer's pid and host, so a later run can tell a dead writer's leftovers from a live one's
+(``integrity.sweep`` removes the former).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import hashlib
 import json
 import os
 import platform
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,12 +44,25 @@ def fingerprint(input_hashes: dict, config_slice: dict, tools: dict,
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
 
 
+def writer() -> str:
+    """``<pid>@<host>``: who writes a temporary file (see ``integrity.TEMP_FILE``)."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def scratch_prefix() -> str:
+    """Name prefix of a scratch directory in the artifacts tree: the runner's staging
+    directories' form (``.staging-<host>-<pid>-``), so stale ones are found the same way."""
+    return f".staging-{socket.gethostname()}-{os.getpid()}-"
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it into place on success."""
+    """Yield a temporary path beside ``path`` (``.<name>.<pid>@<host>.<random>.tmp``);
+    rename it into place on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{writer()}.", suffix=".tmp",
+                               dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -71,16 +87,24 @@ def cpu_device() -> str:
     return f"cpu:{platform.machine()}:{os.cpu_count()}cores"
 
 
+def output_record(path: str | os.PathLike) -> dict:
+    st = os.stat(path)
+    return {"path": str(path), "sha256": sha256_file(path), "bytes": st.st_size,
+            "mtime_ns": st.st_mtime_ns}
+
+
 def make_sidecar(*, stage: str, model: str, inputs: dict[str, str | os.PathLike],
                  config_slice: dict, tools: dict, outputs: dict[str, str | os.PathLike],
                  result: dict | None = None, device: str | None = None,
                  input_hashes: dict[str, str] | None = None) -> dict:
-    """Build a sidecar dict; ``inputs``/``outputs`` map roles to file paths."""
+    """Build a sidecar dict; ``inputs``/``outputs`` map roles to file paths.
+
+    Each output's size and ``mtime_ns`` are recorded with its hash: a rename keeps the
+    mtime, so a published file whose stat still matches needs no re-hash to be trusted."""
     if input_hashes is None:
         input_hashes = {role: sha256_file(p) for role, p in inputs.items()}
-    output_hashes = {role: {"path": str(p), "sha256": sha256_file(p),
-                            "bytes": os.path.getsize(p)}
-                     for role, p in outputs.items() if Path(p).is_file()}
+    output_hashes = {role: output_record(p) for role, p in outputs.items()
+                     if Path(p).is_file()}
     return {
         "sidecar_version": SIDECAR_VERSION,
         "stage": stage,

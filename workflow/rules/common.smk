@@ -9,6 +9,7 @@ sys.path.insert(1, str(Path(workflow.basedir)))  # the shipped models/ package
 
 from engineforge import backends as efbackends
 from engineforge import config as efconfig
+from engineforge import integrity as efintegrity
 from engineforge import runlock as efrunlock
 from engineforge import runner as efrunner
 from engineforge import settings as efsettings
@@ -39,6 +40,9 @@ if not efworker.JOB_PROCESS:
 MODELS = EF["models"]
 A = EF["artifacts"]
 L = Layout(A)
+# Outputs that disagree with their sidecar are rebuilt; not while another run publishes.
+if not efworker.JOB_PROCESS and not efrunlock.busy_line():
+    efintegrity.at_parse(A)
 # Availability of every backend a model asks for (package metadata / cached probes only).
 AVAILABLE = {
     b: efbackends.get_backend(b).availability()

@@ -34,6 +34,7 @@ from engineforge.settings import (
     QuantizeSettings,
     Section,
 )
+from engineforge.sidecar import scratch_prefix
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def _qdq(job, onnx_in: Path, out: Path) -> dict:
                         job.inputs.get("calibration"), s.calib_size)
     # ModelOpt rewrites the file it quantizes (value_info, duplicated constants): give it a
     # private copy, outside the staging directory, never the published input.
-    scratch = Path(tempfile.mkdtemp(prefix=".quantize-", dir=out.parent.parent))
+    scratch = Path(tempfile.mkdtemp(prefix=scratch_prefix(), dir=out.parent.parent))
     try:
         private = scratch / onnx_in.name
         for rel in _external_files(onnx_in):
