@@ -200,6 +200,8 @@ def test_load_reports_yaml_errors(tmp_path):
         config.load(bad)
     # assert: the file, where it breaks, and the fix (no model or key: it is not parsed)
     msg = str(info.value)
-    assert msg.startswith(f"[stage=config] config file '{bad}' is not valid YAML: ")
-    assert "line 2, column 1" in msg and msg.endswith(" Fix: fix the YAML syntax")
+    assert msg.startswith(f"[stage=config] config file '{bad}' is not valid YAML at line 2, "
+                          "column 1: ")
+    assert msg.endswith(" Fix: fix the YAML syntax there (indent with spaces, quote values "
+                        "holding ':' or '#')")
     assert "\n" not in msg

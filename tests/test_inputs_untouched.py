@@ -28,6 +28,7 @@ import onnx
 import pytest
 from conftest import run_stage, tiny_raw_config
 from engineforge import config
+from engineforge.runner import StageFailed
 from engineforge.sidecar import read_json, sha256_file
 from engineforge.stages import precision
 from test_workflow_e2e import PRECISIONS, finished_workspace
@@ -116,7 +117,7 @@ def test_no_stage_wrote_to_its_inputs(tmp_path_factory):
     found = sidecars(ws).values()
     # the check covers every stage and variant (not an empty loop)
     assert {s["stage"] for s in found} == {"export", "simplify", "precision", "build",
-                                           "audit", "bench", "baseline"}
+                                           "audit", "bench", "baseline", "profiles"}
     assert {s["config"]["precision"] for s in found if s["stage"] == "precision"} == set(
         PRECISIONS)
     assert {s["config"]["backend"] for s in found if s["stage"] == "build"} == {
@@ -150,9 +151,9 @@ def _leaves_a_file_beside(job, onnx_in: Path, out: Path) -> dict:
 
 @pytest.mark.parametrize("body, expected", [
     (ORIGINAL_QDQ, []),
-    (_pre_fix_qdq, ["out/precision.json: input onnx {root}/inputs/model.onnx changed after "
-                    "the job hashed it",
-                    "inputs/model.onnx: there before the run, changed"]),
+    # the runner itself refuses it now (no sidecar vouches for the result); the check still
+    # sees the input changed
+    (_pre_fix_qdq, ["inputs/model.onnx: there before the run, changed"]),
     (_leaves_a_file_beside, ["inputs/model_static.onnx: new beside a stage input, declared "
                              "by no job"]),
 ], ids=["fixed", "pre-fix-rewrites-input", "writes-beside-input"])
@@ -176,11 +177,18 @@ def test_int8_input_untouched_and_misbehaviour_flagged(tmp_path_factory, tmp_pat
     monkeypatch.setenv("ENGINEFORGE_CACHE", "0")
     monkeypatch.setattr(precision, "_qdq", body)
     models = config.resolve(tiny_raw_config(precisions=("fp32", "int8")), ws)["models"]
+    args = ("precision", models, "tinycls",
+            {"onnx": root / "inputs/model.onnx", "calibration": root / "inputs/calib.npz"},
+            {"onnx": root / "out/model.onnx", "sidecar": root / "out/precision.json"},
+            root)
     # execute
-    side = run_stage("precision", models, "tinycls",
-                     {"onnx": root / "inputs/model.onnx", "calibration": root / "inputs/calib.npz"},
-                     {"onnx": root / "out/model.onnx", "sidecar": root / "out/precision.json"},
-                     root, precision="int8")
-    # assert: the job succeeded (the quantized model is there), and only misbehaviour is flagged
-    assert side["result"]["quantize_linear"] == 2
+    if body is _pre_fix_qdq:
+        with pytest.raises(StageFailed, match=r"modified its input\(s\) onnx"):
+            run_stage(*args, precision="int8")
+        assert not (root / "out/precision.json").exists()
+    else:
+        side = run_stage(*args, precision="int8")
+        # the job succeeded (the quantized model is there)
+        assert side["result"]["quantize_linear"] == 2
+    # assert: only misbehaviour is flagged
     assert untouched_problems(root, before) == [e.format(root=root) for e in expected]

@@ -137,8 +137,10 @@ def test_one_profile_change_reruns_only_its_builds_and_benches(zoo):
         "large"]["lowres"].update(max=[2, 1, 512, 512]))
     # assert
     rules = {r for r, _ in jobs}
-    assert rules == {"build_tensorrt_rtx", "build_onnxruntime", "bench", "bench_pytorch", "track",
-                     "summary", "all"}
+    assert rules == {"profile_check", "build_tensorrt_rtx", "build_onnxruntime", "bench",
+                     "bench_pytorch", "track", "summary", "all"}
+    assert [o for r, o in jobs if r == "profile_check"] == [
+        "artifacts/tiny_sr/export/profiles/large.json"]  # checked again; nothing re-exported
     assert all("/large" in o for r, o in jobs if r.startswith(("build", "bench")))
     assert len([r for r, _ in jobs if r.startswith("build")]) == 8  # 4 precisions x 2 backends
 

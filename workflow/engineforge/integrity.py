@@ -67,7 +67,7 @@ class Report:
 def _sidecar_pattern() -> re.Pattern:
     """Every sidecar path of the Layout, relative to its root, as one regex."""
     lay = Layout("")
-    templates = [lay.export("export.json"), lay.simplify("simplify.json"),
+    templates = [lay.export("export.json"), lay.profile_check(), lay.simplify("simplify.json"),
                  lay.precision("precision.json"), lay.build(), lay.audit(), lay.bench(),
                  lay.baseline()]
     parts = [r"[^/.][^/]*".join(re.escape(p) for p in re.split(r"\{\w+\}", t))

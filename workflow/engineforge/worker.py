@@ -97,8 +97,13 @@ def stop_on_signals() -> None:
 
         def handler(signum, frame, previous=previous):
             stop(signal.Signals(signum).name)
-            if callable(previous):
-                previous(signum, frame)
+            if previous is signal.default_int_handler:
+                previous(signum, frame)  # KeyboardInterrupt, in the main thread
+            elif callable(previous):
+                # Snakemake's SIGTERM handler takes the scheduler's (non-reentrant) lock,
+                # which this very thread may hold right now: call it from another thread.
+                threading.Thread(target=previous, args=(signum, frame), daemon=True,
+                                 name="engineforge-stop").start()
             elif previous == signal.SIG_DFL:
                 signal.signal(signum, signal.SIG_DFL)
                 os.kill(os.getpid(), signum)

@@ -26,7 +26,8 @@ efrunner.quiet_stage_failures()  # a failed job prints our one line, not rule-fi
 efworker.JOB_PROCESS = workflow.remote_exec or workflow.subprocess_exec
 
 try:
-    if not workflow.overwrite_configfiles:  # no --configfile: the demo zoo's config.yaml
+    # no --configfile: the demo zoo's config.yaml (--configfile replaces it)
+    if not workflow.overwrite_configfiles:
         config.update(efconfig.deep_merge(efconfig.read("config.yaml"), config))
     EF = efconfig.resolve(config, Path("."))
     if not efworker.JOB_PROCESS:
