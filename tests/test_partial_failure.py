@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,7 +23,7 @@ from engineforge import failures, tracking
 from engineforge.job import Job
 from engineforge.layout import Layout
 from engineforge.sidecar import read_json
-from workflow_helpers import planned_outputs, snakemake, write_config
+from workflow_helpers import ROOT, planned_outputs, snakemake, write_config
 
 L = Layout()
 STAGE_RULE = {"drift": "drift_matrix", "baseline": "bench_pytorch"}
@@ -208,6 +211,31 @@ def test_a_successful_run_prints_no_error_or_warning(runs):
         log = runs.ws / "artifacts/tinycls/logs/precision-int8.log"
         assert "Failed to get GPU count" in log.read_text()
     assert (runs.ws / "artifacts/logs/worker.log").is_file()
+
+
+@pytest.mark.parametrize("to_log", [True, False])
+def test_the_fork_servers_own_output_goes_to_its_log(tmp_path, to_log):
+    """A library the fork server preloads prints an ERROR line at import (as ModelOpt does
+    without NVML): with a log (the workflow gives one), not on the terminal. Control: with
+    none, the line does reach the terminal, so the check can fail."""
+    line = "[lib][onnx] - ERROR - Failed to get GPU count: test"
+    (tmp_path / "noisy_preload.py").write_text(f"import sys\nprint({line!r}, file=sys.stderr)\n")
+    log = tmp_path / "logs/worker.log"
+    code = (f"from engineforge import worker\n"
+            f"worker.PRELOAD = ['engineforge.worker', 'noisy_preload']\n"
+            f"worker.start(log_path={str(log) if to_log else None!r})\n"
+            f"print(worker.run_isolated('os:getpid', log_path={str(tmp_path / 'job.log')!r}))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "workflow"), str(tmp_path)])}
+    # execute
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+    # assert
+    assert proc.returncode == 0 and proc.stdout.strip().isdigit(), proc.stderr
+    if to_log:
+        assert noisy_lines(proc.stdout + proc.stderr) == []
+        assert line in log.read_text()
+    else:
+        assert noisy_lines(proc.stderr) == [line] and not log.exists()
 
 
 # -- units: records and partial MLflow records -----------------------------------------------

@@ -147,13 +147,14 @@ def _drift(layout: Layout, model: str, audits: dict, failures: list[dict]) -> No
     _untrusted(md, js)
 
 
-def _track(layout: Layout, model: str, settings, outputs: dict, failures: list[dict]) -> dict:
+def _track(layout: Layout, model: str, settings, outputs: dict, failures: list[dict],
+           try_upload: bool) -> dict:
     from engineforge import tracking
 
     mine = [f for f in failures if f.get("model") == model]
     record = tracking.build_record(model, settings.model, settings.experiment, outputs, mine)
     out = layout.track(model)
-    status = tracking.track(record, Path(out), layout.root,
+    status = tracking.track(record, Path(out), layout.root, try_upload=try_upload,
                             extra={"complete": False, "failed_jobs": [f["job"] for f in mine]})
     _untrusted(out)
     return status
@@ -190,10 +191,12 @@ def _finalise(layout: Layout, failures, summary_settings, track_settings) -> Non
     for m, o in outputs.items():
         if _stale(o["drift"], files_of(o["audit"])):
             _drift(layout, m, o["audit"], failures)
+    reachable = True  # after one failed upload the others wait too (a Ctrl-C ends here)
     for m, o in outputs.items():
         if track_stale[m]:
-            status = _track(layout, m, track_settings[m], o, failures)
+            status = _track(layout, m, track_settings[m], o, failures, reachable)
             if status["status"] == "pending":
+                reachable = False
                 print(f"engineforge: MLflow record of {m} kept pending "
                       f"({status['pending']}); run `engineforge sync`", file=sys.stderr)
     if summary_stale:

@@ -396,13 +396,17 @@ def run(job) -> None:
     track(record, job.outputs["track"], job.artifacts)
 
 
-def track(record: dict, out: Path, artifacts: str | Path, extra: dict | None = None) -> dict:
-    """Upload, or keep the record pending when the server cannot be reached. ``extra``:
-    more fields for ``out`` (a partial record's failures)."""
+def track(record: dict, out: Path, artifacts: str | Path, extra: dict | None = None,
+          try_upload: bool = True) -> dict:
+    """Upload, or keep the record pending when the server cannot be reached (or
+    ``try_upload`` is False: it was not, a moment ago). ``extra``: more fields for ``out``
+    (a partial record's failures)."""
     pending = pending_dir(artifacts) / f"{record['model']}-{record['id']}.json"
     write_json(pending, record)
     uri = tracking_uri()
     try:
+        if not try_upload:
+            raise ConnectionError(f"{redact(uri)} was unreachable for an earlier record")
         ids = upload(record, uri)
         pending.unlink()
         status = {"status": "logged", "uri": redact(uri), **ids}

@@ -12,6 +12,7 @@ from engineforge import config as efconfig
 from engineforge import failures as effailures
 from engineforge import runner as efrunner
 from engineforge import settings as efsettings
+from engineforge import tracking as eftracking
 from engineforge import worker as efworker
 from engineforge.errors import EngineforgeError
 from engineforge.job import Canonical
@@ -192,6 +193,7 @@ def start_workers():
     the MLflow client (cache lookups, tracking) in the background while Snakemake
     schedules."""
     effailures.clear_all(A)
+    eftracking.install_log_redaction()  # no credential in any message of this process
     efworker.start(log_path=f"{A}/logs/worker.log")
     efworker.warm_import("mlflow.tracking")
 
