@@ -55,8 +55,10 @@ def cli(*args: str, cwd: Path, uri: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
-        monkeypatch.delenv(var, raising=False)
+    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+                "MLFLOW_TRACKING_URI"):
+        monkeypatch.setenv(var, "")  # restored at teardown, also when tracking_uri() sets it
+        monkeypatch.delenv(var)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     return monkeypatch
 

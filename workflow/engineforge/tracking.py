@@ -81,10 +81,9 @@ def tracking_uri() -> str:
 
 # -- secrets: never in a message, a log, a sidecar or a record --------------------------------
 _SECRET_VARS = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+_SECRET_NAME = r"(?:token|secret|passw|pwd|key|auth|sig|credential)"
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@'\"]+@")
-_SECRET_PARAM = re.compile(
-    r"(?i)([?&;][\w.-]*(?:token|secret|passw|pwd|key|auth|sig|credential)[\w.-]*=)"
-    r"[^&#\s'\"]+")
+_SECRET_PARAM = re.compile(rf"(?i)([?&;][\w.-]*{_SECRET_NAME}[\w.-]*=)[^&#\s'\"]+")
 
 
 def _secret_values() -> set[str]:
@@ -94,7 +93,7 @@ def _secret_values() -> set[str]:
     parts = urlsplit(os.environ.get("MLFLOW_TRACKING_URI", ""))
     if "@" in parts.netloc:
         found.add(parts.netloc.rsplit("@", 1)[0].partition(":")[2])
-    found |= {v for _, v in parse_qsl(parts.query)}
+    found |= {v for k, v in parse_qsl(parts.query) if re.search(_SECRET_NAME, k, re.I)}
     found |= {f(v) for v in list(found) for f in (unquote, quote)}
     return {v for v in found if len(v) >= 4}
 
