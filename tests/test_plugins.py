@@ -118,8 +118,9 @@ def test_a_segfaulting_backend_fails_only_its_own_jobs(plugged, tmp_path):
         for prof in profiles:
             assert (a / f"{model}/bench/onnxruntime/fp32/{prof}.json").is_file()
             assert not (a / f"{model}/build/segv/fp32/{prof}/engine.segv").exists()
-    failures = sorted((a / "_failures").glob("*.txt"))
+    failures = [json.loads(f.read_text()) for f in sorted((a / "_failures").glob("*.json"))]
     assert len(failures) == 3  # one per segv build: tinycls x 1 profile, tinyfcn x 2
-    line = failures[0].read_text()
+    assert {(f["stage"], f["backend"]) for f in failures} == {("build", "segv")}
+    line = failures[0]["reason"]
     assert "signal 11 (SIGSEGV)" in line and "stage=build" in line and ".log" in line
     assert "signal 11 (SIGSEGV)" in proc.stderr and "Traceback" not in proc.stderr

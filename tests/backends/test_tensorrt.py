@@ -397,6 +397,6 @@ def test_build_stage_error_is_a_recorded_failure(tiny_models, tiny_workspace, mo
     text = str(err.value)
     assert text.startswith("[model=tiny stage=build] tensorrt-rtx could not build the fp32 "
                            "engine from garbage.onnx")
-    failures = list((tmp / "artifacts/_failures").glob("*.txt"))
-    assert [f.read_text().strip() for f in failures] == [text]
+    failures = list((tmp / "artifacts/_failures").glob("*.json"))
+    assert [json.loads(f.read_text())["reason"] for f in failures] == [text]
     assert not out.exists() or not any(out.iterdir())

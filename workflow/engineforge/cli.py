@@ -65,9 +65,9 @@ def cmd_sync(args) -> int:
     except EngineforgeError:
         raise
     except Exception as err:  # noqa: BLE001 - the server is still unreachable
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        raise TrackingError(f"upload to {tracking._redact(tracking.tracking_uri())} failed: "
-                            f"{first}; pending records kept.", key="MLFLOW_TRACKING_URI",
+        first = tracking.redact((str(err).strip().splitlines() or [type(err).__name__])[0])
+        raise TrackingError(f"upload to {tracking.redact(tracking.tracking_uri())} failed: "
+                            f"{first[:300]}; pending records kept.", key="MLFLOW_TRACKING_URI",
                             fix="check that the tracking server is up, then rerun "
                                 "`engineforge sync`") from None
     if not results:

@@ -265,9 +265,9 @@ def register(entries: list[dict], version: str, alias: str, experiment: str, say
     except ReleaseError:
         raise
     except Exception as err:  # noqa: BLE001 - any registry failure fails the release
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        first = tracking.redact((str(err).strip().splitlines() or [type(err).__name__])[0])
         raise ReleaseError(f"registering {name or 'engines'} at {tracking._redact(uri)} failed: "
-                           f"{first}; no archive written.", key="MLFLOW_TRACKING_URI",
+                           f"{first[:300]}; no archive written.", key="MLFLOW_TRACKING_URI",
                            fix="check the tracking server, or pass --no-register") from None
 
 

@@ -23,10 +23,11 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from engineforge import cache, worker
+from engineforge import cache, failures, worker
 from engineforge.errors import ConfigError, EngineforgeError
 from engineforge.job import Canonical, Job
 from engineforge.sidecar import fingerprint, make_sidecar, sha256_file, write_json
+from engineforge.tracking import redact
 
 DEFAULT_TIMEOUT_S = 3600.0
 
@@ -79,20 +80,19 @@ def run_rule(stage: str, wildcards, input, output, params, log, artifacts: str,
 
 
 def run_job(job: Job) -> None:
-    job_id = "-".join([job.stage, *job.wildcards.values()])
-    failure = Path(job.artifacts) / "_failures" / f"{job_id}.txt"
+    job_id = failures.job_id(job)
     job.log.parent.mkdir(parents=True, exist_ok=True)
     job.log.write_text("")
     try:
         _run(job, job_id)
-        failure.unlink(missing_ok=True)
+        failures.clear(job)
     except EngineforgeError as err:
         if err.stage in ("engineforge", "job"):
             err.stage = job.stage
         err.model = err.model or job.model
         _append_log(job.log, f"ERROR {err}")
-        line = " ".join(str(err).split())  # one line; the log keeps the full text
-        _record(failure, line)
+        line = redact(" ".join(str(err).split()))  # one line; the log keeps the full text
+        _record(job, line)
         raise StageFailed(line) from None
     except Exception as err:  # noqa: BLE001 - a bug or an unforeseen tool failure
         if not isinstance(err, worker.UnexpectedError):
@@ -100,9 +100,9 @@ def run_job(job: Job) -> None:
         text = " ".join(str(err).split())[:300] or "(no message)"
         name = "" if isinstance(err, worker.UnexpectedError) else f"{type(err).__name__}: "
         hint = getattr(stage_module(job.stage), "LIKELY_FIX", None) or DEFAULT_FIX
-        line = str(_Unforeseen(f"{name}{text}", stage=job.stage, model=job.model,
-                               fix=f"{hint}; the full traceback is in {job.log}"))
-        _record(failure, line)
+        line = redact(str(_Unforeseen(f"{name}{text}", stage=job.stage, model=job.model,
+                                      fix=f"{hint}; the full traceback is in {job.log}")))
+        _record(job, line)
         raise StageFailed(line) from None
 
 
@@ -281,13 +281,14 @@ class _log_to:
 
 
 def _append_log(path: Path, text: str) -> None:
+
     with open(path, "a") as f:
-        f.write(text.rstrip() + "\n")
+        f.write(redact(text).rstrip() + "\n")
 
 
-def _record(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text + "\n")
+def _record(job: Job, line: str) -> None:
+    """The failure record of ``job`` for the end-of-run report (``failures.py``)."""
+    failures.record(job, line)
 
 
 class OneLineFailures(logging.Filter):
@@ -333,10 +334,8 @@ def print_file(path) -> None:
 
 
 def print_failures(artifacts) -> None:
-    files = sorted((Path(artifacts) / "_failures").glob("*.txt"))
-    if not files:
-        return
-    print(f"\nengineforge: {len(files)} job(s) failed; the other models went on:",
-          file=sys.stderr)
-    for f in files:
-        print(f"  - {f.read_text().strip()}", file=sys.stderr)
+    """The failed jobs of this run, one line each (``failures.finalise`` also reports
+    everything that succeeded)."""
+    from engineforge.layout import Layout
+
+    failures.print_failures(failures.load(artifacts), Layout(str(artifacts)))

@@ -6,15 +6,28 @@ fluent global state: jobs may run in threads). If the tracking server is
 unreachable the record stays in ``<artifacts>/_tracking/pending`` and
 ``engineforge sync`` uploads it later. Uploads are idempotent: a record whose
 id is already tagged on a run is not logged twice.
+
+A model with failed jobs gets a record of what succeeded: its parent run (status FAILED)
+lists every failure in tags and a ``failures.json`` artifact; a failed engine build is a
+FAILED child run of its own.
+
+Credentials in the tracking URI (``http://user:password@host``) are handed to MLflow through
+its ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` variables and MLflow gets the
+URI without them; every message and log record of this process is redacted as well
+(:func:`redact`: credentials and query tokens), so no secret reaches a terminal, a log, a
+sidecar, ``track.json`` or a pending record.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
+from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 from engineforge.settings import Section
 from engineforge.sidecar import canonical_json, read_json, write_json
@@ -47,7 +60,79 @@ def find_holder(client, group: str, fingerprint: str, experiment_ids: list[str])
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """The tracking URI MLflow is given: credentials in it (``user:password@``) move to
+    MLflow's own variables ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` (and
+    ``MLFLOW_TRACKING_URI`` loses them), so no MLflow message can contain them. Installs
+    the log redaction of this process too."""
+    install_log_redaction()
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, _, password = userinfo.partition(":")
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(user)
+    if password:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(password)
+    uri = urlunsplit(parts._replace(netloc=host))
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    return uri
+
+
+# -- secrets: never in a message, a log, a sidecar or a record --------------------------------
+_SECRET_VARS = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+_SECRET_NAME = r"(?:token|secret|passw|pwd|key|auth|sig|credential)"
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@'\"]+@")
+_SECRET_PARAM = re.compile(rf"(?i)([?&;][\w.-]*{_SECRET_NAME}[\w.-]*=)[^&#\s'\"]+")
+
+
+def _secret_values() -> set[str]:
+    """Literal secrets of this environment: the tracking URI's password and query values,
+    MLflow's password and token variables (raw and URL-encoded)."""
+    found = {os.environ.get(v, "") for v in _SECRET_VARS}
+    parts = urlsplit(os.environ.get("MLFLOW_TRACKING_URI", ""))
+    if "@" in parts.netloc:
+        found.add(parts.netloc.rsplit("@", 1)[0].partition(":")[2])
+    found |= {v for k, v in parse_qsl(parts.query) if re.search(_SECRET_NAME, k, re.I)}
+    found |= {f(v) for v in list(found) for f in (unquote, quote)}
+    return {v for v in found if len(v) >= 4}
+
+
+def redact(text: str) -> str:
+    """``text`` without credentials: ``scheme://user:pass@`` -> ``scheme://***@``,
+    ``?token=...`` -> ``?token=***``, and every secret value of this environment -> ``***``."""
+    text = _SECRET_PARAM.sub(r"\1***", _USERINFO.sub(r"\1***@", str(text)))
+    for value in sorted(_secret_values(), key=len, reverse=True):
+        text = text.replace(value, "***")
+    return text
+
+
+def _redact(uri: str) -> str:  # kept for callers of the old name
+    return redact(uri)
+
+
+def install_log_redaction() -> None:
+    """Redact every log record this process creates from now on (MLflow's, urllib3's and
+    ours, whatever handler writes them: terminal, job log). Idempotent."""
+    factory = logging.getLogRecordFactory()
+    if getattr(factory, "engineforge_redacts", False):
+        return
+
+    def redacting(*args, **kwargs):
+        record = factory(*args, **kwargs)
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record stays as it is
+            return record
+        clean = redact(text)
+        if clean != text:
+            record.msg, record.args = clean, None
+        if record.exc_info and record.exc_info[1] is not None:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        return record
+
+    redacting.engineforge_redacts = True
+    logging.setLogRecordFactory(redacting)
 
 
 def quick_failing_http() -> None:
@@ -76,47 +161,63 @@ def _metrics(prefix: str, obj, out: dict) -> dict:
     return out
 
 
-def build_record(model: str, m: dict, experiment: str, sidecars: dict) -> dict:
-    """Assemble the record from stage sidecars.
+def _read(path) -> dict | None:
+    """A sidecar, or None where its job did not run (a model with failed jobs)."""
+    return read_json(path) if path and Path(path).is_file() else None
+
+
+def build_record(model: str, m: dict, experiment: str, sidecars: dict,
+                 failures: list[dict] | None = None) -> dict:
+    """Assemble the record from the stage sidecars that exist.
 
     ``m``: checkpoint, opset, precisions, backends, task, profiles. ``sidecars``: the
     ``Layout.model_outputs`` dict (export, simplify, drift, precision, audit, build, bench,
-    baseline paths by role).
+    baseline paths by role). ``failures``: None for a complete record; else the record is
+    partial (a run with failed jobs): the model's failed jobs (``failures.load``) are listed
+    and the parent run, and the children they concern, end FAILED.
     """
-    export, simplify = read_json(sidecars["export"]), read_json(sidecars["simplify"])
+    export, simplify = _read(sidecars["export"]), _read(sidecars["simplify"])
+    precs = {p: s for p, path in sidecars["precision"].items() if (s := _read(path))}
+    tags = {"engineforge.model": model, "engineforge.kind": "model"}
+    tags |= {f"{CACHE_TAG}.{stage}": s["fingerprint"]
+             for stage, s in (("export", export), ("simplify", simplify)) if s}
+    tags |= {f"{CACHE_TAG}.precision.{p}": s["fingerprint"] for p, s in precs.items()}
+    numbers = {}
+    if export:
+        numbers["export_time_s"] = export["result"]["time_s"]
+    if simplify:
+        numbers |= {"nodes_before_simplify": simplify["result"]["nodes_before"],
+                    "nodes_after_simplify": simplify["result"]["nodes_after"]}
+    artifacts = [a for stage, s in (("export", export), ("simplify", simplify)) if s
+                 for a in _stage_files(stage, sidecars[stage])]
+    artifacts += [a for p in sorted(precs)
+                  for a in _stage_files(f"precision/{p}", sidecars["precision"][p])]
+    artifacts += [[str(sidecars[k]), "audit"] for k in ("drift", "drift_md")
+                  if Path(sidecars[k]).is_file()]
     parent = {
-        "name": model,
-        "tags": {"engineforge.model": model, "engineforge.kind": "model",
-                 f"{CACHE_TAG}.export": export["fingerprint"],
-                 f"{CACHE_TAG}.simplify": simplify["fingerprint"],
-                 **{f"{CACHE_TAG}.precision.{p}": read_json(path)["fingerprint"]
-                    for p, path in sidecars["precision"].items()}},
+        "name": model, "tags": tags,
         "params": _flat("", {"checkpoint": m["checkpoint"], "opset": m["opset"],
                              "precisions": ",".join(m["precisions"]),
                              "backends": ",".join(m["backends"]), "task": m["task"],
-                             "tools": export["tools"] | simplify["tools"]}, {}),
-        "metrics": _metrics("", {"export_time_s": export["result"]["time_s"],
-                                 "nodes_before_simplify": simplify["result"]["nodes_before"],
-                                 "nodes_after_simplify": simplify["result"]["nodes_after"]}, {}),
-        "artifacts": _stage_files("export", sidecars["export"])
-        + _stage_files("simplify", sidecars["simplify"])
-        + [a for p, path in sorted(sidecars["precision"].items())
-           for a in _stage_files(f"precision/{p}", path)]
-        + [[str(sidecars["drift"]), "audit"], [str(sidecars["drift_md"]), "audit"]],
+                             "tools": (export or {}).get("tools", {})
+                             | (simplify or {}).get("tools", {})}, {}),
+        "metrics": _metrics("", numbers, {}),
+        "artifacts": artifacts,
     }
     children = []
     for (backend, precision, profile), build_path in sorted(sidecars["build"].items()):
-        build = read_json(build_path)
-        prec = read_json(sidecars["precision"][precision])
+        build = _read(build_path)
+        if build is None:
+            continue
+        prec = precs.get(precision) or {}
         audit_path = sidecars["audit"].get((backend, precision))
-        audit = read_json(audit_path)["result"] if audit_path else {}
+        audit = (_read(audit_path) or {}).get("result", {})
         bench_path = sidecars["bench"].get((backend, precision, profile))
-        bench = read_json(bench_path)["result"] if bench_path else {}
-        baseline_path = sidecars["baseline"].get(profile)
-        baseline = read_json(baseline_path)["result"] if baseline_path else {}
+        bench = (_read(bench_path) or {}).get("result", {})
+        baseline = (_read(sidecars["baseline"].get(profile)) or {}).get("result", {})
         metrics = _metrics("build", {k: v for k, v in build["result"].items()
                                      if k in ("build_time_s", "engine_bytes")}, {})
-        metrics |= _metrics("onnx", {"bytes": prec["result"].get("bytes")}, {})
+        metrics |= _metrics("onnx", {"bytes": (prec.get("result") or {}).get("bytes")}, {})
         for name, stats in (audit.get("outputs") or {}).items():
             metrics |= _metrics(f"drift.{name}", stats, {})
         if audit.get("task"):
@@ -129,28 +230,71 @@ def build_record(model: str, m: dict, experiment: str, sidecars: dict) -> dict:
             if base and pt.get("p50_ms"):
                 metrics[f"speedup_vs_pytorch.{which}"] = base["p50_ms"] / pt["p50_ms"]
         artifacts = _stage_files("build", build_path)
-        artifacts += [[str(audit_path), "audit"]] if audit_path else []
-        artifacts += [[str(bench_path), "bench"]] if bench_path else []
+        artifacts += [[str(audit_path), "audit"]] if audit else []
+        artifacts += [[str(bench_path), "bench"]] if bench else []
         children.append({
             "name": f"{model}/{precision}/{profile}/{backend}",
             "tags": {"engineforge.model": model, "engineforge.kind": "engine",
                      "engineforge.backend": backend, "engineforge.precision": precision,
                      "engineforge.profile": profile,
-                     "engineforge.fingerprint.precision": prec["fingerprint"],
+                     "engineforge.fingerprint.precision": prec.get("fingerprint", "n/a"),
                      f"{CACHE_TAG}.build": build["fingerprint"],
                      "engineforge.audit": audit.get("status", "n/a"),
                      "engineforge.bench": bench.get("status", "n/a")},
             "params": _flat("", {"backend": backend, "precision": precision,
                                  "profile": profile, "device": build.get("device"),
-                                 "precision_config": prec["config"].get("method"),
+                                 "precision_config": prec.get("config", {}).get("method"),
                                  "shapes": m["profiles"].get(profile),
                                  "tools": build["tools"]}, {}),
             "metrics": metrics,
             "artifacts": artifacts,
         })
+    if failures is not None:
+        _mark_failures(model, parent, children, list(failures))
     record = {"experiment": experiment, "model": model, "parent": parent, "children": children}
     record["id"] = hashlib.sha256(canonical_json(record).encode()).hexdigest()[:32]
     return record
+
+
+def _failure_tags(failures: list[dict]) -> dict:
+    """``engineforge.failure.<job>`` = the one-line reason, ``....log`` = its log."""
+    tags = {}
+    for f in failures:
+        tags[f"engineforge.failure.{f['job']}"] = redact(f["reason"])[:1000]
+        tags[f"engineforge.failure.{f['job']}.log"] = str(f.get("log"))[:500]
+    return tags
+
+
+def _mark_failures(model: str, parent: dict, children: list[dict], failures: list[dict]):
+    """Failed jobs in the record: every one on the parent (tags + failures.json, status
+    FAILED); an engine's build, audit or bench failure on its child run too (a failed
+    build is a FAILED child of its own)."""
+    parent["status"] = "FAILED"
+    parent["tags"] |= {"engineforge.status": "failed" if failures else "incomplete",
+                       "engineforge.failed_jobs": str(len(failures)),
+                       **_failure_tags(failures)}
+    parent["texts"] = {"failures.json": json.dumps(failures, indent=2, sort_keys=True)}
+    by_name = {c["name"]: c for c in children}
+    for f in failures:
+        if f.get("stage") not in ("build", "audit", "bench") or not f.get("backend"):
+            continue
+        names = [n for n, c in by_name.items()
+                 if c["tags"]["engineforge.backend"] == f["backend"]
+                 and c["tags"]["engineforge.precision"] == f.get("precision")
+                 and f.get("profile") in (None, c["tags"]["engineforge.profile"])]
+        if not names and f["stage"] == "build":
+            name = f"{model}/{f.get('precision')}/{f.get('profile')}/{f['backend']}"
+            by_name[name] = {"name": name, "params": {}, "metrics": {}, "artifacts": [],
+                             "tags": {"engineforge.model": model, "engineforge.kind": "engine",
+                                      "engineforge.backend": f["backend"],
+                                      "engineforge.precision": f.get("precision"),
+                                      "engineforge.profile": f.get("profile")}}
+            children.append(by_name[name])
+            names = [name]
+        for n in names:
+            by_name[n]["status"] = "FAILED"
+            by_name[n]["tags"] |= _failure_tags([f])
+    children.sort(key=lambda c: c["name"])
 
 
 def upload(record: dict, uri: str | None = None) -> dict:
@@ -212,7 +356,9 @@ def _log_run(client, exp_id: str, run: dict, record_id: str, parent: str | None)
     for path, artifact_dir in run["artifacts"]:
         if Path(path).is_file():
             client.log_artifact(rid, path, artifact_dir)
-    client.set_terminated(rid, "FINISHED")
+    for name, text in (run.get("texts") or {}).items():
+        client.log_text(rid, text, name)
+    client.set_terminated(rid, run.get("status", "FINISHED"))
     return rid
 
 
@@ -249,20 +395,27 @@ def run(job) -> None:
     track(record, job.outputs["track"], job.artifacts)
 
 
-def track(record: dict, out: Path, artifacts: str | Path) -> dict:
-    """Upload, or keep the record pending when the server cannot be reached."""
+def track(record: dict, out: Path, artifacts: str | Path, extra: dict | None = None,
+          try_upload: bool = True) -> dict:
+    """Upload, or keep the record pending when the server cannot be reached (or
+    ``try_upload`` is False: it was not, a moment ago). ``extra``: more fields for ``out``
+    (a partial record's failures)."""
     pending = pending_dir(artifacts) / f"{record['model']}-{record['id']}.json"
     write_json(pending, record)
+    uri = tracking_uri()
     try:
-        ids = upload(record)
+        if not try_upload:
+            raise ConnectionError(f"{redact(uri)} was unreachable for an earlier record")
+        ids = upload(record, uri)
         pending.unlink()
-        status = {"status": "logged", "uri": _redact(tracking_uri()), **ids}
+        status = {"status": "logged", "uri": redact(uri), **ids}
     except Exception as err:  # noqa: BLE001 - tracking must never fail the build
+        first = redact((str(err).strip().splitlines() or [type(err).__name__])[0])
         log.warning("MLflow unreachable (%s); record kept at %s; run `engineforge sync`",
-                    str(err).splitlines()[0][:200], pending)
-        status = {"status": "pending", "uri": _redact(tracking_uri()), "pending": str(pending),
-                  "error": str(err).splitlines()[0][:300]}
-    write_json(out, {"record_id": record["id"], **status})
+                    first[:200], pending)
+        status = {"status": "pending", "uri": redact(uri), "pending": str(pending),
+                  "error": first[:300]}
+    write_json(out, {"record_id": record["id"], **status, **(extra or {})})
     return status
 
 
@@ -276,6 +429,3 @@ def sync(artifacts: str | Path) -> list[dict]:
         results.append({"record": path.name, **ids})
     return results
 
-
-def _redact(uri: str) -> str:
-    return uri.split("@")[-1] if "@" in uri else uri

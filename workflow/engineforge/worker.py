@@ -35,8 +35,9 @@ from engineforge.errors import EngineforgeError, JobCancelled, JobCrashed, JobTi
 # Imported once by the fork server, so that forked jobs start warm (a fork costs ~25 ms;
 # importing ModelOpt in a job ~1.3 s, the dynamo exporter stack ~0.6 s, onnxsim ~0.5 s).
 # Not polygraphy.backend.trt: it binds one TensorRT flavour at import, per job.
-PRELOAD = ["numpy", "onnx", "onnxruntime", "torch", "torch._dynamo", "onnxscript",
-           "torch.onnx._internal.exporter._core", "onnxsim", "polygraphy.comparator",
+# engineforge.worker first: it sends the server's own output to its log (_quiet_server).
+PRELOAD = ["engineforge.worker", "numpy", "onnx", "onnxruntime", "torch", "torch._dynamo",
+           "onnxscript", "torch.onnx._internal.exporter._core", "onnxsim", "polygraphy.comparator",
            "polygraphy.backend.onnxrt", "modelopt.onnx.autocast", "modelopt.onnx.quantization",
            "engineforge.runner", "engineforge.stages.export", "engineforge.stages.precision",
            "engineforge.stages.audit", "engineforge.stages.build", "engineforge.stages.bench"]
@@ -46,6 +47,8 @@ JOB_PROCESS = False  # set by the workflow when this process runs one job (remot
 _STOP = threading.Event()  # set by Ctrl-C / SIGTERM: running children are killed at once
 _STOP_REASON = ["interrupted"]
 _POLL_S = 0.2
+SERVER_LOG_VAR = "_ENGINEFORGE_SERVER_LOG"  # the fork server's output goes there
+_server_log: str | None = None
 
 
 def enabled() -> bool:
@@ -62,24 +65,31 @@ def _context():
             ctx.set_forkserver_preload(PRELOAD)
             # Python 3.11's fork server ignores the sys.path it is given: hand it ours (the
             # workflow's own engineforge and models/ first) through PYTHONPATH while it starts.
-            saved = os.environ.get("PYTHONPATH")
+            saved = {v: os.environ.get(v) for v in ("PYTHONPATH", SERVER_LOG_VAR)}
             os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+            if _server_log:
+                os.environ[SERVER_LOG_VAR] = str(Path(_server_log).resolve())
             try:
                 from multiprocessing import forkserver
 
                 forkserver.ensure_running()
             finally:
-                if saved is None:
-                    os.environ.pop("PYTHONPATH", None)
-                else:
-                    os.environ["PYTHONPATH"] = saved
+                for var, value in saved.items():
+                    if value is None:
+                        os.environ.pop(var, None)
+                    else:
+                        os.environ[var] = value
             _ctx = ctx
         return _ctx
 
 
-def start() -> None:
+def start(log_path: str | None = None) -> None:
     """Start the fork server now, in the background (it imports for a few seconds), and
-    make Ctrl-C / SIGTERM stop running jobs at once. Call from the main thread."""
+    make Ctrl-C / SIGTERM stop running jobs at once. Call from the main thread.
+    ``log_path``: where its own output goes (the preloaded libraries' messages about this
+    machine, e.g. ModelOpt's "Failed to get GPU count" without a GPU), not the terminal."""
+    global _server_log
+    _server_log = log_path
     stop_on_signals()
     if enabled():
         threading.Thread(target=_context, name="engineforge-forkserver", daemon=True).start()
@@ -343,3 +353,15 @@ def run_isolated(target: str, *args, log_path: str | Path, timeout_s: float | No
     raise JobCrashed(f"{job}: the worker process died with {how}; log: {log_path}",
                      fix="read the log; a native library crashed (or ran out of memory) "
                          "in this job only")
+
+
+def _quiet_server() -> None:
+    """In the fork server (the first module it preloads): its output, and that of the
+    imports after it, goes to the log it was given."""
+    path = os.environ.pop(SERVER_LOG_VAR, None)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        _output_to(path)
+
+
+_quiet_server()

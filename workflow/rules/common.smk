@@ -9,10 +9,12 @@ sys.path.insert(1, str(Path(workflow.basedir)))  # the shipped models/ package
 
 from engineforge import backends as efbackends
 from engineforge import config as efconfig
+from engineforge import failures as effailures
 from engineforge import integrity as efintegrity
 from engineforge import runlock as efrunlock
 from engineforge import runner as efrunner
 from engineforge import settings as efsettings
+from engineforge import tracking as eftracking
 from engineforge import worker as efworker
 from engineforge.errors import EngineforgeError
 from engineforge.job import Canonical
@@ -185,12 +187,38 @@ def all_targets():
     return [L.summary("md")] + [L.track(m) for m in MODELS]
 
 
+def track_settings(model):
+    """The track rule's settings (also those of a partial record after failures)."""
+    stage = efrunner.stage_module("track")
+    return stage.settings(
+        MODELS[model], {"model": model}, EF["experiment"], builds(model)
+    )
+
+
+def summary_settings():
+    """The summary rule's settings (also those of the summary after failures)."""
+    return efrunner.stage_module("summary").Settings(
+        models={
+            m: {
+                "precisions": MODELS[m]["precisions"],
+                "backends": usable_backends(m),
+                "profile": first_profile(m),
+            }
+            for m in MODELS
+        },
+        skipped_backends={b: a.line(b) for b, a in AVAILABLE.items() if not a.ok},
+    )
+
+
 def start_workers():
-    """Jobs are about to run: record the run as this directory's owner, warm the worker
-    fork server and the MLflow client (cache lookups, tracking) in the background while
-    Snakemake schedules."""
+    """Jobs are about to run: record the run as this directory's owner; failures of
+    earlier runs are cleared (this run lists its own); warm the worker fork server (its
+    own output: <artifacts>/logs/worker.log) and the MLflow client (cache lookups,
+    tracking) in the background while Snakemake schedules."""
     efrunlock.claim()
-    efworker.start()
+    effailures.clear_all(A)
+    eftracking.install_log_redaction()  # no credential in any message of this process
+    efworker.start(log_path=f"{A}/logs/worker.log")
     efworker.warm_import("mlflow.tracking")
 
 
@@ -199,4 +227,6 @@ def print_summary():
 
 
 def print_failures():
-    efrunner.print_failures(A)
+    """Jobs failed: report everything that succeeded (drift matrices, summary, MLflow
+    records) and list each failure; Snakemake then exits non-zero."""
+    effailures.finalise(A, summary_settings(), {m: track_settings(m) for m in MODELS})

@@ -1,4 +1,6 @@
 # One tracking job per model; `resources: mlflow=1` (profile) serializes writers.
+# The summary comes last (after tracking): a run with any failed job never runs it, and
+# the onerror handler writes it from what succeeded (engineforge/failures.py).
 
 
 rule track:
@@ -14,11 +16,7 @@ rule track:
     resources:
         mlflow=1,
     params:
-        settings=lambda w: Canonical(
-            efrunner.stage_module("track").settings(
-                MODELS[w.model], dict(w.items()), EF["experiment"], builds(w.model)
-            )
-        ),
+        settings=lambda w: Canonical(track_settings(w.model)),
     run:
         run_stage("track", wildcards, input, output, params, log)
 
@@ -28,6 +26,7 @@ rule summary:
         [L.drift("json", m) for m in MODELS],
         [files_of(model_outputs(m)["bench"]) for m in MODELS],
         [files_of(model_outputs(m)["baseline"]) for m in MODELS],
+        [L.track(m) for m in MODELS],
     output:
         md=L.summary("md"),
         json=L.summary("json"),
@@ -35,20 +34,6 @@ rule summary:
         f"{A}/logs/summary.log",
     params:
         # a function: Snakemake would format a plain string value as a wildcard pattern
-        settings=lambda w: Canonical(
-            efrunner.stage_module("summary").Settings(
-                models={
-                    m: {
-                        "precisions": MODELS[m]["precisions"],
-                        "backends": usable_backends(m),
-                        "profile": first_profile(m),
-                    }
-                    for m in MODELS
-                },
-                skipped_backends={
-                    b: a.line(b) for b, a in AVAILABLE.items() if not a.ok
-                },
-            )
-        ),
+        settings=lambda w: Canonical(summary_settings()),
     run:
         run_stage("summary", wildcards, input, output, params, log)

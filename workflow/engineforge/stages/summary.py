@@ -1,10 +1,15 @@
 """Report — the closing table: per model × precision × backend, audit verdict, drift,
-latency, speedup, sizes. Reads typed results from the sidecars the layout names."""
+latency, speedup, sizes. Reads typed results from the sidecars the layout names.
+
+After a run with failed jobs (``failures.finalise``) the same table holds every result
+that exists, a ``failed`` column names the failed stages behind a row's missing results,
+and a "Failed jobs" section lists each failure (model, stage, variant, reason, log)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from engineforge import failures as efailures
 from engineforge.backends import backend_class
 from engineforge.layout import Layout
 from engineforge.results import AuditResult, BenchResult, BuildResult, PrecisionResult
@@ -28,8 +33,9 @@ def _result(path: Path, kind):
     return kind.model_validate(read_json(path)["result"]) if path.exists() else None
 
 
-def collect(layout: Layout, s: Settings) -> dict:
-    """Rows (one per model × precision × backend) from the sidecars."""
+def collect(layout: Layout, s: Settings, failures: list[dict] | None = None) -> dict:
+    """Rows (one per model × precision × backend) from the sidecars. ``failures``: the
+    failed jobs of a run that had some (None: a complete run)."""
     rows = []
     for model, m in s.models.items():
         first = m["profile"]
@@ -67,8 +73,13 @@ def collect(layout: Layout, s: Settings) -> dict:
                             row["speedup"] = base_opt.p50_ms / opt.p50_ms
                     elif r.reason:
                         row["bench"] = r.reason
+                failed = sorted({f.get("stage") or "?" for f in failures or ()
+                                 if efailures.concerns(f, model, precision, backend)})
+                if failed:
+                    row["failed"] = ", ".join(failed)
                 rows.append(row)
-    return {"rows": rows, "skipped_backends": dict(s.skipped_backends)}
+    return {"rows": rows, "skipped_backends": dict(s.skipped_backends),
+            "complete": failures is None, "failures": list(failures or [])}
 
 
 COLUMNS = [("model", None), ("precision", None), ("backend", None), ("audit", None),
@@ -85,16 +96,20 @@ def markdown(summary: dict) -> str:
             notes.append(reason)
         return f"n/a [{notes.index(reason) + 1}]"
 
-    head = "| " + " | ".join(c for c, _ in COLUMNS) + " |"
+    columns = COLUMNS + ([("failed", None)] if any(r.get("failed") for r in summary["rows"])
+                         else [])
+    head = "| " + " | ".join(c for c, _ in columns) + " |"
     lines = ["# engineforge summary", "",
              "Latency: p50 at the first profile's opt shape; speedup vs eager PyTorch on the "
-             "same shapes and threads.", "", head, "|" + "---|" * len(COLUMNS)]
+             "same shapes and threads.", "", head, "|" + "---|" * len(columns)]
     for r in summary["rows"]:
         cells = []
-        for col, spec in COLUMNS:
+        for col, spec in columns:
             v = r.get(col)
             if col == "audit" and isinstance(v, str) and v.startswith("not runnable"):
                 v = note(v)
+            elif col == "audit" and v is None and r.get("failed"):
+                v = "failed" if "audit" in r["failed"].split(", ") else "not run"
             elif col == "p50_ms" and v is None and r.get("bench"):
                 v = note(r["bench"])
             cells.append(_fmt(v, spec) if spec else _fmt(v))
@@ -104,7 +119,7 @@ def markdown(summary: dict) -> str:
     if summary["skipped_backends"]:
         lines += ["", "Skipped backends:"]
         lines += [f"- {line}" for line in summary["skipped_backends"].values()]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + efailures.markdown(summary.get("failures") or [])
 
 
 def run(job) -> None:
