@@ -281,7 +281,6 @@ class _log_to:
 
 
 def _append_log(path: Path, text: str) -> None:
-
     with open(path, "a") as f:
         f.write(redact(text).rstrip() + "\n")
 
