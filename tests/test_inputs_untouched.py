@@ -98,6 +98,7 @@ def untouched_problems(root: Path, before: dict[str, str]) -> list[str]:
             problems.append(f"{rel}: there before the run, gone")
         elif sha256_file(f) != digest:
             problems.append(f"{rel}: there before the run, changed")
+    declared |= {d for f in list(declared) for d in f.parents}  # directories of declared files
     existed = {root / rel for rel in before}
     existed |= {d for f in list(existed) for d in f.parents}
     for d in sorted(input_dirs):
