@@ -12,6 +12,7 @@ runner hands every child the caller's current environment and directory.
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -186,3 +187,26 @@ def test_tracking_record_reads_every_backend(artifacts):
     assert children["onnxruntime"]["tags"]["engineforge.audit"] == "pass"
     bench_files = [a for c in record["children"] for a in c["artifacts"] if a[1] == "bench"]
     assert len(bench_files) == 3 and len(record["id"]) == 32
+
+
+def test_summary_says_why_an_audit_failed(artifacts, tmp_path):
+    """A failed verdict carries its reason (e.g. NaN outputs) into the summary as a note."""
+    # setup: a copy of the tree whose onnxruntime audit failed on non-finite outputs
+    lay, _ = artifacts
+    root = Path(lay.root)
+    copy = tmp_path / "artifacts"
+    shutil.copytree(root, copy)
+    audit = Path(Layout(str(copy)).audit(MODEL, "onnxruntime", PRECISION))
+    side = read_json(audit)
+    reason = "variant output 'y' is not finite: 3 NaN and 0 Inf of 20 values"
+    side["result"] |= {"status": "fail", "reason": reason, "failures": [reason]}
+    audit.write_text(json.dumps(side))
+    s = summary.Settings(models={MODEL: {"precisions": [PRECISION], "backends": ["onnxruntime"],
+                                         "profile": PROFILE}}, skipped_backends={})
+    # execute
+    md = summary.markdown(summary.collect(Layout(str(copy)), s))
+    # assert
+    assert "| tinycls | fp32 | onnxruntime | fail [1] |" in md
+    assert f"1. {reason}" in md
+    # control: the tree as built says pass, with no note
+    assert "| onnxruntime | pass |" in summary.markdown(summary.collect(lay, s))

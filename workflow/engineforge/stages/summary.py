@@ -55,6 +55,8 @@ def collect(layout: Layout, s: Settings, failures: list[dict] | None = None) -> 
                     if a.emulated and a.emulated.outputs:  # figures by the ONNX spec
                         a = a.emulated
                         row["audit"] = f"{a.status} (emulated)"
+                    if a.status == "fail" and a.reason:  # why (NaN outputs, a tolerance)
+                        row["audit_reason"] = a.reason
                     if a.outputs:
                         row["max_abs"] = max(o.max_abs for o in a.outputs.values())
                         row["cosine"] = min(o.cosine for o in a.outputs.values())
@@ -108,6 +110,8 @@ def markdown(summary: dict) -> str:
             v = r.get(col)
             if col == "audit" and isinstance(v, str) and v.startswith("not runnable"):
                 v = note(v)
+            elif col == "audit" and r.get("audit_reason"):
+                v = f"{v} {note(r['audit_reason'])[4:]}"  # "fail [2]"
             elif col == "audit" and v is None and r.get("failed"):
                 v = "failed" if "audit" in r["failed"].split(", ") else "not run"
             elif col == "p50_ms" and v is None and r.get("bench"):
