@@ -38,6 +38,16 @@ def test_upload_is_idempotent(tmp_path, uri):
     assert len(runs) == 2  # one parent, one child, logged once
 
 
+def test_experiment_opens_on_the_runs_table(tmp_path, uri):
+    """MLflow 3's UI reads the experiment tag mlflow.experimentKind; untagged experiments
+    open in the GenAI view. An experiment made before the tag existed gets it too."""
+    client = MlflowClient(uri)
+    old = client.create_experiment("t")  # control: created elsewhere, untagged
+    assert "mlflow.experimentKind" not in client.get_experiment(old).tags
+    tracking.upload(_record(tmp_path, "r1"))
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 def test_unchanged_stage_files_are_referenced_not_uploaded(tmp_path, uri):
     # setup: a first record holds the export files
     first = tracking.upload(_record(tmp_path, "r1"))

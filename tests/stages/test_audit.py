@@ -456,3 +456,25 @@ def test_emulated_audit_stops_at_its_time_limit(tiny_workspace):
     again = _pipeline(models, tiny_workspace, "bf16", limits={"emulated_audit": 300})
     emu = AuditResult.model_validate(again["result"]).emulated
     assert emu.outputs and emu.samples == 8 and emu.status in ("pass", "fail")
+
+
+def test_snr_and_top5_agreement():
+    """SNR in dB against hand-computed values (bounded for identical outputs); top-5 overlap
+    of a crafted pair; both reported by compare() for classifiers."""
+    from engineforge.stages import audit
+
+    a = np.array([[3.0, 4.0]])
+    # signal 25, error (0.5^2 + 0^2) = 0.25: 10 log10(100) = 20 dB
+    assert audit.snr_db(a, np.array([[3.5, 4.0]])) == pytest.approx(20.0)
+    assert audit.snr_db(a, a) == audit.SNR_BOUND_DB
+    assert audit.snr_db(np.zeros((1, 2)), a) == -audit.SNR_BOUND_DB
+    ref = np.array([[9, 8, 7, 6, 5, 0, 0, 0], [1, 2, 3, 4, 5, 6, 7, 8]], dtype=np.float32)
+    var = ref.copy()
+    var[0, 4], var[0, 7] = -1, 10  # sample 0: class 4 leaves the top five, class 7 enters
+    assert audit.top5_agreement(ref, var) == pytest.approx((4 / 5 + 1) / 2)
+    assert audit.top5_agreement(ref[:, :4], var[:, :4]) is None  # fewer than five classes
+    outputs, failures = audit.compare({"y": ref}, {"y": var}, "classification")
+    assert not failures
+    assert outputs["y"]["top5_agreement"] == pytest.approx(0.9)
+    assert outputs["y"]["top1_agreement"] == 0.5  # sample 0's top-1 became class 7
+    assert -audit.SNR_BOUND_DB < outputs["y"]["snr_db"] < audit.SNR_BOUND_DB

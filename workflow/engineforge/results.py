@@ -115,7 +115,9 @@ class OutputDrift(Result):
     median_rel: float
     p99_rel: float
     cosine: float
+    snr_db: float | None = None           # 10 log10(signal / error power), within +-200 dB
     top1_agreement: float | None = None
+    top5_agreement: float | None = None   # overlap of the five highest classes (>= 5 classes)
 
 
 class TaskAccuracy(Result):

@@ -297,6 +297,11 @@ def _mark_failures(model: str, parent: dict, children: list[dict], failures: lis
     children.sort(key=lambda c: c["name"])
 
 
+# The MLflow 3 UI opens an untagged experiment in its GenAI view ("Traces: 0"); this tag
+# (the one the UI reads) makes it open on the runs table.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def upload(record: dict, uri: str | None = None) -> dict:
     """Log a record to MLflow; returns {"parent": run_id, "children": {name: run_id}}."""
     from mlflow.tracking import MlflowClient
@@ -305,6 +310,8 @@ def upload(record: dict, uri: str | None = None) -> dict:
     client = MlflowClient(tracking_uri=uri or tracking_uri())
     exp = client.get_experiment_by_name(record["experiment"])
     exp_id = exp.experiment_id if exp else client.create_experiment(record["experiment"])
+    if not exp or exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+        client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
     done = client.search_runs([exp_id], f"tags.`{RECORD_TAG}` = '{record['id']}'",
                               max_results=1)
     if done:

@@ -72,6 +72,31 @@ def top1(x: np.ndarray) -> np.ndarray:
     return x.reshape(x.shape[0], -1).argmax(axis=1)
 
 
+SNR_BOUND_DB = 200.0  # identical outputs; float32 round-off alone sits near 140 dB
+
+
+def snr_db(a: np.ndarray, b: np.ndarray) -> float:
+    """Signal-to-noise ratio of ``b`` against the reference ``a`` in dB (10 log10 of signal
+    power over error power), within +-SNR_BOUND_DB so that identical outputs stay finite."""
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    signal, noise = float(a @ a), float((a - b) @ (a - b))
+    if noise == 0:
+        return SNR_BOUND_DB
+    if signal == 0:
+        return -SNR_BOUND_DB
+    return float(np.clip(10 * np.log10(signal / noise), -SNR_BOUND_DB, SNR_BOUND_DB))
+
+
+def top5_agreement(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Mean overlap of the reference's and the variant's five highest classes per sample
+    (1.0: the same five; None below five classes)."""
+    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    if a.shape[1] < 5:
+        return None
+    ta, tb = np.argsort(-a, axis=1)[:, :5], np.argsort(-b, axis=1)[:, :5]
+    return float(np.mean([len(set(x) & set(y)) / 5 for x, y in zip(ta, tb)]))
+
+
 def _last_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return (text[-1] if text else type(err).__name__)[:300]
@@ -143,9 +168,11 @@ def compare(reference: dict, produced: dict, task: str) -> tuple[dict, list[str]
                  "median_abs": float(res.median_absdiff), "p99_abs": float(res.quantile_absdiff),
                  "max_rel": float(res.max_reldiff), "mean_rel": float(res.mean_reldiff),
                  "median_rel": float(res.median_reldiff),
-                 "p99_rel": float(res.quantile_reldiff), "cosine": cosine(a, b)}
+                 "p99_rel": float(res.quantile_reldiff), "cosine": cosine(a, b),
+                 "snr_db": snr_db(a, b)}
         if task == "classification":
             stats["top1_agreement"] = float((top1(a) == top1(b)).mean())
+            stats["top5_agreement"] = top5_agreement(a, b)
         outputs[name] = stats
     return outputs, failures
 

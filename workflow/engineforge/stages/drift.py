@@ -15,8 +15,8 @@ from engineforge.sidecar import read_json, write_json
 ISOLATED = False
 TOOLS = ()
 REFERENCE = "pytorch"
-HEADLINE = ("status", "max_abs", "p99_abs", "mean_rel", "cosine", "top1_agreement", "accuracy",
-            "accuracy_drop", "samples")
+HEADLINE = ("status", "max_abs", "p99_abs", "mean_rel", "cosine", "snr_db", "top1_agreement",
+            "top5_agreement", "accuracy", "accuracy_drop", "samples")
 EMULATED = f"{onnx_reference.NAME} (emulated)"
 
 
@@ -51,8 +51,11 @@ def rows_of(audits) -> list[dict]:
             row["p99_abs"] = _worst(max, [o.p99_abs for o in outs.values()])
             row["mean_rel"] = _worst(max, [o.mean_rel for o in outs.values()])
             row["cosine"] = _worst(min, [o.cosine for o in outs.values()])
-            if all(o.top1_agreement is not None for o in outs.values()):
-                row["top1_agreement"] = _worst(min, [o.top1_agreement for o in outs.values()])
+            if all(o.snr_db is not None for o in outs.values()):
+                row["snr_db"] = _worst(min, [o.snr_db for o in outs.values()])
+            for key in ("top1_agreement", "top5_agreement"):
+                if all(getattr(o, key) is not None for o in outs.values()):
+                    row[key] = _worst(min, [getattr(o, key) for o in outs.values()])
         if r.task:
             row["accuracy"] = r.task.accuracy
             row["reference_accuracy"] = r.task.reference_accuracy
