@@ -78,3 +78,22 @@ def test_unreachable_server_keeps_the_record_pending(tmp_path, monkeypatch, uri)
     uploaded = tracking.sync(tmp_path / "artifacts")
     # assert
     assert len(uploaded) == 1 and not list(pending[0].parent.glob("*.json"))
+
+
+def test_runs_carry_the_real_times_of_the_work(tmp_path, uri):
+    """A run's start and end are those the sidecars recorded (when the stages ran), not the
+    moment of the upload; a record without them is timed at upload (control)."""
+    timed = {"started_at": 1_700_000_000.25, "finished_at": 1_700_000_042.5}
+    assert tracking._span(timed, None, {"started_at": 1_700_000_010.0,
+                                        "finished_at": 1_700_000_050.0}) == [
+        1_700_000_000_250, 1_700_000_050_000]
+    assert tracking._span({"result": {}}, None) is None
+    record = _record(tmp_path, "r-times")
+    record["parent"]["span"] = [1_700_000_000_250, 1_700_000_042_500]
+    out = tracking.upload(record)
+    client = MlflowClient(uri)
+    parent = client.get_run(out["parent"]).info
+    assert (parent.start_time, parent.end_time) == (1_700_000_000_250, 1_700_000_042_500)
+    assert client.get_run(out["parent"]).data.metrics["t"] == 1.0
+    child = client.get_run(out["children"]["m/fp32/p/onnxruntime"]).info
+    assert child.start_time > 1_700_000_042_500  # no span: the upload's own time

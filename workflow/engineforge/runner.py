@@ -136,7 +136,7 @@ def _run(job: Job, job_id: str) -> None:
     before = _stat(job.inputs)
     staging = _Staging(job)
     try:
-        t0 = time.perf_counter()
+        t0, started_at = time.perf_counter(), time.time()
         if getattr(stage, "ISOLATED", True) and worker.enabled():
             lane = stage.worker_lane(job) if hasattr(stage, "worker_lane") else None
             result = worker.run_isolated("engineforge.runner:body", staging.job,
@@ -154,6 +154,8 @@ def _run(job: Job, job_id: str) -> None:
                 result=result.model_dump(mode="json") if result is not None else {},
                 device=job.device)
             side["wall_s"] = round(time.perf_counter() - t0, 3)
+            # when the work ran (MLflow runs show it, instead of when they were logged)
+            side["started_at"], side["finished_at"] = round(started_at, 3), round(time.time(), 3)
             side["outputs"] = {k: {**v, "path": str(job.outputs[k])}
                                for k, v in side["outputs"].items()}
             write_json(staging.job.outputs["sidecar"], side)

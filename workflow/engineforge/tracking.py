@@ -196,6 +196,10 @@ def build_record(model: str, m: dict, experiment: str, sidecars: dict,
                   if Path(sidecars[k]).is_file()]
     parent = {
         "name": model, "tags": tags,
+        "span": _span(export, simplify, *precs.values(),
+                      *(_read(p) for p in sidecars["build"].values()),
+                      *(_read(p) for p in sidecars["audit"].values()),
+                      *(_read(p) for p in sidecars["bench"].values())),
         "params": _flat("", {"checkpoint": m["checkpoint"], "opset": m["opset"],
                              "precisions": ",".join(m["precisions"]),
                              "backends": ",".join(m["backends"]), "task": m["task"],
@@ -234,6 +238,7 @@ def build_record(model: str, m: dict, experiment: str, sidecars: dict,
         artifacts += [[str(bench_path), "bench"]] if bench else []
         children.append({
             "name": f"{model}/{precision}/{profile}/{backend}",
+            "span": _span(build, _read(audit_path), _read(bench_path)),
             "tags": {"engineforge.model": model, "engineforge.kind": "engine",
                      "engineforge.backend": backend, "engineforge.precision": precision,
                      "engineforge.profile": profile,
@@ -254,6 +259,13 @@ def build_record(model: str, m: dict, experiment: str, sidecars: dict,
     record = {"experiment": experiment, "model": model, "parent": parent, "children": children}
     record["id"] = hashlib.sha256(canonical_json(record).encode()).hexdigest()[:32]
     return record
+
+
+def _span(*sidecars) -> list[int] | None:
+    """[start, end] in epoch ms of the work the sidecars record (None: none recorded)."""
+    starts = [s["started_at"] for s in sidecars if s and "started_at" in s]
+    ends = [s["finished_at"] for s in sidecars if s and "finished_at" in s]
+    return [int(min(starts) * 1000), int(max(ends) * 1000)] if starts and ends else None
 
 
 def _failure_tags(failures: list[dict]) -> dict:
@@ -355,9 +367,10 @@ def _log_run(client, exp_id: str, run: dict, record_id: str, parent: str | None)
     if parent:
         tags["mlflow.parentRunId"] = parent
         tags[RECORD_TAG + ".parent"] = record_id
-    r = client.create_run(exp_id, run_name=run["name"], tags=tags)
+    start, end = run.get("span") or (None, None)
+    r = client.create_run(exp_id, start_time=start, run_name=run["name"], tags=tags)
     rid = r.info.run_id
-    ts = int(time.time() * 1000)
+    ts = end or int(time.time() * 1000)
     client.log_batch(rid, metrics=[Metric(k, v, ts, 0) for k, v in run["metrics"].items()],
                      params=[Param(k, v) for k, v in run["params"].items()], tags=[])
     for path, artifact_dir in run["artifacts"]:
@@ -365,7 +378,7 @@ def _log_run(client, exp_id: str, run: dict, record_id: str, parent: str | None)
             client.log_artifact(rid, path, artifact_dir)
     for name, text in (run.get("texts") or {}).items():
         client.log_text(rid, text, name)
-    client.set_terminated(rid, run.get("status", "FINISHED"))
+    client.set_terminated(rid, run.get("status", "FINISHED"), end_time=end)
     return rid
 
 
