@@ -10,7 +10,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from engineforge.localise import _stats, localise, variant_names
+from engineforge.localise import Drift, localise, variant_names
+from engineforge.stages.audit import cosine, snr_db
 from engineforge.stages.precision import _quiet_modelopt
 from torch import nn
 
@@ -169,12 +170,23 @@ def test_int8_outlier_channels_localised_to_their_conv(int8):
     assert result.worst[0].snr_in_db > result.worst[0].snr_out_db + 10
 
 
-def test_non_finite_variant_values_score_worst():
-    ref = np.array([1.0, 2.0, 3.0], np.float32)
-    for bad in (np.nan, np.inf):
-        stats = _stats(ref, np.array([bad, 2.0, 3.0], np.float32))
-        assert stats == {"snr": -200.0, "cos": None, "peak": 3.0, "bad": 1}
-    assert _stats(ref, ref)["snr"] == 200.0 and _stats(ref, ref)["cos"] == pytest.approx(1.0)
+def test_drift_accumulated_per_batch_equals_the_audits_metrics():
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((6, 5)).astype(np.float32)
+    var = (ref + 0.01 * rng.standard_normal((6, 5))).astype(np.float32)
+    drift = Drift()
+    for rows in (slice(0, 4), slice(4, 6)):
+        drift.add(ref[rows], var[rows])
+    assert drift.snr == pytest.approx(snr_db(ref, var), abs=1e-9)
+    assert drift.cosine == pytest.approx(cosine(ref, var), abs=1e-12)
+    assert drift.peak == pytest.approx(np.abs(ref).max()) and drift.bad == 0
+    exact = Drift()
+    exact.add(ref, ref)
+    assert exact.snr == 200.0 and exact.cosine == pytest.approx(1.0)
+    for bad in (np.nan, np.inf):  # a variant's NaN or Inf scores the worst, never NaN
+        broken = Drift()
+        broken.add(ref, np.where(ref > 1, bad, ref))
+        assert (broken.snr, broken.cosine, broken.bad) == (-200.0, None, int((ref > 1).sum()))
 
 
 def test_tensor_names_map_back_across_qdq_and_casts(int8, fp16):

@@ -8,8 +8,8 @@ So a consumer's input is compared *before* its inserted Q/DQ pair: quantization 
 activation or a weight is charged to the node that consumes it.
 
 Both graphs run with intermediate tensors added as graph outputs, at most
-``max_outputs_per_pass`` per run (memory stays bounded: one pass's tensors live at a
-time, reduced to scalars at once). ONNX Runtime's CPU provider runs both, with graph
+``max_outputs_per_pass`` per run. Memory stays bounded: one pass's tensors for one batch
+live at a time, reduced to sums at once. ONNX Runtime's CPU provider runs both, with graph
 optimizations off: its fusions depend on which tensors are outputs (a fused Conv+Mul
 rounds differently in fp16), so values would depend on the pass; each node runs as the
 graph states it. A variant that provider cannot load (bf16, fp8) runs on
@@ -33,9 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engineforge import modelio
 from engineforge.results import Localisation, NodeDrift
-from engineforge.stages.audit import SNR_BOUND_DB, cosine, snr_db
+from engineforge.stages.audit import SNR_BOUND_DB
 
 INSERTED_OPS = {"Cast", "QuantizeLinear", "DequantizeLinear"}
 FLOAT_TYPES = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
@@ -92,7 +91,9 @@ class _Runner:
         return ort.InferenceSession(self.model.SerializeToString(), opts,
                                     providers=["CPUExecutionProvider"])
 
-    def run(self, names: list[str], feed: dict, batch: int) -> dict[str, np.ndarray]:
+    def batches(self, names: list[str], feed: dict, batch: int):
+        """``names`` (float32) for each batch of ``feed``, as ``modelio.run_batched`` runs
+        them (a short last batch filled up, then cut back), one batch in memory at a time."""
         import onnx
         import onnxruntime as ort
 
@@ -102,31 +103,59 @@ class _Runner:
         try:
             if self.runtime == "onnxruntime-cpu":
                 sess = self._session(ort)
-                infer = lambda f: dict(zip(names, sess.run(names, f)))
+                infer = lambda f: sess.run(names, f)
             else:
                 from onnx.reference import ReferenceEvaluator
 
                 ev = ReferenceEvaluator(self.model)
-                infer = lambda f: dict(zip(names, ev.run(names, f)))
-            out = modelio.run_batched(lambda f: _per_sample(infer(f), f), feed, batch)
+                infer = lambda f: ev.run(names, f)
         finally:
             del self.model.graph.output[:]
             self.model.graph.output.extend(self.kept)
-        return {k: np.asarray(v).astype(np.float32) for k, v in out.items()}
+        n = len(next(iter(feed.values())))
+        for start in range(0, n, batch):
+            idx = np.arange(start, start + batch) % n
+            keep = min(batch, n - start)
+            outs = infer({k: v[idx] for k, v in feed.items()})
+            # only tensors with one row per sample (not weights or shapes derived in-graph)
+            yield {name: np.asarray(v[:keep]).astype(np.float32) for name, v in zip(names, outs)
+                   if np.ndim(v) and np.shape(v)[0] == batch}
 
 
-def _per_sample(out: dict, feed: dict) -> dict:
-    """The outputs that hold one row per sample (not weights or shapes derived in-graph)."""
-    n = len(next(iter(feed.values())))
-    return {k: v for k, v in out.items() if np.ndim(v) and np.shape(v)[0] == n}
+class Drift:
+    """SNR and cosine of a variant tensor vs the fp32 one, accumulated batch by batch (the
+    same numbers as ``audit.snr_db`` / ``audit.cosine`` on the concatenated arrays)."""
 
+    def __init__(self):
+        self.aa = self.bb = self.ab = self.ee = self.peak = 0.0
+        self.bad = 0
 
-def _stats(ref: np.ndarray, var: np.ndarray) -> dict:
-    bad = int(var.size - np.isfinite(var).sum())
-    ref_bad = not np.isfinite(ref).all()
-    return {"snr": -SNR_BOUND_DB if bad and not ref_bad else snr_db(ref, var),
-            "cos": None if bad else cosine(ref, var),
-            "peak": float(np.max(np.abs(ref))) if ref.size else 0.0, "bad": bad}
+    def add(self, ref: np.ndarray, var: np.ndarray) -> None:
+        a, b = ref.astype(np.float64).ravel(), var.astype(np.float64).ravel()
+        self.peak = max(self.peak, float(np.max(np.abs(a), initial=0.0)))
+        finite = np.isfinite(a) & np.isfinite(b)
+        self.bad += int(b.size - np.isfinite(b).sum())
+        a, b = a[finite], b[finite]  # (an fp32 Inf/NaN: left out; fp32 is the reference)
+        self.aa, self.bb, self.ab = self.aa + a @ a, self.bb + b @ b, self.ab + a @ b
+        self.ee += (a - b) @ (a - b)
+
+    @property
+    def snr(self) -> float:
+        """dB within +-SNR_BOUND_DB; any NaN or Inf in the variant scores the worst."""
+        if self.bad:
+            return -SNR_BOUND_DB
+        if self.ee == 0:
+            return SNR_BOUND_DB
+        if self.aa == 0:
+            return -SNR_BOUND_DB
+        return float(np.clip(10 * np.log10(self.aa / self.ee), -SNR_BOUND_DB, SNR_BOUND_DB))
+
+    @property
+    def cosine(self) -> float | None:
+        if self.bad:
+            return None
+        denom = np.sqrt(self.aa) * np.sqrt(self.bb)
+        return float(self.ab / denom) if denom else float(self.ee == 0)
 
 
 def localise(fp32_onnx: str | Path, variant_onnx: str | Path, feed: dict[str, np.ndarray], *,
@@ -170,16 +199,17 @@ def localise(fp32_onnx: str | Path, variant_onnx: str | Path, feed: dict[str, np
                                  allow_reference=onnx_reference.usable(variant_onnx))
         except Exception as err:  # noqa: BLE001 - a result, like the audit's not_runnable
             return done(status="not_localisable", reason=str(err).strip().splitlines()[-1])
-        stats, passes = {}, 0
+        stats: dict[str, Drift] = {}
+        passes = 0
         for i in range(0, len(names), max_outputs_per_pass):
             chunk = names[i:i + max_outputs_per_pass]
-            ref = ref_runner.run(chunk, feed, batch)
-            var = var_runner.run([mapping[n] for n in chunk], feed, batch)
-            for n in chunk:
-                if n in ref and mapping[n] in var:
-                    stats[n] = _stats(ref.pop(n), var.pop(mapping[n]))
+            pairs = zip(ref_runner.batches(chunk, feed, batch),
+                        var_runner.batches([mapping[n] for n in chunk], feed, batch))
+            for ref, var in pairs:
+                for n in chunk:
+                    if n in ref and mapping[n] in var:
+                        stats.setdefault(n, Drift()).add(ref[n], var[mapping[n]])
             passes += 1
-            del ref, var
     except BaseException:
         if not tracing:
             tracemalloc.stop()
@@ -187,18 +217,18 @@ def localise(fp32_onnx: str | Path, variant_onnx: str | Path, feed: dict[str, np
     if not stats:
         return done(status="not_localisable", reason="no float node output matches",
                     runtime=var_runner.runtime)
-    ceiling = max(s["snr"] for s in stats.values())
+    ceiling = max(s.snr for s in stats.values())
     drifts = []
     for node, out in nodes:
         if out not in stats:
             continue
-        ins = [stats[i]["snr"] for i in node.input if i in stats]
+        ins = [stats[i].snr for i in node.input if i in stats]
         snr_in = min(ins, default=SNR_BOUND_DB)
         s = stats[out]
         drifts.append(NodeDrift(
             node=node.name, op_type=node.op_type, output=out, snr_in_db=round(snr_in, 3),
-            snr_out_db=round(s["snr"], 3), drop_db=round(min(snr_in, ceiling) - s["snr"], 3),
-            cosine=s["cos"], fp32_peak_abs=s["peak"], non_finite=s["bad"]))
+            snr_out_db=round(s.snr, 3), drop_db=round(min(snr_in, ceiling) - s.snr, 3),
+            cosine=s.cosine, fp32_peak_abs=s.peak, non_finite=s.bad))
     first = next((d for d in drifts if d.drop_db > drop_db and d.snr_out_db < snr_db_below),
                  None)
     worst = sorted(drifts, key=lambda d: -d.drop_db)[:top]
