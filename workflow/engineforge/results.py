@@ -164,7 +164,8 @@ class Localisation(Result):
     runtime: str | None = None           # onnxruntime-cpu / onnx-reference (variant side)
     samples: int = 0
     compared: int = 0                    # node outputs compared
-    unmatched: int = 0                   # fp32 float node outputs absent in the variant
+    unmatched: int = 0                   # fp32 float node outputs not compared: absent in
+                                         # the variant, or no row per sample (constants)
     passes: int = 0
     ceiling_snr_db: float | None = None  # best output SNR: caps input SNRs in the drops
     drop_threshold_db: float
