@@ -142,3 +142,36 @@ class AuditResult(Measurement):
     tolerance: dict[str, float]
     emulated: Measurement | None = None
     time_s: float = 0.0
+
+
+class NodeDrift(Result):
+    """One node of the fp32 graph: the error of its output in a variant, and how much of it
+    the node itself adds (``drop_db``)."""
+    node: str
+    op_type: str
+    output: str                # the fp32 tensor compared (its first float output)
+    snr_in_db: float           # worst SNR among its compared inputs (graph inputs: exact)
+    snr_out_db: float          # SNR of its output, variant vs fp32
+    drop_db: float             # min(snr_in, ceiling) - snr_out: the error the node adds
+    cosine: float | None       # None: the variant's output is not finite
+    fp32_peak_abs: float       # max |value| of the fp32 tensor (fp16 overflows above 65504)
+    non_finite: int = 0        # NaN/Inf values in the variant's output
+
+
+class Localisation(Result):
+    status: Literal["localised", "clean", "not_localisable"]
+    reason: str | None = None
+    runtime: str | None = None           # onnxruntime-cpu / onnx-reference (variant side)
+    samples: int = 0
+    compared: int = 0                    # node outputs compared
+    unmatched: int = 0                   # fp32 float node outputs not compared: absent in
+                                         # the variant, or no row per sample (constants)
+    passes: int = 0
+    ceiling_snr_db: float | None = None  # best output SNR: caps input SNRs in the drops
+    drop_threshold_db: float
+    snr_threshold_db: float
+    first: NodeDrift | None = None       # earliest node over both thresholds
+    worst: list[NodeDrift] = []          # largest drops first
+    time_s: float = 0.0
+    peak_mem_mb: float = 0.0             # tracemalloc peak (Python + numpy allocations)
+    max_rss_mb: float = 0.0              # the process's peak RSS so far (getrusage)
