@@ -94,12 +94,13 @@ def test_children_exit_when_the_run_is_interrupted(tmp_path):
 def test_staging_left_by_a_killed_run_is_cleaned(tmp_path, tiny_models, tiny_workspace):
     """A killed job leaves its hidden staging directory; the next job there removes it and
     never publishes its contents."""
+    import socket
+
     from conftest import run_stage
-    from engineforge.runner import _Staging
 
     # setup: a stale staging dir of a process that no longer exists, beside the outputs
     out = tiny_workspace / "out"
-    stale = out / f"{_Staging.PREFIX}999999999-deadbeef"
+    stale = out / f".staging-{socket.gethostname()}-999999999-deadbeef"
     stale.mkdir(parents=True)
     (stale / "model.onnx").write_text("half-written")
     export = {"onnx": out / "e/model.onnx", "reference": out / "e/reference.npz",

@@ -38,6 +38,7 @@ from pathlib import Path
 from engineforge import sidecar as sc
 from engineforge.errors import EngineforgeError
 from engineforge.layout import Layout
+from engineforge.runlock import pid_alive
 
 QUARANTINE = "_quarantine"
 VERIFIED = "_integrity/verified.json"  # outputs re-hashed since their stat left the record
@@ -108,7 +109,9 @@ def _writer(entry: Path) -> tuple[str, int] | None | bool:
     return None if legacy else False
 
 
-def _stale(entry: Path, now: float) -> bool:
+def stale(entry: Path, now: float | None = None) -> bool:
+    """Whether a temporary file or staging directory was left by a writer that is gone."""
+    now = time.time() if now is None else now
     writer = _writer(entry)
     if writer is False:
         return False
@@ -117,17 +120,7 @@ def _stale(entry: Path, now: float) -> bool:
             return now - entry.lstat().st_mtime > UNKNOWN_WRITER_AGE_S
         return False
     host, pid = writer
-    return host == socket.gethostname() and not _alive(pid)  # another host's: cannot tell
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return host == socket.gethostname() and not pid_alive(pid)  # another host's: cannot tell
 
 
 # -- reading sidecars ---------------------------------------------------------------------------
@@ -213,7 +206,7 @@ def sweep(root: str | os.PathLike, *, out=None) -> Report:
     sidecars, hidden = _scan(root)
     now = time.time()
     for entry in hidden:
-        if _stale(entry, now) and _remove(entry):
+        if stale(entry, now) and _remove(entry):
             report.removed.append(entry)
     if report.removed:
         print(f"engineforge: removed {len(report.removed)} temporary file(s) or staging "

@@ -266,7 +266,7 @@ def register(entries: list[dict], version: str, alias: str, experiment: str, say
         raise
     except Exception as err:  # noqa: BLE001 - any registry failure fails the release
         first = tracking.redact((str(err).strip().splitlines() or [type(err).__name__])[0])
-        raise ReleaseError(f"registering {name or 'engines'} at {tracking._redact(uri)} failed: "
+        raise ReleaseError(f"registering {name or 'engines'} at {tracking.redact(uri)} failed: "
                            f"{first[:300]}; no archive written.", key="MLFLOW_TRACKING_URI",
                            fix="check the tracking server, or pass --no-register") from None
 
@@ -317,7 +317,7 @@ def release(version: str, *, config_path: str | Path = "config.yaml",
     manifest = {
         "format": 1, "version": version, "created": created.isoformat().replace("+00:00", "Z"),
         "git": {"commit": commit, "dirty": dirty},
-        "tracking_uri": tracking._redact(tracking.tracking_uri()) if register_models else None,
+        "tracking_uri": tracking.redact(tracking.tracking_uri()) if register_models else None,
         "alias": alias if register_models else None,
         "config": {"path": str(config_path), "experiment": cfg["experiment"],
                    "models": {m: cfg["models"][m] for m in used}},

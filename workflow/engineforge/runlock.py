@@ -26,7 +26,8 @@ STATE = Path(".snakemake") / "engineforge-run.json"
 LOCKS = Path(".snakemake") / "locks"
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host exists (the owner of a lock or a temp file)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -46,7 +47,7 @@ def owner() -> dict | None:
 
 def _running(rec: dict | None) -> bool:
     return bool(rec) and rec.get("host") == socket.gethostname() and rec["pid"] != os.getpid() \
-        and _alive(rec["pid"])
+        and pid_alive(rec["pid"])
 
 
 def remove_stale_locks() -> None:

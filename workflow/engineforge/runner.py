@@ -14,7 +14,6 @@ import importlib
 import logging
 import os
 import shutil
-import socket
 import sys
 import threading
 import time
@@ -23,10 +22,10 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
-from engineforge import cache, failures, worker
+from engineforge import cache, failures, integrity, worker
 from engineforge.errors import ConfigError, EngineforgeError
 from engineforge.job import Canonical, Job
-from engineforge.sidecar import fingerprint, make_sidecar, sha256_file, write_json
+from engineforge.sidecar import fingerprint, make_sidecar, scratch_prefix, sha256_file, write_json
 from engineforge.tracking import redact
 
 DEFAULT_TIMEOUT_S = 3600.0
@@ -42,13 +41,13 @@ def stage_module(stage: str):
     return importlib.import_module(STAGES[stage])
 
 
-def timeout_s(job: Job | None = None, stage: str | None = None) -> float:
+def timeout_s(job: Job | None = None) -> float:
     """The job's time limit: ENGINEFORGE_JOB_TIMEOUT_S when set (every stage), else the
     model's ``time_limits.<stage>``."""
     raw = os.environ.get("ENGINEFORGE_JOB_TIMEOUT_S")
     if raw is None:
         limits = job.limits if job is not None else {}
-        return float(limits.get(stage or (job.stage if job else ""), DEFAULT_TIMEOUT_S))
+        return float(limits.get(job.stage if job else "", DEFAULT_TIMEOUT_S))
     try:
         value = float(raw)
     except ValueError:
@@ -197,10 +196,8 @@ class _Staging:
     afterwards, so an interrupted job never leaves a file a later run would trust. Every
     file the body leaves there (e.g. ONNX external data) is published with its output."""
 
-    PREFIX = f".staging-{socket.gethostname()}-"
-
     def __init__(self, job: Job):
-        self.key = f"{self.PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.key = f"{scratch_prefix()}{uuid.uuid4().hex[:8]}"
         self.dirs: dict[Path, Path] = {}
         staged = {}
         for role, path in job.outputs.items():
@@ -213,11 +210,13 @@ class _Staging:
         self.final = job.outputs
         self.job = job.with_outputs(staged)
 
-    def _clean_stale(self, parent: Path) -> None:
-        """Staging directories a killed run left here (their process is gone) are removed."""
-        for d in parent.glob(f"{self.PREFIX}*"):
-            pid = d.name[len(self.PREFIX):].split("-")[0]
-            if pid.isdigit() and not _alive(int(pid)):
+    @staticmethod
+    def _clean_stale(parent: Path) -> None:
+        """Staging directories a killed run left here (their process is gone) are removed
+        (the run's start-up sweep does the same across the tree; a cluster job may start
+        long after it)."""
+        for d in parent.glob(".staging-*"):
+            if integrity.stale(d):
                 shutil.rmtree(d, ignore_errors=True)
 
     def publish(self) -> None:
@@ -240,16 +239,6 @@ class _Staging:
     def cleanup(self) -> None:
         for d in self.dirs.values():
             shutil.rmtree(d, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # -- logs and failures --------------------------------------------------------------------------

@@ -107,10 +107,6 @@ def redact(text: str) -> str:
     return text
 
 
-def _redact(uri: str) -> str:  # kept for callers of the old name
-    return redact(uri)
-
-
 def install_log_redaction() -> None:
     """Redact every log record this process creates from now on (MLflow's, urllib3's and
     ours, whatever handler writes them: terminal, job log). Idempotent."""
