@@ -50,12 +50,12 @@ def record(job, reason: str) -> Path:
 
 def clear(job) -> None:
     """The job succeeded: its failure record (of an earlier run) is gone."""
-    for ext in ("json", "txt"):
-        (_dir(job.artifacts) / f"{job_id(job)}.{ext}").unlink(missing_ok=True)
+    (_dir(job.artifacts) / f"{job_id(job)}.json").unlink(missing_ok=True)
 
 
 def clear_all(artifacts) -> None:
-    """A run starts: failures of earlier runs are not this run's."""
+    """A run starts: failures of earlier runs are not this run's (nor the one-line .txt
+    records of older engineforge versions)."""
     for path in _dir(artifacts).glob("*.*"):
         if path.suffix in (".json", ".txt"):
             path.unlink(missing_ok=True)
@@ -64,12 +64,9 @@ def clear_all(artifacts) -> None:
 def load(artifacts) -> list[dict]:
     """Every failure record, sorted by model, stage and variant."""
     out = []
-    for path in sorted(_dir(artifacts).glob("*.*")):
+    for path in sorted(_dir(artifacts).glob("*.json")):
         try:
-            if path.suffix == ".json":
-                out.append(read_json(path))
-            elif path.suffix == ".txt":  # a record of an older engineforge: the line only
-                out.append({"job": path.stem, "reason": path.read_text().strip()})
+            out.append(read_json(path))
         except (OSError, ValueError):
             continue  # a record being replaced; the job is listed by Snakemake anyway
     return sorted(out, key=lambda f: tuple(str(f.get(k) or "") for k in

@@ -321,11 +321,3 @@ def print_file(path) -> None:
     path = Path(path)
     if path.exists():
         print(path.read_text())
-
-
-def print_failures(artifacts) -> None:
-    """The failed jobs of this run, one line each (``failures.finalise`` also reports
-    everything that succeeded)."""
-    from engineforge.layout import Layout
-
-    failures.print_failures(failures.load(artifacts), Layout(str(artifacts)))

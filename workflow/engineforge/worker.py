@@ -27,6 +27,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -236,8 +237,6 @@ def call(target: str, *args):
 
 def _wait(objects: list, timeout_s: float | None) -> list:
     """multiprocessing.connection.wait in short slices, so that a stop is seen at once."""
-    import time
-
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
         if _STOP.is_set():
