@@ -1,0 +1,426 @@
+"""GPU benchmark of PyTorch eager vs torch.compile (inductor) with and without CUDA graphs.
+
+Reproduces the H100 table in docs/benchmarks.md ("GPU (H100): torch-inductor"):
+
+    python benchmarks/bench_gpu.py --out benchmarks/results/gpu            # full sweep
+    python benchmarks/bench_gpu.py --out DIR --ablation --aoti             # + what-helped rows
+    python benchmarks/bench_gpu.py --render DIR/rows.jsonl [...]           # table only
+
+Models: torchvision resnet50 (224) and mobilenet_v3_small (256) with seeded random weights
+(nothing downloaded), and the demo zoo's digits_cnn (8x8) and tiny_sr (256x256). Per model x
+precision (fp32/fp16/bf16: weights and inputs cast) x batch (1/8/32), variants:
+  eager           plain PyTorch (NCHW)                 eager-graph     the same, CUDA graph
+  compile         torch.compile(dynamic=False), channels_last   compile-graph   + CUDA graph
+Speedups are over eager fp32 at the same batch; % of peak is against the matmul peak measured
+on the device (fp32 rows: TF32, as cuDNN convolutions run TF32 by default). Each model runs
+in its own child process with a timeout; rows are appended to DIR/rows.jsonl as they come,
+so a timeout or crash keeps what was measured. Timing: engineforge.gpubench (CUDA events,
+rounds until the median is stable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT / "workflow", ROOT):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+MODELS = {  # name: (input shape without batch, builder)
+    "resnet50": ((3, 224, 224), "torchvision"),
+    "mobilenet_v3_small": ((3, 256, 256), "torchvision"),
+    "digits_cnn": ((1, 8, 8), "models.digits_cnn:DigitsCNN:models/digits_cnn.safetensors"),
+    "tiny_sr": ((1, 256, 256), "models.sr_net:TinySR:models/tiny_sr.safetensors"),
+}
+DTYPES = ("fp32", "fp16", "bf16")
+# BENCH_GPU_DEVICE=cpu: a smoke run of the whole script on CPU (CUDA-graph rows fail there).
+DEVICE = os.environ.get("BENCH_GPU_DEVICE", "cuda")
+START = time.monotonic()
+TIMING = dict(device=DEVICE, warmup=20, min_rounds=5, window=5, max_rounds=40, max_seconds=2.0)
+
+
+def build_model(name: str):
+    import torch
+
+    shape, how = MODELS[name]
+    torch.manual_seed(0)
+    if how == "torchvision":
+        import torchvision
+
+        model = getattr(torchvision.models, name)(weights=None)
+    else:
+        import importlib
+
+        from safetensors.torch import load_file
+
+        module, attr, weights = how.split(":")
+        model = getattr(importlib.import_module(module), attr)()
+        model.load_state_dict(load_file(str(ROOT / weights)))
+    return model.eval(), shape
+
+
+def emit(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps({k: row.get(k) for k in ("model", "precision", "batch", "variant",
+                                               "p50_ms", "speedup", "cv", "error")}),
+          flush=True)
+
+
+def rel_err(out, ref) -> float:
+    out, ref = out.float(), ref.float()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def peak_of(peaks: dict, prec: str):
+    """The measured peak for a precision's rows (fp32 rows: TF32, cuDNN's default)."""
+    from engineforge.gpubench import Peak
+
+    key = "tf32" if prec == "fp32" else prec
+    return Peak(**peaks[key]) if key in peaks else None
+
+
+def bench_model(name: str, args, peaks: dict) -> None:
+    """Child process: every precision x batch x variant of one model. Eager fp32 at each batch
+    runs first: it is that batch's baseline. One compile serves compile and compile-graph."""
+    import torch
+    from engineforge import gpubench
+
+    torch.backends.cudnn.benchmark = True
+    casts = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    rows = Path(args.out) / "rows.jsonl"
+    fp32_model, shape = build_model(name)
+    for batch in args.batches:
+        gen = torch.Generator().manual_seed(batch)
+        x32 = torch.randn(batch, *shape, generator=gen)
+        if name in ("digits_cnn", "tiny_sr"):
+            x32 = x32.abs().clamp(0, 1)  # their inputs live in [0, 1]
+        flops = gpubench.count_flops(fp32_model, (x32,))
+        with torch.no_grad():
+            ref = fp32_model.to(DEVICE)(x32.to(DEVICE))
+        fp32_model.cpu()
+        baseline = None
+        for prec in args.precisions:
+            peak = peak_of(peaks, prec)
+            prepared = {}  # "eager" / "compile" -> (callable, input, extra) or an error
+            for variant in args.variants:
+                kind = variant.split("-")[0]
+                base = dict(model=name, precision=prec, batch=batch, variant=variant,
+                            compile_mode=args.compile_mode if kind == "compile" else None,
+                            input_shape=[batch, *shape])
+                try:
+                    if kind not in prepared:
+                        prepared.clear()  # free the other kind's model and graphs first
+                        torch.cuda.empty_cache()
+                        compiled = kind == "compile"
+                        prepared[kind] = prepare(name, casts[prec], x32, ref,
+                                                 args.compile_mode if compiled else None,
+                                                 channels_last=compiled)
+                    fn, x, extra = prepared[kind]
+                    with torch.no_grad():
+                        timing = gpubench.time_callable(lambda fn=fn, x=x: fn(x),
+                                                        cuda_graph=variant.endswith("-graph"),
+                                                        **TIMING)
+                    row = gpubench.report(timing, batch=batch, flops=flops, peak=peak,
+                                          baseline_p50_ms=baseline)
+                except Exception as err:  # one failed variant never hides the others
+                    emit(rows, {**base, "error": f"{type(err).__name__}: {err}"[:500]})
+                    continue
+                if prec == "fp32" and variant == "eager":
+                    baseline = row["p50_ms"]
+                    row["speedup"] = 1.0
+                emit(rows, {**base, **row, **extra})
+            prepared.clear()
+            torch.cuda.empty_cache()
+
+
+def prepare(name, dt, x32, ref, mode: str | None, channels_last: bool):
+    """The model in `dt` on the GPU, eager (`mode` None) or torch.compile'd with `mode`
+    ("default", "reduce-overhead", "max-autotune-no-cudagraphs", ...)."""
+    import torch
+
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_model(name)[0].to(DEVICE, dt).to(memory_format=layout)
+    x = x32.to(DEVICE, dt).contiguous(memory_format=layout)
+    extra = {"channels_last": channels_last}
+    fn = model
+    if mode:
+        torch._dynamo.reset()  # a fresh cache: no recompile limit across shapes
+        fn = torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            fn(x)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        extra["compile_s"] = round(time.perf_counter() - t0, 1)
+    with torch.no_grad():
+        out = fn(x)
+    extra["rel_err_vs_fp32"] = rel_err(out, ref)
+    extra["finite"] = bool(torch.isfinite(out).all())
+    return fn, x, extra
+
+
+ABLATION = (  # variant, torch.compile mode (None: eager), channels_last, our CUDA graph
+    ("eager-cl", None, True, False), ("eager-cl-graph", None, True, True),
+    ("compile-nchw", "default", False, False), ("compile-nchw-graph", "default", False, True),
+    ("compile-reduce-overhead", "reduce-overhead", True, False),
+    ("compile-max-autotune", "max-autotune-no-cudagraphs", True, False),
+    ("compile-max-autotune-graph", "max-autotune-no-cudagraphs", True, True),
+)
+
+
+ABLATION_TARGETS = (("mobilenet_v3_small", 1), ("resnet50", 32))
+
+
+def ablation(args, peaks: dict) -> None:
+    """What helped, on the target rows (resnet50 fp16 b32, mobilenet_v3_small fp16 b1):
+    channels_last, CUDA graphs, inductor's own graphs, max-autotune."""
+    import torch
+    from engineforge import gpubench
+
+    torch.backends.cudnn.benchmark = True
+    rows = Path(args.out) / "rows.jsonl"
+    for name, batch in ABLATION_TARGETS:
+        model32, shape = build_model(name)
+        x32 = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(batch))
+        flops = gpubench.count_flops(model32, (x32,))
+        with torch.no_grad():
+            ref = model32.to(DEVICE)(x32.to(DEVICE))
+        baseline = None
+        for variant, mode, cl, graph in (("eager", None, False, False), *ABLATION):
+            prec = "fp32" if baseline is None else "fp16"
+            base = dict(model=name, precision=prec, batch=batch, variant=variant,
+                        compile_mode=mode, ablation=True, input_shape=[batch, *shape])
+            try:
+                dt = torch.float32 if prec == "fp32" else torch.float16
+                fn, x, extra = prepare(name, dt, x32, ref, mode, cl)
+                with torch.no_grad():
+                    t = gpubench.time_callable(lambda fn=fn, x=x: fn(x), cuda_graph=graph,
+                                               **TIMING)
+                row = gpubench.report(t, batch=batch, flops=flops,
+                                      peak=peak_of(peaks, prec),
+                                      baseline_p50_ms=baseline)
+                if mode == "reduce-overhead":
+                    row["cuda_graph"] = True  # inductor's own CUDA graph trees
+                if baseline is None:
+                    baseline, row["speedup"] = row["p50_ms"], 1.0
+                emit(rows, {**base, **row, **extra})
+            except Exception as err:
+                emit(rows, {**base, "error": f"{type(err).__name__}: {err}"[:500]})
+            finally:
+                fn = x = None
+                torch.cuda.empty_cache()
+
+
+AOTI_BUILD = """
+import sys, torch
+sys.path[:0] = [{root!r}, {root!r} + "/workflow"]
+from benchmarks.bench_gpu import build_model
+m, shape = build_model({name!r})
+m = m.to("cuda", torch.float16)
+x = torch.randn({batch}, *shape, device="cuda", dtype=torch.float16)
+ep = torch.export.export(m, (x,))
+print(torch._inductor.aoti_compile_and_package(ep, package_path={pkg!r}))
+"""
+AOTI_LOAD = """
+import sys, json, torch
+sys.path[:0] = [{root!r} + "/workflow"]
+from engineforge import gpubench
+runner = torch._inductor.aoti_load_package({pkg!r})
+x = torch.randn({batch}, *{shape!r}, device="cuda", dtype=torch.float16)
+runner(x)
+t = gpubench.time_callable(lambda: runner(x), max_seconds=2.0)
+print("AOTI_OK", json.dumps(t.stats))
+"""
+
+
+def aoti(args) -> None:
+    """Build an AOTInductor package (fp16, static batch) and load it in a fresh process;
+    record the exit code (-11 = the segfault seen on the H100)."""
+    rows = Path(args.out) / "rows.jsonl"
+    batch = 32
+    for name in args.aoti:
+        pkg = f"/tmp/engineforge_aoti_{name}_b{batch}.pt2"
+        base = dict(model=name, precision="fp16", batch=batch, variant="aoti-package",
+                    ablation=True)
+        try:
+            t0 = time.perf_counter()
+            b = subprocess.run([sys.executable, "-c", AOTI_BUILD.format(
+                root=str(ROOT), name=name, batch=batch, pkg=pkg)], capture_output=True,
+                text=True, timeout=240)
+            build_s = round(time.perf_counter() - t0, 1)
+            if b.returncode:
+                emit(rows, {**base, "error": f"build exit {b.returncode}: {b.stderr[-300:]}"})
+                continue
+            ld = subprocess.run([sys.executable, "-c", AOTI_LOAD.format(
+                root=str(ROOT), pkg=pkg, batch=batch, shape=list(MODELS[name][0]))],
+                capture_output=True, text=True, timeout=120)
+            ok = [ln for ln in ld.stdout.splitlines() if ln.startswith("AOTI_OK")]
+            row = {**base, "build_s": build_s, "load_exit": ld.returncode}
+            if ok:
+                row.update(json.loads(ok[0].split(" ", 1)[1]))
+            else:
+                row["error"] = f"load exit {ld.returncode}: {ld.stderr[-300:]}"
+            emit(rows, row)
+        except subprocess.TimeoutExpired as err:
+            emit(rows, {**base, "error": f"timeout: {err}"[:300]})
+
+
+def measure(args) -> dict:
+    import torch
+    from engineforge import gpubench
+
+    if DEVICE == "cpu":
+        return {"device": None, "peaks": {}, "settings": {"smoke": "cpu"}}
+    info = gpubench.device_info()
+    peaks = {}
+    for dt, tf32 in ((torch.float16, False), (torch.bfloat16, False), (torch.float32, True),
+                     (torch.float32, False)):
+        p = gpubench.measure_peak(dt, tf32=tf32)
+        sheet = gpubench.datasheet_peak(info["name"], p.dtype)
+        peaks[p.dtype] = {"dtype": p.dtype, "tflops": round(p.tflops, 1), "source": p.source}
+        peaks[p.dtype + "_datasheet"] = sheet.__dict__ if sheet else None
+    settings = {"cudnn.benchmark": True,
+                "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+                "matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+                "compile_mode": args.compile_mode, "timing": TIMING}
+    return {"device": info, "peaks": peaks, "settings": settings}
+
+
+def run_child(name: str, args, timeout: float | None = None) -> dict:
+    timeout = timeout or args.model_timeout
+    if args.budget_s:
+        timeout = min(timeout, args.budget_s - (time.monotonic() - START))
+        if timeout < 20:
+            return {"model": name, "exit": "skipped: run budget spent", "seconds": 0}
+    cmd = [sys.executable, __file__, "--child", name, "--out", args.out, "--compile-mode",
+           args.compile_mode, "--batches", *map(str, args.batches), "--precisions",
+           *args.precisions, "--variants", *args.variants]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the child and its compile workers
+        proc.wait()
+        rc = "timeout"
+    return {"model": name, "exit": rc, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+# ---------------------------------------------------------------- the table
+
+def fmt(v, spec, scale=1.0):
+    return "—" if v is None else format(v * scale, spec)
+
+
+def render(rows: list[dict], meta: dict | None) -> str:
+    lines = []
+    if meta and meta.get("device"):
+        d = meta["device"]
+        lines.append(f"Device: {d['name']} (sm {d['capability']}, {d['sms']} SMs, "
+                     f"{d['memory_gib']} GiB), torch {d['torch']}, CUDA {d['cuda']}, "
+                     f"cuDNN {d['cudnn']}; clocks SM {d.get('sm_clock_mhz', '?')}/"
+                     f"{d.get('sm_clock_max_mhz', '?')} MHz, memory "
+                     f"{d.get('mem_clock_mhz', '?')} MHz (NVML, at start)")
+        pk = meta["peaks"]
+        lines.append("Peaks (measured, 8192^3 torch.mm, best of 5): " + ", ".join(
+            f"{k} {pk[k]['tflops']:.0f}" for k in ("fp16", "bf16", "tf32", "fp32") if k in pk)
+            + " TFLOP/s; datasheet: " + ", ".join(
+            f"{k} {pk[k + '_datasheet']['tflops']:.0f}" for k in ("fp16", "bf16", "tf32", "fp32")
+            if pk.get(k + "_datasheet")) + (f" ({pk['fp16_datasheet']['source']})"
+                                            if pk.get("fp16_datasheet") else ""))
+        lines.append("")
+    lines.append("| model | prec | batch | variant | graphs | p50 ms | p99 ms | items/s | "
+                 "× eager fp32 | TFLOP/s | % peak | CV % |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"| {r['model']} | {r['precision']} | {r['batch']} | {r['variant']} "
+                         f"| | failed: {r['error'][:80].replace('|', '/')} |||||||")
+            continue
+        if "p50_ms" not in r:
+            continue
+        lines.append(
+            f"| {r['model']} | {r['precision']} | {r['batch']} | {r['variant']} | "
+            f"{'on' if r.get('cuda_graph') else 'off'} | {fmt(r['p50_ms'], '.3f')} | "
+            f"{fmt(r.get('p99_ms'), '.3f')} | {fmt(r.get('throughput_per_s'), ',.0f')} | "
+            f"{fmt(r.get('speedup'), '.2f')} | {fmt(r.get('tflops'), '.2f')} | "
+            f"{fmt(r.get('pct_of_peak'), '.1f')} | {fmt(r.get('cv'), '.2f', 100)} |")
+    return "\n".join(lines)
+
+
+def load_rows(paths) -> tuple[list[dict], dict | None]:
+    """Rows of one or more runs, sweep rows first, each sorted by model, precision, batch."""
+    rows, meta = [], None
+    for p in map(Path, paths):
+        rows += [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+        if (p.parent / "meta.json").exists():
+            meta = json.loads((p.parent / "meta.json").read_text())
+    order = {m: i for i, m in enumerate(MODELS)}
+    rows.sort(key=lambda r: (bool(r.get("ablation")), order.get(r["model"], 99),
+                             DTYPES.index(r["precision"]), r["batch"]))  # stable: variants
+    return rows, meta
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu"))
+    ap.add_argument("--models", nargs="+", default=list(MODELS))
+    ap.add_argument("--precisions", nargs="+", default=list(DTYPES))
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
+    ap.add_argument("--variants", nargs="+",
+                    default=["eager", "eager-graph", "compile", "compile-graph"])
+    ap.add_argument("--compile-mode", default="default",
+                    help="torch.compile mode: default or max-autotune-no-cudagraphs")
+    ap.add_argument("--model-timeout", type=float, default=240.0)
+    ap.add_argument("--ablation", action="store_true", help="what-helped rows (fp16 targets)")
+    ap.add_argument("--aoti", nargs="*", default=[], metavar="MODEL",
+                    help="try AOTInductor packages (fp16, batch 32) of these models")
+    ap.add_argument("--ablation-timeout", type=float, default=420.0)
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="whole-run wall budget: no child runs past it")
+    ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--render", nargs="+", help="rows.jsonl files: print the table only")
+    args = ap.parse_args()
+    if args.render:
+        print(render(*load_rows(args.render)))
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.child:
+        peaks = json.loads((out / "meta.json").read_text())["peaks"]
+        ablation(args, peaks) if args.child == "ablation" else bench_model(args.child, args, peaks)
+        return 0
+    meta = measure(args)
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    print(json.dumps(meta["peaks"]), flush=True)
+    meta["children"] = []
+    if not args.skip_sweep:
+        for name in args.models:
+            meta["children"].append(run_child(name, args))
+            print(meta["children"][-1], flush=True)
+    if args.ablation:
+        meta["children"].append(run_child("ablation", args, args.ablation_timeout))
+        print(meta["children"][-1], flush=True)
+    if args.aoti:
+        aoti(args)
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    rows, _ = load_rows([out / "rows.jsonl"]) if (out / "rows.jsonl").exists() else ([], None)
+    (out / "results.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    table = render(rows, meta)
+    (out / "table.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
