@@ -148,7 +148,8 @@ def bench_model(name: str, args, peaks: dict) -> None:
                         compiled = kind == "compile"
                         prepared[kind] = prepare(name, casts[prec], x32, ref,
                                                  args.compile_mode if compiled else None,
-                                                 channels_last=compiled)
+                                                 channels_last=compiled,
+                                                 freezing=compiled and args.freezing)
                     fn, x, extra = prepared[kind]
                     with torch.no_grad():
                         timing = gpubench.time_callable(lambda fn=fn, x=x: fn(x),
@@ -327,7 +328,8 @@ def measure(args) -> dict:
     settings = {"cudnn.benchmark": True,
                 "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
                 "matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-                "compile_mode": args.compile_mode, "timing": TIMING}
+                "compile_mode": args.compile_mode, "freezing": args.freezing,
+                "timing": TIMING}
     return {"device": info, "peaks": peaks, "settings": settings}
 
 
@@ -340,7 +342,7 @@ def run_child(name: str, args, timeout: float | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", name, "--out", args.out, "--compile-mode",
            args.compile_mode, "--batches", *map(str, args.batches), "--precisions",
            *args.precisions, "--variants", *args.variants, "--ablation-targets",
-           *args.ablation_targets]
+           *args.ablation_targets] + (["--freezing"] if args.freezing else [])
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, start_new_session=True)
     try:
@@ -417,6 +419,8 @@ def main() -> int:
                     default=["eager", "eager-graph", "compile", "compile-graph"])
     ap.add_argument("--compile-mode", default="default",
                     help="torch.compile mode: default or max-autotune-no-cudagraphs")
+    ap.add_argument("--freezing", action="store_true",
+                    help="sweep's compile variants with inductor freezing (fastest on resnet50)")
     ap.add_argument("--model-timeout", type=float, default=240.0)
     ap.add_argument("--ablation", action="store_true", help="what-helped rows (fp16 targets)")
     ap.add_argument("--aoti", nargs="*", default=[], metavar="MODEL",

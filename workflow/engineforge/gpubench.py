@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from .errors import EngineforgeError
+from .errors import BenchError
 
 # Dense (no sparsity) tensor-core peaks from NVIDIA's datasheets, TFLOP/s.
 # fp32 = plain FP32 (CUDA cores); tf32 = TF32 tensor cores. Matched on the device name.
@@ -36,8 +36,8 @@ DATASHEET_TFLOPS = {
 }
 
 
-class GpuBenchError(EngineforgeError):
-    stage = "bench"
+class GpuBenchError(BenchError):
+    """The harness was asked for something this machine cannot do (CUDA without a GPU)."""
 
 
 # ---------------------------------------------------------------- statistics (pure Python)
