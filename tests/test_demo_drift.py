@@ -19,7 +19,7 @@ from conftest import ROOT, run_stage
 from engineforge import config
 from engineforge.backends import get_backend
 from engineforge.localise import localise
-from engineforge.settings import Tolerance
+from engineforge.settings import Tolerance, Tolerances
 from engineforge.stages import audit
 
 BATCH = 8  # within both models' first profile
@@ -156,3 +156,51 @@ def test_outlier_fp16_passes(exported):
     outputs, failures = audited(m, "outlier_cnn", make_variant(m, "outlier_cnn", "fp16"),
                                 "fp16")
     assert failures == [] and next(iter(outputs.values()))["snr_db"] > 60
+
+
+# --- the default tolerances and the SNR floor in the verdict
+
+
+def test_default_floors_follow_each_precisions_rounding():
+    t = Tolerances()
+    floors = [getattr(t, p).snr_min_db for p in ("fp32", "fp16", "bf16", "int8")]
+    assert floors == sorted(floors, reverse=True) and t.fp8 == t.int8
+    assert all(getattr(t, p).max_abs is None for p in type(t).model_fields)  # scale-free defaults
+
+
+def fp16_limits() -> Tolerance:
+    return Tolerances().fp16
+
+
+@pytest.mark.parametrize("snr, passed", [(40.0, True), (39.9, False), (200.0, True)])
+def test_verdict_snr_floor(snr, passed):
+    tol = fp16_limits()
+    metrics = {"outputs": {"y": {"max_abs": 123.0, "cosine": 1.0, "snr_db": snr}}}
+    ok, failures = audit.verdict(metrics, tol, "regression")
+    assert ok is passed
+    assert failures == ([] if passed else [f"y: snr {snr:.1f} < 40.0 dB"])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_verdict_never_passes_a_non_finite_snr(value):
+    metrics = {"outputs": {"y": {"cosine": 1.0, "snr_db": value}}}
+    # even with every limit off
+    tol = Tolerance(snr_min_db=-1e9, cosine_min=-1, top1_min=0, accuracy_drop_max=1)
+    assert audit.verdict(metrics, tol, "regression") == (
+        False, [f"y: snr_db is {value} (not finite)"])
+
+
+def test_max_abs_is_checked_only_where_set():
+    metrics = {"outputs": {"y": {"max_abs": 0.5, "cosine": 1.0, "snr_db": 80.0}}}
+    assert audit.verdict(metrics, fp16_limits(), "regression") == (True, [])
+    set_ = fp16_limits().model_copy(update={"max_abs": 0.1})
+    assert audit.verdict(metrics, set_, "regression") == (False, ["y: max_abs 0.5 > 0.1"])
+
+
+def test_a_model_overrides_one_limit_and_keeps_the_others():
+    raw = yaml.safe_load((ROOT / "config.yaml").read_text())
+    raw["models"] = {"thermal_hotspot": raw["models"]["thermal_hotspot"]}
+    raw["models"]["thermal_hotspot"]["tolerances"] = {"fp16": {"max_abs": 0.01}}
+    tol = config.resolve(raw, ROOT)["models"]["thermal_hotspot"]["tolerances"]
+    assert tol["fp16"] == dict(fp16_limits().model_dump(), max_abs=0.01)
+    assert tol["int8"]["max_abs"] is None and tol["int8"]["snr_min_db"] == 20
