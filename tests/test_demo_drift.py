@@ -204,3 +204,16 @@ def test_a_model_overrides_one_limit_and_keeps_the_others():
     tol = config.resolve(raw, ROOT)["models"]["thermal_hotspot"]["tolerances"]
     assert tol["fp16"] == dict(fp16_limits().model_dump(), max_abs=0.01)
     assert tol["int8"]["max_abs"] is None and tol["int8"]["snr_min_db"] == 20
+
+
+def test_shipped_drift_data_is_what_its_script_makes():
+    from calib import make_drift_calib as make
+
+    rng = np.random.default_rng(make.SEED)
+    thermal, photos = make.thermal_frames(rng, make.COUNT), make.photo_crops(rng, make.COUNT)
+    with np.load(ROOT / "calib/thermal_frames.npz") as f:
+        np.testing.assert_array_equal(f["thermal"], thermal)
+    with np.load(ROOT / "calib/photo_crops_32.npz") as f:
+        np.testing.assert_array_equal(f["image"], photos)
+    assert thermal.shape == (64, 1, 16, 16) and 290 < thermal.min() < thermal.max() < 320
+    assert photos.shape == (64, 3, 32, 32) and np.isfinite(photos).all()
