@@ -28,7 +28,8 @@ def test_repository_config_resolves(raw):
     # execute
     cfg = config.resolve(raw, ROOT)
     # assert
-    assert set(cfg["models"]) == {"digits_cnn", "resnet18", "tiny_sr"}
+    assert set(cfg["models"]) == {"digits_cnn", "resnet18", "tiny_sr", "thermal_hotspot",
+                                  "outlier_cnn"}
     resnet = cfg["models"]["resnet18"]
     assert resnet["precision"]["int8"]["calib_size"] == 16            # model override
     assert resnet["precision"]["int8"]["calibration_method"] == "max"  # built-in default

@@ -139,7 +139,7 @@ class Measurement(Result):
 class AuditResult(Measurement):
     backend: str
     precision: str
-    tolerance: dict[str, float]
+    tolerance: dict[str, float | None]
     emulated: Measurement | None = None
     time_s: float = 0.0
 

@@ -203,12 +203,16 @@ def task_accuracy(outputs: dict, labels: np.ndarray, eval_ref: dict) -> dict:
 
 def verdict(metrics: dict, tol: Tolerance, task: str) -> tuple[bool, list[str]]:
     """Pass/fail against the precision's tolerances; lists every violated limit. A metric
-    that is not finite, or no output compared at all, fails too."""
+    that is not finite, or no output compared at all, fails too. A limit whose metric an
+    output lacks (top-1 of a regression) or that is unset (``max_abs: null``) is skipped."""
     failures = []
     if not metrics["outputs"]:
         failures.append("no output was compared")
-    limits = [("max_abs", "max_abs", lambda v: v > tol.max_abs, f"> {tol.max_abs}", ".3g"),
+    limits = [("snr_db", "snr", lambda v: v < tol.snr_min_db, f"< {tol.snr_min_db} dB", ".1f"),
               ("cosine", "cosine", lambda v: v < tol.cosine_min, f"< {tol.cosine_min}", ".6f")]
+    if tol.max_abs is not None:
+        limits.insert(0, ("max_abs", "max_abs", lambda v: v > tol.max_abs, f"> {tol.max_abs}",
+                          ".3g"))
     if task == "classification":
         limits.append(("top1_agreement", "top1", lambda v: v < tol.top1_min,
                        f"< {tol.top1_min}", ".3f"))
@@ -216,7 +220,7 @@ def verdict(metrics: dict, tol: Tolerance, task: str) -> tuple[bool, list[str]]:
         bad = [k for k, v in s.items() if v is not None and not math.isfinite(v)]
         failures += [f"{name}: {k} is {s[k]} (not finite)" for k in bad]
         for key, label, violated, limit, spec in limits:
-            if key not in bad and violated(s[key]):
+            if key in s and key not in bad and violated(s[key]):
                 failures.append(f"{name}: {label} {format(s[key], spec)} {limit}")
     task_m = metrics.get("task")
     if task_m:
