@@ -395,7 +395,10 @@ class Settings(Section):
 
 def settings(m: dict, w: dict, experiment: str, builds: dict[str, list[str]]) -> Settings:
     keys = ("checkpoint", "opset", "precisions", "backends", "task", "profiles")
-    return Settings(experiment=experiment, model={k: m[k] for k in keys}, builds=builds)
+    from engineforge.settings import variants
+
+    model = {k: m[k] for k in keys} | {"precisions": variants(m)}  # repaired variants too
+    return Settings(experiment=experiment, model=model, builds=builds)
 
 
 def model_outputs(layout, model: str, s: Settings) -> dict:

@@ -5,6 +5,8 @@ rule precision:
     output:
         onnx=L.precision("model.onnx"),
         sidecar=L.precision("precision.json"),
+    wildcard_constraints:
+        precision="|".join(efsettings.PRECISIONS),
     log:
         L.log("precision-{precision}"),
     # the critical path first: every later job waits on it
@@ -14,3 +16,25 @@ rule precision:
         tools=tools_param("precision"),
     run:
         run_stage("precision", wildcards, input, output, params, log)
+
+
+# <p>-repaired: the plain variant re-made with its localised nodes kept in high precision.
+rule repair:
+    input:
+        unpack(calibration_input),
+        onnx=L.simplify("model.onnx"),
+        variant=plain_of(lambda m, p: L.precision("model.onnx", m, p)),
+        localise=plain_of(L.localise),
+        reference=L.export("reference.npz"),
+    output:
+        onnx=L.precision("model.onnx"),
+        sidecar=L.precision("precision.json"),
+    wildcard_constraints:
+        precision="|".join(v for v in efsettings.VARIANTS if efsettings.is_repaired(v)),
+    log:
+        L.log("repair-{precision}"),
+    params:
+        settings=settings_param("repair"),
+        tools=tools_param("repair"),
+    run:
+        run_stage("repair", wildcards, input, output, params, log)
