@@ -2,11 +2,12 @@
 
 One job per non-fp32 variant. It reads the variant's audits by the backends that build
 from its ONNX (``precision/<variant>/model.onnx``, graph mode): when every measured verdict
-passes it records ``status: passes`` and runs nothing; when one fails (an emulated audit
-counts where the runtime could not run the variant), or none measured it, it compares
-every node output of the variant with the fp32 (simplified) graph on the audit inputs
-(reference.npz), in bounded passes, and ranks the nodes. The failures that triggered it are
-kept in the result (``audits``, ``trigger``).
+passes it records ``status: passes`` and runs nothing; when none measured it (not runnable
+anywhere, emulation stopped) ``not_localisable``; when one fails (an emulated audit counts
+where the runtime could not run the variant) it compares every node output of the variant
+with the fp32 (simplified) graph on the audit inputs (reference.npz), in bounded passes,
+and ranks the nodes. The failures that triggered it are kept in the result (``audits``,
+``trigger``).
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ def run(job) -> Localisation:
     if "pass" in audits.values() and not trigger:
         return Localisation(status="passes", precision=s.precision, audits=audits)
     if not trigger:
-        trigger = ["no audit measured this variant: localised anyway"]
+        return Localisation(status="not_localisable", precision=s.precision, audits=audits,
+                            reason="no audit measured this variant"
+                                   + (f" ({', '.join(sorted(audits))})" if audits else ""))
     feed = {k[3:]: v for k, v in modelio.load_npz(job.inputs["reference"]).items()
             if k.startswith("in:")}
     loc = localise(job.inputs["fp32"], job.inputs["variant"], feed, batch=s.batch,

@@ -1,8 +1,10 @@
 """Stage 3b — repair: the ``<p>-repaired`` variant keeps the localised nodes in high precision.
 
 Reads the plain variant's localisation (``audit/localise/<p>.json``). A variant that
-passes its audits is its own repair (``not_needed``: the plain ONNX, copied). Otherwise,
-round by round (at most ``repair.max_rounds``): the next ``repair.nodes_per_round`` nodes of
+passes its audits is its own repair (``not_needed``: the plain ONNX, copied); one no audit
+could measure stays as it is (``unrepaired``). Otherwise, after a round 0 that audits the
+plain variant in-process (the metrics before), round by round (at most
+``repair.max_rounds``): the next ``repair.nodes_per_round`` nodes of
 the localisation (``first``, then ``worst`` by drop; a node already kept in high precision
 that still ranks passes the blame to the nodes producing its inputs: an exact subtraction
 of rounded operands, e.g.) join ``nodes_to_exclude``; the variant is re-made from the fp32
@@ -169,41 +171,39 @@ def run(job) -> PrecisionResult:
     chosen, made = plain, None
     scratch = Path(tempfile.mkdtemp(prefix=scratch_prefix(), dir=out.parent.parent))
     try:
-        if loc.status != "passes":
+        if loc.status == "not_localisable":
+            repair |= {"status": "unrepaired", "reason": f"not localisable: {loc.reason}"}
+        elif loc.status != "passes":
             ref = modelio.load_npz(job.inputs["reference"])
             feed = {k[3:]: v for k, v in ref.items() if k.startswith("in:")}
             ref_out = {k[4:]: v for k, v in ref.items() if k.startswith("out:")}
-            before = check(job, plain, feed, ref_out)
+            before = check(job, plain, feed, ref_out)  # round 0: the metrics before
             repair["rounds"].append({"round": 0, "excluded": [], **before})
-            failing = "fail" in loc.audits.values()
-            if not (before["passed"] and not failing):
-                repair["status"] = "unrepaired"
-                producers = _producers(job.inputs["onnx"])
-                excluded: list[str] = []
-                for r in range(1, s.repair.max_rounds + 1):
-                    new = candidates(loc, excluded, producers, s.repair.nodes_per_round)
-                    if not new:
-                        repair["reason"] = f"round {r}: no further node to exclude"
-                        break
-                    excluded += new
-                    attempt = scratch / f"round{r}" / "model.onnx"
-                    attempt.parent.mkdir()
-                    made = remake(job, excluded, attempt)
-                    verdict = check(job, attempt, feed, ref_out)
-                    chosen = attempt
-                    repair["excluded_nodes"] = list(excluded)
-                    repair["rounds"].append({"round": r, "excluded": new, **verdict})
-                    if verdict["passed"]:
-                        repair["status"] = "repaired"
-                        break
-                    loc = localise(job.inputs["onnx"], attempt, feed, batch=s.batch,
-                                   **s.localise.model_dump())
-                    repair["rounds"][-1]["first"] = loc.first and loc.first.node
-                else:
-                    if s.repair.max_rounds == 0:
-                        repair["reason"] = "repair.max_rounds is 0"
-                    else:
-                        repair["reason"] = f"no pass within {s.repair.max_rounds} rounds"
+            repair["status"] = "unrepaired"
+            producers = _producers(job.inputs["onnx"])
+            excluded: list[str] = []
+            for r in range(1, s.repair.max_rounds + 1):
+                new = candidates(loc, excluded, producers, s.repair.nodes_per_round)
+                if not new:
+                    repair["reason"] = f"round {r}: no further node to exclude"
+                    break
+                excluded += new
+                attempt = scratch / f"round{r}" / "model.onnx"
+                attempt.parent.mkdir()
+                made = remake(job, excluded, attempt)
+                verdict = check(job, attempt, feed, ref_out)
+                chosen = attempt
+                repair["excluded_nodes"] = list(excluded)
+                repair["rounds"].append({"round": r, "excluded": new, **verdict})
+                if verdict["passed"]:
+                    repair["status"] = "repaired"
+                    break
+                loc = localise(job.inputs["onnx"], attempt, feed, batch=s.batch,
+                               **s.localise.model_dump())
+                repair["rounds"][-1]["first"] = loc.first and loc.first.node
+            else:
+                repair["reason"] = ("repair.max_rounds is 0" if s.repair.max_rounds == 0
+                                    else f"no pass within {s.repair.max_rounds} rounds")
         _copy(chosen, out)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
