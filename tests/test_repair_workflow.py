@@ -75,3 +75,25 @@ def test_summary_shows_the_localisation_and_the_trade_off(finished):
     md = (ws / "artifacts/summary.md").read_text()
     assert "Where the drift enters" in md and f"`{loc['first']['node']}` (Sub" in md
     assert "Repair cancel fp16 -> fp16-repaired: repaired" in md
+
+
+def test_mlflow_records_the_localisation_and_the_repair(finished):
+    ws = finished
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{ws}/mlflow.db")
+    exp = client.get_experiment_by_name("engineforge")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    parent = runs["cancel"]
+    assert parent.data.tags["engineforge.localise.fp16"] == "localised"
+    assert parent.data.tags["engineforge.localise.fp16.first"].endswith("(Sub)")
+    assert parent.data.tags["engineforge.localise.fp16-repaired"] == "passes"
+    assert parent.data.metrics["localise.fp16.first_drop_db"] > 30
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "audit/localise")} == {
+        "audit/localise/fp16.json", "audit/localise/fp16-repaired.json"}
+    child = runs["cancel/fp16-repaired/b1-8/onnxruntime"]
+    assert child.data.tags["engineforge.repair"] == "repaired"
+    assert child.data.tags["engineforge.audit"] == "pass"
+    assert "/Sub" in child.data.params["repair.excluded_nodes"]
+    # the plain variant's child has no repair record
+    assert "engineforge.repair" not in runs["cancel/fp16/b1-8/onnxruntime"].data.tags

@@ -5,10 +5,10 @@ rule precision:
     output:
         onnx=L.precision("model.onnx"),
         sidecar=L.precision("precision.json"),
-    wildcard_constraints:
-        precision="|".join(efsettings.PRECISIONS),
     log:
         L.log("precision-{precision}"),
+    wildcard_constraints:
+        precision="|".join(efsettings.PRECISIONS),
     # the critical path first: every later job waits on it
     priority: 2
     params:
@@ -29,10 +29,10 @@ rule repair:
     output:
         onnx=L.precision("model.onnx"),
         sidecar=L.precision("precision.json"),
-    wildcard_constraints:
-        precision="|".join(v for v in efsettings.VARIANTS if efsettings.is_repaired(v)),
     log:
         L.log("repair-{precision}"),
+    wildcard_constraints:
+        precision="|".join(v for v in efsettings.VARIANTS if efsettings.is_repaired(v)),
     params:
         settings=settings_param("repair"),
         tools=tools_param("repair"),
