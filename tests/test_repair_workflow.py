@@ -97,3 +97,18 @@ def test_mlflow_records_the_localisation_and_the_repair(finished):
     assert "/Sub" in child.data.params["repair.excluded_nodes"]
     # the plain variant's child has no repair record
     assert "engineforge.repair" not in runs["cancel/fp16/b1-8/onnxruntime"].data.tags
+
+
+def test_a_repaired_variant_is_releasable_with_its_repair_record(finished, tmp_path):
+    from engineforge import release
+
+    ws = finished
+    res = release.release("0.1.0", config_path=ws / "config.yaml", out=tmp_path,
+                          patterns=["cancel/fp16-repaired"], say=lambda _: None,
+                          register_models=False)
+    (entry,) = res["manifest"]["engines"]
+    assert entry["name"] == "cancel/fp16-repaired/b1-8/onnxruntime"
+    assert entry["audit"]["verdict"] == "pass"
+    assert entry["repair"]["status"] == "repaired" and entry["repair"]["from"] == "fp16"
+    assert "/Sub" in entry["repair"]["excluded_nodes"]
+    assert entry["sidecars"]["localise"] == "cancel/audit/localise/fp16-repaired.json"
