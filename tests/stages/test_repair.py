@@ -197,3 +197,57 @@ def test_candidates_pass_the_blame_of_an_excluded_node_to_its_producers():
     assert candidates(loc, [], producers, 2) == ["sub", "mul"]
     assert candidates(loc, ["sub"], producers, 2) == ["conv", "const"]
     assert candidates(loc, ["sub", "conv", "const", "mul"], producers, 2) == []
+
+
+def test_variants_and_the_repair_key(tmp_path):
+    from engineforge.errors import ConfigError
+    from engineforge.settings import base_precision, variants
+
+    on = config.resolve(drift_raw_config(True), tmp_path)["models"]["cancel"]
+    off = config.resolve(drift_raw_config(False), tmp_path)["models"]["cancel"]
+    assert variants(on) == ["fp32", "fp16", "fp16-repaired"]
+    assert variants(off) == ["fp32", "fp16"]
+    assert base_precision("int8-repaired") == "int8" and base_precision("fp16") == "fp16"
+    raw = drift_raw_config({"precisions": ["int8"], "max_rounds": 2})
+    raw["defaults"]["precisions"] = ["fp32", "fp16", "int8"]
+    for m in raw["models"].values():
+        m["calibration"] = {"path": "calib.npz"}
+    np.savez(tmp_path / "calib.npz", x=np.zeros((4, 3, 8, 8), np.float32))
+    only_int8 = config.resolve(raw, tmp_path)["models"]["cancel"]
+    assert variants(only_int8) == ["fp32", "fp16", "int8", "int8-repaired"]
+    bad = drift_raw_config({"precisions": ["bf16"]})
+    with pytest.raises(ConfigError) as info:
+        config.resolve(bad, tmp_path)
+    assert str(info.value).startswith("[model=cancel stage=config key=models.cancel.repair] "
+                                      "repair.precisions ['bf16'] are not among")
+    with pytest.raises(ConfigError, match="defaults.repair"):  # fp32 is never repaired
+        config.resolve(drift_raw_config({"precisions": ["fp32"]}), tmp_path)
+
+
+def test_a_variant_no_audit_measured_is_not_localised_nor_repaired(drifted, tmp_path):
+    from engineforge.results import AuditResult
+    from engineforge.sidecar import write_json
+
+    models, root, _ = drifted
+    d = root / "cancel"
+    audit = AuditResult(status="not_runnable", reason="not runnable on onnxruntime: no kernel",
+                        backend="onnxruntime", precision="fp16", tolerance={})
+    side = tmp_path / "audit.json"
+    write_json(side, {"result": audit.model_dump()})  # an audit sidecar's result, as input
+    job = stage_job("localise", models, "cancel",
+                    {"fp32": d / "e/model.onnx", "variant": d / "fp16/model.onnx",
+                     "reference": d / "e/reference.npz"},
+                    {"sidecar": tmp_path / "loc.json"}, root, precision="fp16")
+    run_job(replace(job, extra_inputs=[side]))
+    loc = Localisation.model_validate(read_json(tmp_path / "loc.json")["result"])
+    assert loc.status == "not_localisable" and loc.compared == 0
+    assert loc.audits == {"onnxruntime": "not_runnable"}
+    assert "no audit measured this variant" in loc.reason
+    run_stage("repair", models, "cancel",
+              {"onnx": d / "e/model.onnx", "variant": d / "fp16/model.onnx",
+               "localise": tmp_path / "loc.json", "reference": d / "e/reference.npz"},
+              {"onnx": tmp_path / "r/model.onnx", "sidecar": tmp_path / "r/precision.json"},
+              root, precision="fp16-repaired")
+    rep = read_json(tmp_path / "r/precision.json")["result"]["extra"]["repair"]
+    assert rep["status"] == "unrepaired" and not rep["rounds"]
+    assert rep["reason"].startswith("not localisable: no audit measured")
