@@ -251,3 +251,49 @@ def test_a_variant_no_audit_measured_is_not_localised_nor_repaired(drifted, tmp_
     rep = read_json(tmp_path / "r/precision.json")["result"]["extra"]["repair"]
     assert rep["status"] == "unrepaired" and not rep["rounds"]
     assert rep["reason"].startswith("not localisable: no audit measured")
+
+
+def test_int8_outlier_channels_localised_to_their_conv_and_repaired(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ENGINEFORGE_CACHE", "0")
+    np.savez(tmp_path / "calib.npz",
+             x=np.random.default_rng(0).random((16, 3, 8, 8), dtype=np.float32))
+    raw = drift_raw_config(True)
+    raw["defaults"]["precisions"] = ["fp32", "int8"]
+    raw["defaults"]["precision"] = {"int8": {"calib_size": 16}}
+    raw["models"] = {"outliers": dict(raw["models"]["cancel"], calibration={"path": "calib.npz"},
+                                      checkpoint={"kind": "state_dict",
+                                                  "arch": "driftnets:Outliers"})}
+    models = config.resolve(raw, tmp_path)["models"]
+    d, calib = tmp_path / "outliers", {"calibration": tmp_path / "calib.npz"}
+    run_stage("export", models, "outliers", {"arch_source": str(FIXTURES / "driftnets.py"),
+                                             **calib},
+              {"onnx": d / "e/model.onnx", "reference": d / "e/reference.npz",
+               "sidecar": d / "e/export.json"}, tmp_path)
+    run_stage("precision", models, "outliers", {"onnx": d / "e/model.onnx", **calib},
+              {"onnx": d / "int8/model.onnx", "sidecar": d / "int8/precision.json"}, tmp_path,
+              precision="int8")
+    run_stage("audit", models, "outliers", {"engine": d / "int8/model.onnx",
+                                            "reference": d / "e/reference.npz"},
+              {"sidecar": d / "audit/int8.json"}, tmp_path, backend="onnxruntime",
+              precision="int8")
+    loc = _localise(models, tmp_path, d, "outliers", "int8")
+    conv_b = next(n.name for n in onnx.load(str(d / "e/model.onnx")).graph.node
+                  if n.op_type == "Conv" and "conv_b" in n.input[1])
+    assert loc.status == "localised" and loc.audits == {"onnxruntime": "fail"}
+    assert (loc.first.node, loc.first.op_type) == (conv_b, "Conv")
+
+    run_stage("repair", models, "outliers",
+              {"onnx": d / "e/model.onnx", "variant": d / "int8/model.onnx",
+               "localise": d / "localise/int8.json", "reference": d / "e/reference.npz",
+               **calib},
+              {"onnx": d / "int8-repaired/model.onnx",
+               "sidecar": d / "int8-repaired/precision.json"}, tmp_path,
+              precision="int8-repaired")
+    r = PrecisionResult.model_validate(
+        read_json(d / "int8-repaired/precision.json")["result"])
+    rep = r.extra["repair"]
+    assert rep["status"] == "repaired" and rep["excluded_nodes"] == [conv_b]
+    plain = PrecisionResult.model_validate(read_json(d / "int8/precision.json")["result"])
+    assert 0 < r.quantize_linear < plain.quantize_linear  # conv_b's inputs stay unquantized
+    assert r.extra["calibration_samples"] == 16
