@@ -297,3 +297,55 @@ def test_int8_outlier_channels_localised_to_their_conv_and_repaired(tmp_path, mo
     plain = PrecisionResult.model_validate(read_json(d / "int8/precision.json")["result"])
     assert 0 < r.quantize_linear < plain.quantize_linear  # conv_b's inputs stay unquantized
     assert r.extra["calibration_samples"] == 16
+
+
+@pytest.fixture(scope="module")
+def bf16_audited(drifted) -> dict:
+    """The Cancellation net's bf16 variant and its onnxruntime audit (emulated)."""
+    models, root, _ = drifted
+    d = root / "cancel"
+    run_stage("precision", models, "cancel", {"onnx": d / "e/model.onnx"},
+              {"onnx": d / "bf16/model.onnx", "sidecar": d / "bf16/precision.json"}, root,
+              precision="bf16")
+    return run_stage("audit", models, "cancel", {"engine": d / "bf16/model.onnx",
+                                                 "reference": d / "e/reference.npz"},
+                     {"sidecar": d / "audit/bf16.json"}, root, backend="onnxruntime",
+                     precision="bf16")["result"]
+
+
+def test_bf16_is_localised_and_repaired_on_the_onnx_reference_evaluator(drifted,
+                                                                         bf16_audited):
+    """ORT's CPU provider has no bf16 kernels: the audit, the localisation and the repair's
+    round 0 run on onnx.reference (the emulated path)."""
+    models, root, _ = drifted
+    d, ref = root / "cancel", root / "cancel/e/reference.npz"
+    audit = bf16_audited
+    assert audit["status"] == "not_runnable" and audit["emulated"]["status"] == "fail"
+    loc = _localise(models, root, d, "cancel", "bf16")
+    assert loc.status == "localised" and loc.runtime == "onnx-reference"
+    assert loc.audits == {"onnxruntime (emulated)": "fail"}
+    assert (loc.first.node, loc.first.op_type) == (_node(d / "e/model.onnx", "Sub"), "Sub")
+    run_stage("repair", models, "cancel",
+              {"onnx": d / "e/model.onnx", "variant": d / "bf16/model.onnx",
+               "localise": d / "localise/bf16.json", "reference": ref},
+              {"onnx": d / "bf16-repaired/model.onnx",
+               "sidecar": d / "bf16-repaired/precision.json"}, root, precision="bf16-repaired")
+    rep = read_json(d / "bf16-repaired/precision.json")["result"]["extra"]["repair"]
+    assert rep["status"] == "repaired", rep
+    assert rep["rounds"][0]["runtime"] == "onnx-reference" and not rep["rounds"][0]["passed"]
+    assert {_node(d / "e/model.onnx", "Sub"), "/conv1/Conv"} <= set(rep["excluded_nodes"])
+
+
+def test_an_emulated_localisation_past_its_time_limit_is_not_localisable(drifted, bf16_audited,
+                                                                         tmp_path):
+    models, root, _ = drifted
+    d = root / "cancel"
+    job = stage_job("localise", models, "cancel",
+                    {"fp32": d / "e/model.onnx", "variant": d / "bf16/model.onnx",
+                     "reference": d / "e/reference.npz"},
+                    {"sidecar": tmp_path / "loc.json"}, root, precision="bf16")
+    run_job(replace(job, extra_inputs=[d / "audit/bf16.json"],
+                    limits={"emulated_audit": 0.001}))
+    loc = Localisation.model_validate(read_json(tmp_path / "loc.json")["result"])
+    assert loc.status == "not_localisable" and "emulation stopped after 0.001 s" in loc.reason
+    assert loc.trigger  # what triggered it is kept

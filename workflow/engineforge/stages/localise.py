@@ -7,10 +7,13 @@ anywhere, emulation stopped) ``not_localisable``; when one fails (an emulated au
 where the runtime could not run the variant) it compares every node output of the variant
 with the fp32 (simplified) graph on the audit inputs (reference.npz), in bounded passes,
 and ranks the nodes. The failures that triggered it are kept in the result (``audits``,
-``trigger``).
+``trigger``). A variant only an emulated audit measured is localised on the ONNX reference
+evaluator too, within ``time_limits.emulated_audit`` (past it: ``not_localisable``).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 from engineforge import modelio
 from engineforge.results import AuditResult, Localisation, Measurement
@@ -51,6 +54,7 @@ def verdicts(audit_paths) -> tuple[dict[str, str], list[str]]:
 
 
 def run(job) -> Localisation:
+    from engineforge.backends import onnx_reference
     from engineforge.localise import localise
 
     s: Settings = job.settings
@@ -63,7 +67,17 @@ def run(job) -> Localisation:
                                    + (f" ({', '.join(sorted(audits))})" if audits else ""))
     feed = {k[3:]: v for k, v in modelio.load_npz(job.inputs["reference"]).items()
             if k.startswith("in:")}
-    loc = localise(job.inputs["fp32"], job.inputs["variant"], feed, batch=s.batch,
-                   **s.localise.model_dump())
+    limit = job.limits.get("emulated_audit", 300)
+    emulated = any(v == "fail" and "(emulated)" in k for k, v in audits.items())
+    try:
+        with onnx_reference.time_limit(limit) if emulated else contextlib.nullcontext():
+            loc = localise(job.inputs["fp32"], job.inputs["variant"], feed, batch=s.batch,
+                           **s.localise.model_dump())
+    except onnx_reference.Stopped:
+        return Localisation(status="not_localisable", precision=s.precision, audits=audits,
+                            trigger=trigger, reason=(
+                                f"emulation stopped after {limit:g} s (models.{job.model}."
+                                "time_limits.emulated_audit): ONNX's reference evaluator is "
+                                "pure Python; raise the limit to localise it"))
     return loc.model_copy(update={"precision": s.precision, "audits": audits,
                                   "trigger": trigger})

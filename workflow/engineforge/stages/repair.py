@@ -18,6 +18,7 @@ audit then fails honestly). ``extra.repair`` records every round.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import tempfile
@@ -108,6 +109,10 @@ def _session(path: Path):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+class Stopped(Exception):
+    """An emulated check or localisation ran past ``time_limits.emulated_audit``."""
+
+
 def check(job, path: Path, feed: dict, ref_out: dict) -> dict:
     """The audit's verdict of the ONNX at ``path`` against the reference outputs, in
     process: ONNX Runtime CPU (the onnxruntime backend's optimization level), else the ONNX
@@ -127,8 +132,14 @@ def check(job, path: Path, feed: dict, ref_out: dict) -> dict:
             return {"passed": False, "runtime": None, "metrics": {},
                     "failures": [f"not runnable on ONNX Runtime CPU: {err}"]}
         runtime = onnx_reference.NAME
-        produced = audit.infer_all(onnx_reference.OnnxReferenceRunner(path), feed, s.batch,
-                                   job.model, path)
+        limit = job.limits.get("emulated_audit", 300)
+        try:
+            with onnx_reference.time_limit(limit):
+                produced = audit.infer_all(onnx_reference.OnnxReferenceRunner(path), feed,
+                                           s.batch, job.model, path)
+        except onnx_reference.Stopped:
+            raise Stopped(f"emulation stopped after {limit:g} s (models.{job.model}."
+                          "time_limits.emulated_audit)") from None
     outputs, failures = audit.compare(ref_out, produced, s.task)
     failures = audit.non_finite(produced, "variant", ref_out) + failures
     failures += audit.verdict({"outputs": outputs}, s.tolerance, s.task)[1]
@@ -159,16 +170,63 @@ def _copy(src: Path, dst: Path) -> None:
     shutil.copyfile(src, dst)
 
 
-def run(job) -> PrecisionResult:
+def _relocalise(job, attempt: Path, feed: dict, emulated: bool) -> Localisation:
+    """The attempt's localisation (within ``time_limits.emulated_audit`` when emulated)."""
+    from engineforge.backends import onnx_reference
     from engineforge.localise import localise
 
+    s: Settings = job.settings
+    limit = job.limits.get("emulated_audit", 300)
+    try:
+        with onnx_reference.time_limit(limit) if emulated else contextlib.nullcontext():
+            return localise(job.inputs["onnx"], attempt, feed, batch=s.batch,
+                            **s.localise.model_dump())
+    except onnx_reference.Stopped:
+        raise Stopped(f"emulated localisation stopped after {limit:g} s (models.{job.model}."
+                      "time_limits.emulated_audit)") from None
+
+
+def _rounds(job, loc: Localisation, repair: dict, kept: dict, scratch: Path, feed: dict,
+            ref_out: dict) -> None:
+    """Round 0 (the plain variant's metrics), then exclude, re-make, check, re-localise until
+    a round passes or ``max_rounds``. Fills ``repair``; ``kept``: the last variant made
+    (``onnx``) and its PrecisionResult (``made``), also when a round is stopped."""
+    s: Settings = job.settings
+    repair["status"] = "unrepaired"
+    before = check(job, job.inputs["variant"], feed, ref_out)
+    repair["rounds"].append({"round": 0, "excluded": [], **before})
+    producers = _producers(job.inputs["onnx"])
+    excluded: list[str] = []
+    for r in range(1, s.repair.max_rounds + 1):
+        new = candidates(loc, excluded, producers, s.repair.nodes_per_round)
+        if not new:
+            repair["reason"] = f"round {r}: no further node to exclude"
+            break
+        excluded += new
+        attempt = scratch / f"round{r}" / "model.onnx"
+        attempt.parent.mkdir()
+        kept |= {"onnx": attempt, "made": remake(job, excluded, attempt)}
+        repair["excluded_nodes"] = list(excluded)
+        verdict = check(job, attempt, feed, ref_out)
+        repair["rounds"].append({"round": r, "excluded": new, **verdict})
+        if verdict["passed"]:
+            repair["status"] = "repaired"
+            break
+        loc = _relocalise(job, attempt, feed, verdict["runtime"] != "onnxruntime-cpu")
+        repair["rounds"][-1]["first"] = loc.first and loc.first.node
+    else:
+        repair["reason"] = ("repair.max_rounds is 0" if s.repair.max_rounds == 0
+                            else f"no pass within {s.repair.max_rounds} rounds")
+
+
+def run(job) -> PrecisionResult:
     s: Settings = job.settings
     t0 = time.perf_counter()
     loc = Localisation.model_validate(read_json(job.inputs["localise"])["result"])
     plain, out = job.inputs["variant"], job.outputs["onnx"]
     repair = {"status": "not_needed", "from": s.base, "excluded_nodes": [], "rounds": [],
               "localisation": loc.status}
-    chosen, made = plain, None
+    kept = {"onnx": plain, "made": None}
     scratch = Path(tempfile.mkdtemp(prefix=scratch_prefix(), dir=out.parent.parent))
     try:
         if loc.status == "not_localisable":
@@ -177,39 +235,16 @@ def run(job) -> PrecisionResult:
             ref = modelio.load_npz(job.inputs["reference"])
             feed = {k[3:]: v for k, v in ref.items() if k.startswith("in:")}
             ref_out = {k[4:]: v for k, v in ref.items() if k.startswith("out:")}
-            before = check(job, plain, feed, ref_out)  # round 0: the metrics before
-            repair["rounds"].append({"round": 0, "excluded": [], **before})
-            repair["status"] = "unrepaired"
-            producers = _producers(job.inputs["onnx"])
-            excluded: list[str] = []
-            for r in range(1, s.repair.max_rounds + 1):
-                new = candidates(loc, excluded, producers, s.repair.nodes_per_round)
-                if not new:
-                    repair["reason"] = f"round {r}: no further node to exclude"
-                    break
-                excluded += new
-                attempt = scratch / f"round{r}" / "model.onnx"
-                attempt.parent.mkdir()
-                made = remake(job, excluded, attempt)
-                verdict = check(job, attempt, feed, ref_out)
-                chosen = attempt
-                repair["excluded_nodes"] = list(excluded)
-                repair["rounds"].append({"round": r, "excluded": new, **verdict})
-                if verdict["passed"]:
-                    repair["status"] = "repaired"
-                    break
-                loc = localise(job.inputs["onnx"], attempt, feed, batch=s.batch,
-                               **s.localise.model_dump())
-                repair["rounds"][-1]["first"] = loc.first and loc.first.node
-            else:
-                repair["reason"] = ("repair.max_rounds is 0" if s.repair.max_rounds == 0
-                                    else f"no pass within {s.repair.max_rounds} rounds")
-        _copy(chosen, out)
+            try:
+                _rounds(job, loc, repair, kept, scratch, feed, ref_out)
+            except Stopped as err:  # an emulated check or localisation ran too long
+                repair["reason"] = str(err)
+        _copy(kept["onnx"], out)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     summary = efprecision._summary(out)
     files = [out] + [out.parent / rel for rel in efprecision._external_files(out)]
-    extra = dict(made.extra) if made else {}
+    extra = dict(kept["made"].extra) if kept["made"] else {}
     return PrecisionResult(precision=s.precision, method=efprecision.METHODS[s.base],
                            time_s=round(time.perf_counter() - t0, 3),
                            bytes=sum(f.stat().st_size for f in files), **summary,
