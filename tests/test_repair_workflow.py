@@ -72,6 +72,7 @@ def test_summary_shows_the_localisation_and_the_trade_off(finished):
     assert ort["repaired"]["cosine"] > ort["plain"]["cosine"]
     lat = ort["latency"]["b1-8"]
     assert lat["plain_p50_ms"] > 0 and lat["repaired_p50_ms"] > 0
+    assert lat["plain_engine_mib"] > 0 and lat["repaired_engine_mib"] > 0
     md = (ws / "artifacts/summary.md").read_text()
     assert "Where the drift enters" in md and f"`{loc['first']['node']}` (Sub" in md
     assert "Repair cancel fp16 -> fp16-repaired: repaired" in md

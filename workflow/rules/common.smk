@@ -135,7 +135,7 @@ def build_input(backend):
         if not efbuild.flags_mode(m, backend):
             return {"onnx": L.precision("model.onnx", w.model, w.precision)}
         out = {"fp32": L.precision("model.onnx", w.model, "fp32")}
-        if w.precision == "int8":
+        if efsettings.base_precision(w.precision) == "int8":
             cache = m["tensorrt"].get("int8_calibration_cache")
             out |= {"calib_cache": cache} if cache else {}
             out |= (

@@ -150,14 +150,17 @@ def repairs(layout: Layout, s: Settings) -> list[dict]:
                         for p in (plain, v)}
                 latency = {}
                 for prof in m.get("profiles") or [m["profile"]]:
-                    p50 = {}
+                    p50, mib = {}, {}
                     for p in (plain, v):
                         r = _result(Path(layout.bench(model, backend, p, prof)), BenchResult)
                         opt = r.points.get("opt") if r else None
                         p50[p] = opt.p50_ms if opt else None
+                        b = _result(Path(layout.build(backend, model, p, prof)), BuildResult)
+                        mib[p] = b.engine_bytes / 2**20 if b else None
                     latency[prof] = {"plain_p50_ms": p50[plain], "repaired_p50_ms": p50[v],
                                      "ratio": p50[v] / p50[plain] if p50[plain] and p50[v]
-                                     else None}
+                                     else None, "plain_engine_mib": mib[plain],
+                                     "repaired_engine_mib": mib[v]}
                 entry["backends"][backend] = {"plain": side[plain], "repaired": side[v],
                                               "latency": latency}
             out.append(entry)
@@ -242,13 +245,15 @@ def repair_markdown(reps: list[dict]) -> list[str]:
                       f"{r['status'] or 'not made'}, {r['rounds']} round(s), kept in high "
                       f"precision: {kept}; ONNX {_fmt(sizes[r['from']], '.2f')} -> "
                       f"{_fmt(sizes[r['precision']], '.2f')} MiB", "",
-                  "| backend | plain | repaired | profile | p50 ms plain -> repaired |",
-                  "|---|---|---|---|---|"]
+                  "| backend | plain | repaired | profile | p50 ms plain -> repaired | "
+                  "engine MiB plain -> repaired |", "|---|---|---|---|---|---|"]
         for backend, b in r["backends"].items():
             for prof, lat in b["latency"].items():
                 lines.append(f"| {backend} | {_metric(b['plain'])} | {_metric(b['repaired'])} "
                              f"| {prof} | {_fmt(lat['plain_p50_ms'], '.3f')} -> "
-                             f"{_fmt(lat['repaired_p50_ms'], '.3f')} |")
+                             f"{_fmt(lat['repaired_p50_ms'], '.3f')} | "
+                             f"{_fmt(lat['plain_engine_mib'], '.2f')} -> "
+                             f"{_fmt(lat['repaired_engine_mib'], '.2f')} |")
     return lines
 
 
