@@ -112,7 +112,7 @@ def localisations(layout: Layout, s: Settings, worst: int = 3) -> list[dict]:
             out.append({"model": model, "precision": v, "status": loc.status,
                         "reason": loc.reason, "trigger": loc.trigger,
                         "first": loc.first and _node(loc.first),
-                        "worst": [_node(d) for d in loc.worst[:worst]],
+                        "worst": [_node(d) for d in loc.worst[:worst] if d.drop_db > 0],
                         "time_s": loc.time_s, "peak_mem_mb": loc.peak_mem_mb})
     return out
 
@@ -243,8 +243,8 @@ def repair_markdown(reps: list[dict]) -> list[str]:
         kept = ", ".join(f"`{n}`" for n in r["excluded_nodes"] or []) or "none"
         lines += ["", f"Repair {r['model']} {r['from']} -> {r['precision']}: "
                       f"{r['status'] or 'not made'}, {r['rounds']} round(s), kept in high "
-                      f"precision: {kept}; ONNX {_fmt(sizes[r['from']], '.2f')} -> "
-                      f"{_fmt(sizes[r['precision']], '.2f')} MiB", "",
+                      f"precision: {kept}; ONNX {_fmt(sizes[r['from']])} -> "
+                      f"{_fmt(sizes[r['precision']])} MiB", "",
                   "| backend | plain | repaired | profile | p50 ms plain -> repaired | "
                   "engine MiB plain -> repaired |", "|---|---|---|---|---|---|"]
         for backend, b in r["backends"].items():
@@ -252,8 +252,8 @@ def repair_markdown(reps: list[dict]) -> list[str]:
                 lines.append(f"| {backend} | {_metric(b['plain'])} | {_metric(b['repaired'])} "
                              f"| {prof} | {_fmt(lat['plain_p50_ms'], '.3f')} -> "
                              f"{_fmt(lat['repaired_p50_ms'], '.3f')} | "
-                             f"{_fmt(lat['plain_engine_mib'], '.2f')} -> "
-                             f"{_fmt(lat['repaired_engine_mib'], '.2f')} |")
+                             f"{_fmt(lat['plain_engine_mib'])} -> "
+                             f"{_fmt(lat['repaired_engine_mib'])} |")
     return lines
 
 
