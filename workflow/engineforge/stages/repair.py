@@ -83,7 +83,7 @@ def candidates(loc: Localisation, excluded: list[str], producers: dict[str, list
     out: list[str] = []
     for d in ranked:
         for name in ([d.node] if d.node not in excluded else producers.get(d.node, [])):
-            if name not in excluded and name not in out:
+            if name and name not in excluded and name not in out:  # (unnamed: no pattern)
                 out.append(name)
     return out[:n]
 
