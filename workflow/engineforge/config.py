@@ -127,6 +127,13 @@ def _check_model(name: str, m: dict, root: Path) -> None:
         raise ConfigError(f"precisions {needs_calib} need calibration data.", model=name,
                           key=f"models.{name}.calibration",
                           fix="add calibration: {path: calib/<file>.npz} or drop int8/fp8")
+    repair = m.get("repair")
+    asked = repair.get("precisions") if isinstance(repair, dict) else None
+    if asked and set(asked) - set(m["precisions"]):
+        missing = sorted(set(asked) - set(m["precisions"]))
+        raise ConfigError(f"repair.precisions {missing} are not among the model's precisions "
+                          f"{m['precisions']}.", model=name, key=f"models.{name}.repair",
+                          fix="add them to precisions or remove them from repair.precisions")
     for pname, profile in m["profiles"].items():
         if set(profile) != set(m["inputs"]):
             raise ConfigError(

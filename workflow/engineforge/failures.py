@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from engineforge.layout import Layout, files_of
+from engineforge.settings import base_precision
 from engineforge.sidecar import read_json, write_json
 
 VARIANT = ("precision", "backend", "profile")
@@ -83,8 +84,10 @@ def concerns(f: dict, model: str, precision: str | None = None,
     its own job, or a job upstream of it (export, simplify, a precision, a build)."""
     if f.get("model") != model:
         return False
-    return all(f.get(k) in (None, v) for k, v in (("precision", precision),
-                                                   ("backend", backend)) if v is not None)
+    # a repaired variant is made from its plain one (its localisation): upstream too
+    plain = base_precision(precision) if precision else None
+    return all(f.get(k) in (None, v, *extra) for k, v, extra in (
+        ("precision", precision, [plain]), ("backend", backend, [])) if v is not None)
 
 
 def markdown(failures: list[dict]) -> str:

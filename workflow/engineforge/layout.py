@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engineforge.backends import backend_class
+from engineforge.settings import base_precision
 
 ALL_PROFILES = "all"  # the profile name of an engine holding every profile
 
@@ -60,6 +61,10 @@ class Layout:
     def audit(self, model="{model}", backend="{backend}", precision="{precision}") -> str:
         return f"{self.root}/{model}/audit/{backend}/{precision}.json"
 
+    def localise(self, model="{model}", precision="{precision}") -> str:
+        """Where a (failing) variant's drift enters: its localisation sidecar."""
+        return f"{self.root}/{model}/audit/localise/{precision}.json"
+
     def drift(self, ext: str, model="{model}") -> str:
         return f"{self.root}/{model}/audit/drift.{ext}"
 
@@ -95,16 +100,19 @@ class Layout:
                       profiles: list[str]) -> dict:
         """Every per-model output the tracking record reads, by role.
 
+        ``precisions``: the model's variants (``settings.variants``: repaired ones too);
         ``builds``: backend -> the profiles it builds (``all`` included where built);
         ``profiles``: the model's profile names (bench and baseline points)."""
         t = {"export": self.export("export.json", model),
              "simplify": self.simplify("simplify.json", model),
              "drift": self.drift("json", model), "drift_md": self.drift("md", model),
              "precision": {p: self.precision("precision.json", model, p) for p in precisions},
+             "localise": {p: self.localise(model, p) for p in precisions if p != "fp32"},
              "audit": {}, "build": {}, "bench": {}, "engine": {},
              "baseline": {prof: self.baseline(model, prof) for prof in profiles}}
         for b, build_profiles in builds.items():
-            for p in [p for p in precisions if p in backend_class(b).precisions]:
+            for p in [p for p in precisions
+                      if base_precision(p) in backend_class(b).precisions]:
                 t["audit"][(b, p)] = self.audit(model, b, p)
                 for prof in build_profiles:
                     t["build"][(b, p, prof)] = self.build(b, model, p, prof)

@@ -152,7 +152,8 @@ def _entry(artifacts: Path, workdir: Path, config_path: Path, c: dict, commit: s
     sidecars = {"export": Path(layout.export("export.json", m)),
                 "simplify": Path(layout.simplify("simplify.json", m)),
                 "precision": Path(layout.precision("precision.json", m, p)),
-                "build": c["build_path"], "audit": c["audit_path"], "bench": c["bench_path"]}
+                "build": c["build_path"], "audit": c["audit_path"], "bench": c["bench_path"],
+                "localise": Path(layout.localise(m, p))}
     sidecars = {k: v for k, v in sidecars.items() if v.is_file()}
     rel = lambda f: f.relative_to(a).as_posix()  # path inside the bundle
     files = {rel(f): f for f in [c["engine"], *sidecars.values()]}
@@ -184,12 +185,22 @@ def _entry(artifacts: Path, workdir: Path, config_path: Path, c: dict, commit: s
                   "drift": {k: v for k, v in drift.items()
                             if k not in ("precision", "backend", "status", "reason")}},
         "bench": {"p50_ms_opt": opt.p50_ms if opt else None},
+        **_repair(sidecars.get("precision")),
         "mlflow": {"record_id": track.get("record_id"), "tracking": track.get("status"),
                    "run_id": (track.get("children") or {}).get(c["name"])},
         "rebuild": [f"git checkout {commit or '<commit unknown: no git checkout>'}",
                     "make env", f"{snake} {target}"],
     }
     return entry, files
+
+
+def _repair(precision_sidecar: Path | None) -> dict:
+    """A repaired variant's entry: what it keeps in high precision, and why."""
+    if precision_sidecar is None:
+        return {}
+    repair = read_json(precision_sidecar)["result"].get("extra", {}).get("repair")
+    return {"repair": {k: repair.get(k) for k in ("status", "from", "excluded_nodes")}
+            } if repair else {}
 
 
 def _run_ids_by_record(client, experiment: str, record_id: str) -> dict:

@@ -159,8 +159,13 @@ class NodeDrift(Result):
 
 
 class Localisation(Result):
-    status: Literal["localised", "clean", "not_localisable"]
+    """``localise.localise``'s result; as the localise stage's sidecar result it also says
+    what triggered it; ``passes``: every audit of the variant's ONNX passed (nothing run)."""
+    status: Literal["localised", "clean", "not_localisable", "passes"]
     reason: str | None = None
+    precision: str | None = None         # the variant (fp16, int8-repaired, ...)
+    audits: dict[str, str] = {}          # backend -> verdict read (pass/fail/not_runnable)
+    trigger: list[str] = []              # the failures that triggered it ("backend: ...")
     runtime: str | None = None           # onnxruntime-cpu / onnx-reference (variant side)
     samples: int = 0
     compared: int = 0                    # node outputs compared
@@ -168,8 +173,8 @@ class Localisation(Result):
                                          # the variant, or no row per sample (constants)
     passes: int = 0
     ceiling_snr_db: float | None = None  # best output SNR: caps input SNRs in the drops
-    drop_threshold_db: float
-    snr_threshold_db: float
+    drop_threshold_db: float = 0.0
+    snr_threshold_db: float = 0.0
     first: NodeDrift | None = None       # earliest node over both thresholds
     worst: list[NodeDrift] = []          # largest drops first
     time_s: float = 0.0

@@ -17,6 +17,37 @@ from pydantic import BaseModel, ConfigDict, Field
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 QUANTIZED = ("int8", "fp8")
 Precision = Literal["fp32", "fp16", "bf16", "int8", "fp8"]
+Repairable = Literal["fp16", "bf16", "int8", "fp8"]
+REPAIRED = "-repaired"  # a repaired variant's name: <precision>-repaired
+VARIANTS = PRECISIONS + tuple(p + REPAIRED for p in PRECISIONS if p != "fp32")
+
+
+def base_precision(variant: str) -> str:
+    """The precision a variant computes in: ``base_precision("fp16-repaired") == "fp16"``."""
+    return variant.removesuffix(REPAIRED)
+
+
+def is_repaired(variant: str) -> bool:
+    return variant.endswith(REPAIRED)
+
+
+def repaired_precisions(m: dict) -> list[str]:
+    """The model's precisions that get a repaired variant (its ``repair`` key)."""
+    repair = m.get("repair") or False
+    if repair is False:
+        return []
+    wanted = (repair.get("precisions") if isinstance(repair, dict) else None) or PRECISIONS
+    return [p for p in m["precisions"] if p != "fp32" and p in wanted]
+
+
+def repair_settings(m: dict) -> RepairSettings:
+    repair = m.get("repair")
+    return RepairSettings(**repair) if isinstance(repair, dict) else RepairSettings()
+
+
+def variants(m: dict) -> list[str]:
+    """Every variant of a model: its precisions, then ``<p>-repaired`` for each repaired one."""
+    return list(m["precisions"]) + [p + REPAIRED for p in repaired_precisions(m)]
 
 
 class Section(BaseModel):
@@ -123,6 +154,32 @@ class AuditSettings(Section):
                                                "the first profile).")
 
 
+class LocaliseSettings(Section):
+    """Where a failing variant's drift enters (engineforge/localise.py, docs/drift-audit.md)."""
+
+    max_outputs_per_pass: int = Field(64, ge=1, description="Intermediate tensors compared "
+                                                            "per inference pass (bounds "
+                                                            "memory).")
+    top: int = Field(10, ge=1, description="Worst nodes reported.")
+    drop_db: float = Field(10.0, ge=0, description="A node lets drift in when its output SNR "
+                                                   "is this many dB below its inputs'.")
+    snr_db_below: float = Field(40.0, description="... and its output SNR is below this (dB).")
+
+
+class RepairSettings(Section):
+    """Mixed-precision repair: ``<p>-repaired`` variants keep the localised nodes in high
+    precision (AutoCast / quantization ``nodes_to_exclude``), re-audited each round."""
+
+    precisions: list[Repairable] | None = Field(
+        None, description="Precisions to repair (default: every non-fp32 precision of the "
+                          "model).")
+    max_rounds: int = Field(4, ge=0, description="Rebuild + re-audit rounds at most (0: the "
+                                                 "repaired variant is the plain one, "
+                                                 "unrepaired).")
+    nodes_per_round: int = Field(2, ge=1, description="Nodes added to nodes_to_exclude per "
+                                                      "round.")
+
+
 class TimeLimits(Section):
     """Seconds a job may run before it fails with one line (the run goes on). Not part of
     any fingerprint: changing a limit reruns nothing. ENGINEFORGE_JOB_TIMEOUT_S overrides
@@ -138,6 +195,8 @@ class TimeLimits(Section):
                                                          "(pure Python: slow on big models).")
     bench: float = Field(1800, gt=0, description="One latency benchmark.")
     baseline: float = Field(1800, gt=0, description="The eager PyTorch baseline.")
+    localise: float = Field(1800, gt=0, description="One localisation (variant vs fp32).")
+    repair: float = Field(3600, gt=0, description="One repair (every round of it).")
     track: float = Field(600, gt=0, description="One MLflow upload.")
 
 
@@ -190,6 +249,15 @@ class Settings(Section):
                                                                           "precision variant.")
     tolerances: Tolerances = Field(Tolerances(), description="Audit limits per precision.")
     audit: AuditSettings = Field(AuditSettings(), description="Accuracy audit.")
+    localise: LocaliseSettings = Field(LocaliseSettings(), description="Localisation of a "
+                                                                       "failing variant.")
+    repair: bool | RepairSettings = Field(
+        False, description="Repair failing variants: true (every non-fp32 precision, default "
+                           "bounds) or {precisions, max_rounds, nodes_per_round}. Each "
+                           "repaired precision p adds a variant 'p-repaired' (built, "
+                           "audited, benched, tracked and releasable like the others) that "
+                           "keeps the localised nodes in high precision; see "
+                           "docs/drift-audit.md.")
     time_limits: TimeLimits = Field(TimeLimits(), description="Per-job time limits (s).")
     bench: BenchSettings = Field(BenchSettings(), description="Latency benchmark.")
     tensorrt: TensorRTSettings = Field(TensorRTSettings(), description="TensorRT builders.")

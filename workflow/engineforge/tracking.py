@@ -190,6 +190,18 @@ def build_record(model: str, m: dict, experiment: str, sidecars: dict,
                   for a in _stage_files(f"precision/{p}", sidecars["precision"][p])]
     artifacts += [[str(sidecars[k]), "audit"] for k in ("drift", "drift_md")
                   if Path(sidecars[k]).is_file()]
+    for v, path in sorted((sidecars.get("localise") or {}).items()):  # localisation
+        if (loc := (_read(path) or {}).get("result")) is None:
+            continue
+        artifacts.append([str(path), "audit/localise"])
+        tags[f"engineforge.localise.{v}"] = loc["status"]
+        if loc.get("first"):
+            tags[f"engineforge.localise.{v}.first"] = (
+                f"{loc['first']['node']} ({loc['first']['op_type']})")[:500]
+            numbers[f"localise.{v}.first_drop_db"] = loc["first"]["drop_db"]
+        if loc["status"] != "passes":
+            numbers |= {f"localise.{v}.time_s": loc["time_s"],
+                        f"localise.{v}.peak_mem_mb": loc["peak_mem_mb"]}
     parent = {
         "name": model, "tags": tags,
         "span": _span(export, simplify, *precs.values(),
@@ -229,6 +241,9 @@ def build_record(model: str, m: dict, experiment: str, sidecars: dict,
             base = (baseline.get("points") or {}).get(which)
             if base and pt.get("p50_ms"):
                 metrics[f"speedup_vs_pytorch.{which}"] = base["p50_ms"] / pt["p50_ms"]
+        repair = ((prec.get("result") or {}).get("extra") or {}).get("repair")
+        if repair:  # a repaired variant: what it keeps in high precision
+            metrics["repair.rounds"] = float(max(len(repair["rounds"]) - 1, 0))
         artifacts = _stage_files("build", build_path)
         artifacts += [[str(audit_path), "audit"]] if audit else []
         artifacts += [[str(bench_path), "bench"]] if bench else []
@@ -241,11 +256,14 @@ def build_record(model: str, m: dict, experiment: str, sidecars: dict,
                      "engineforge.fingerprint.precision": prec.get("fingerprint", "n/a"),
                      f"{CACHE_TAG}.build": build["fingerprint"],
                      "engineforge.audit": audit.get("status", "n/a"),
+                     **({"engineforge.repair": repair["status"]} if repair else {}),
                      "engineforge.bench": bench.get("status", "n/a")},
             "params": _flat("", {"backend": backend, "precision": precision,
                                  "profile": profile, "device": build.get("device"),
                                  "precision_config": prec.get("config", {}).get("method"),
                                  "shapes": m["profiles"].get(profile),
+                                 **({"repair": {"from": repair["from"], "excluded_nodes": ",".join(
+                                     repair["excluded_nodes"])}} if repair else {}),
                                  "tools": build["tools"]}, {}),
             "metrics": metrics,
             "artifacts": artifacts,
@@ -395,7 +413,10 @@ class Settings(Section):
 
 def settings(m: dict, w: dict, experiment: str, builds: dict[str, list[str]]) -> Settings:
     keys = ("checkpoint", "opset", "precisions", "backends", "task", "profiles")
-    return Settings(experiment=experiment, model={k: m[k] for k in keys}, builds=builds)
+    from engineforge.settings import variants
+
+    model = {k: m[k] for k in keys} | {"precisions": variants(m)}  # repaired variants too
+    return Settings(experiment=experiment, model=model, builds=builds)
 
 
 def model_outputs(layout, model: str, s: Settings) -> dict:

@@ -14,6 +14,24 @@ rule audit:
         run_stage("audit", wildcards, input, output, params, log)
 
 
+# Where a failing variant's drift enters (a passing one: a quick "passes" record).
+rule localise:
+    input:
+        localise_audits,
+        fp32=L.simplify("model.onnx"),
+        variant=L.precision("model.onnx"),
+        reference=L.export("reference.npz"),
+    output:
+        sidecar=L.localise(),
+    log:
+        L.log("localise-{precision}"),
+    params:
+        settings=settings_param("localise"),
+        tools=tools_param("localise"),
+    run:
+        run_stage("localise", wildcards, input, output, params, log)
+
+
 rule drift_matrix:
     input:
         lambda w: list(model_outputs(w.model)["audit"].values()),

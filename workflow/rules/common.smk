@@ -55,7 +55,7 @@ AVAILABLE = {
 
 wildcard_constraints:
     model="|".join(MODELS) or "^$",
-    precision="|".join(efsettings.PRECISIONS),
+    precision="|".join(efsettings.VARIANTS),
     backend="|".join(efbackends.names()),
     profile="[A-Za-z0-9][A-Za-z0-9_-]*",
 
@@ -118,7 +118,7 @@ def data_input(*sections):
 
 
 def calibration_input(w):
-    if w.precision in efsettings.QUANTIZED:
+    if efsettings.base_precision(w.precision) in efsettings.QUANTIZED:
         return {"calibration": MODELS[w.model]["calibration"]["path"]}
     return {}
 
@@ -135,7 +135,7 @@ def build_input(backend):
         if not efbuild.flags_mode(m, backend):
             return {"onnx": L.precision("model.onnx", w.model, w.precision)}
         out = {"fp32": L.precision("model.onnx", w.model, "fp32")}
-        if w.precision == "int8":
+        if efsettings.base_precision(w.precision) == "int8":
             cache = m["tensorrt"].get("int8_calibration_cache")
             out |= {"calib_cache": cache} if cache else {}
             out |= (
@@ -144,6 +144,24 @@ def build_input(backend):
         return out
 
     return files
+
+
+def localise_audits(w):
+    """The variant's audits by the backends that build from its ONNX (graph mode): the
+    verdicts that decide whether it is localised (stages/localise.py)."""
+    m, base = MODELS[w.model], efsettings.base_precision(w.precision)
+    return [
+        L.audit(w.model, b, w.precision)
+        for b in usable_backends(w.model)
+        if efbackends.backend_class(b).builds_from == "onnx"
+        and not efbuild.flags_mode(m, b)
+        and base in efbackends.backend_class(b).precisions
+    ]
+
+
+def plain_of(path_of):
+    """An input of a repaired variant's job: ``path_of(model, plain precision)``."""
+    return lambda w: path_of(w.model, efsettings.base_precision(w.precision))
 
 
 def profile_checks(w):
@@ -180,7 +198,9 @@ def builds(model):
 
 def model_outputs(model):
     m = MODELS[model]
-    return L.model_outputs(model, m["precisions"], builds(model), list(m["profiles"]))
+    return L.model_outputs(
+        model, efsettings.variants(m), builds(model), list(m["profiles"])
+    )
 
 
 def all_targets():
@@ -200,9 +220,10 @@ def summary_settings():
     return efrunner.stage_module("summary").Settings(
         models={
             m: {
-                "precisions": MODELS[m]["precisions"],
+                "precisions": efsettings.variants(MODELS[m]),
                 "backends": usable_backends(m),
                 "profile": first_profile(m),
+                "profiles": list(MODELS[m]["profiles"]),
             }
             for m in MODELS
         },

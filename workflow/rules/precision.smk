@@ -7,6 +7,8 @@ rule precision:
         sidecar=L.precision("precision.json"),
     log:
         L.log("precision-{precision}"),
+    wildcard_constraints:
+        precision="|".join(efsettings.PRECISIONS),
     # the critical path first: every later job waits on it
     priority: 2
     params:
@@ -14,3 +16,25 @@ rule precision:
         tools=tools_param("precision"),
     run:
         run_stage("precision", wildcards, input, output, params, log)
+
+
+# <p>-repaired: the plain variant re-made with its localised nodes kept in high precision.
+rule repair:
+    input:
+        unpack(calibration_input),
+        onnx=L.simplify("model.onnx"),
+        variant=plain_of(lambda m, p: L.precision("model.onnx", m, p)),
+        localise=plain_of(L.localise),
+        reference=L.export("reference.npz"),
+    output:
+        onnx=L.precision("model.onnx"),
+        sidecar=L.precision("precision.json"),
+    log:
+        L.log("repair-{precision}"),
+    wildcard_constraints:
+        precision="|".join(v for v in efsettings.VARIANTS if efsettings.is_repaired(v)),
+    params:
+        settings=settings_param("repair"),
+        tools=tools_param("repair"),
+    run:
+        run_stage("repair", wildcards, input, output, params, log)

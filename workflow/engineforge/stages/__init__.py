@@ -13,6 +13,8 @@ STAGES = {
     "simplify": "engineforge.stages.simplify",
     "precision": "engineforge.stages.precision",
     "audit": "engineforge.stages.audit",
+    "localise": "engineforge.stages.localise",
+    "repair": "engineforge.stages.repair",
     "drift": "engineforge.stages.drift",
     "build": "engineforge.stages.build",
     "bench": "engineforge.stages.bench",

@@ -23,7 +23,7 @@ from engineforge import modelio
 from engineforge.backends import get_backend, onnx_reference
 from engineforge.errors import AuditError
 from engineforge.results import AuditResult, Measurement
-from engineforge.settings import Section, Tolerance
+from engineforge.settings import Section, Tolerance, base_precision
 
 TOOLS = ("polygraphy", "onnxruntime-gpu", "onnx", "torch")
 
@@ -42,7 +42,7 @@ class Settings(Section):
 def settings(m: dict, w: dict) -> Settings:
     first = next(iter(m["profiles"].values()))
     return Settings(backend=w["backend"], precision=w["precision"], task=m["task"],
-                    tolerance=m["tolerances"][w["precision"]], inputs=m["inputs"],
+                    tolerance=m["tolerances"][base_precision(w["precision"])], inputs=m["inputs"],
                     labels=modelio.labels_key(m),
                     batch=modelio.batch_size(m["inputs"], first, m["audit"]["samples"]),
                     profile=first)
@@ -256,7 +256,7 @@ def run(job) -> AuditResult:
     ref_failures += non_finite(eval_ref, "reference (PyTorch)", eval_ref, on_eval) if (
         evaluation) else []
     be = get_backend(s.backend)
-    ok, why = be.runnable(s.precision)
+    ok, why = be.runnable(base_precision(s.precision))
 
     def measure(make_runner) -> dict:
         produced = infer_all(make_runner(), feed, s.batch, job.model, engine)

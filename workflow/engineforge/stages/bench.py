@@ -21,7 +21,7 @@ from engineforge.backends import backend_class, get_backend
 from engineforge.errors import EngineforgeError
 from engineforge.layout import Layout
 from engineforge.results import BenchPoint, BenchResult
-from engineforge.settings import BenchSettings, Section
+from engineforge.settings import BenchSettings, Section, base_precision
 
 TOOLS = ()  # the backend's own tools and version are added (see the rules' tools param)
 LIKELY_FIX = ("check that the model accepts every profile shape (profiles:) on this backend, "
@@ -92,7 +92,7 @@ def run(job) -> BenchResult:
     work = Path(Layout(job.artifacts).bench_work(job.model, s.backend, s.precision, s.profile))
     points: dict = {}
     status, reason = "ok", None
-    ok, why = be.runnable(s.precision)
+    ok, why = be.runnable(base_precision(s.precision))
     if not ok:
         status, reason = "not_runnable", f"not runnable on {s.backend}: {why}"
     else:

@@ -15,7 +15,7 @@ from engineforge.backends import BuildRequest, backend_class, get_backend
 from engineforge.errors import BuildError, EngineforgeError
 from engineforge.layout import ALL_PROFILES, Layout
 from engineforge.results import BuildResult
-from engineforge.settings import Section
+from engineforge.settings import Section, base_precision
 
 TOOLS = ()  # the backend's own tools and version are added (see tools())
 LIKELY_FIX = ("the backend rejected the graph: check its op support for this precision "
@@ -81,7 +81,7 @@ def run(job) -> BuildResult:
                        for c in f"{job.device}-{avail.version}")
         timing_cache = Path(Layout(job.artifacts).timing_cache_dir()) / f"timing-{safe}.cache"
         timing_cache.parent.mkdir(parents=True, exist_ok=True)
-    req = BuildRequest(model=job.model, precision=s.precision, onnx_path=source,
+    req = BuildRequest(model=job.model, precision=base_precision(s.precision), onnx_path=source,
                        engine_path=engine, work_dir=work_dir, profiles=s.profiles,
                        settings=dict(s.backend_settings or {}),
                        calib_cache=job.inputs.get("calib_cache"),

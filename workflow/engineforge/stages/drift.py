@@ -9,7 +9,7 @@ import math
 from engineforge.backends import names as backend_names
 from engineforge.backends import onnx_reference
 from engineforge.results import AuditResult
-from engineforge.settings import PRECISIONS
+from engineforge.settings import VARIANTS
 from engineforge.sidecar import read_json, write_json
 
 ISOLATED = False
@@ -64,7 +64,7 @@ def rows_of(audits) -> list[dict]:
     names = backend_names()
     order = names[:1] + [EMULATED] + names[1:]
     rows.sort(key=lambda r: (order.index(r["backend"]) if r["backend"] in order else 99,
-                             PRECISIONS.index(r["precision"]) if r["precision"] in PRECISIONS
+                             VARIANTS.index(r["precision"]) if r["precision"] in VARIANTS
                              else 99))
     return rows
 

@@ -3,7 +3,12 @@ latency, speedup, sizes. Reads typed results from the sidecars the layout names.
 
 After a run with failed jobs (``failures.finalise``) the same table holds every result
 that exists, a ``failed`` column names the failed stages behind a row's missing results,
-and a "Failed jobs" section lists each failure (model, stage, variant, reason, log)."""
+and a "Failed jobs" section lists each failure (model, stage, variant, reason, log).
+
+Below the table: the localisation of every variant that failed its audit (first node, worst
+nodes with op type and drop), and per repaired variant the trade-off against the plain one
+(verdict and worst metric before -> after, excluded nodes, latency per backend and profile,
+ONNX size). ``summary.json`` holds the same data (``localisations``, ``repairs``)."""
 
 from __future__ import annotations
 
@@ -12,8 +17,14 @@ from pathlib import Path
 from engineforge import failures as efailures
 from engineforge.backends import backend_class
 from engineforge.layout import Layout
-from engineforge.results import AuditResult, BenchResult, BuildResult, PrecisionResult
-from engineforge.settings import Section
+from engineforge.results import (
+    AuditResult,
+    BenchResult,
+    BuildResult,
+    Localisation,
+    PrecisionResult,
+)
+from engineforge.settings import Section, base_precision, is_repaired
 from engineforge.sidecar import read_json, write_json
 
 ISOLATED = False
@@ -45,7 +56,7 @@ def collect(layout: Layout, s: Settings, failures: list[dict] | None = None) -> 
             prec = _result(Path(layout.precision("precision.json", model, precision)),
                            PrecisionResult)
             for backend in m["backends"]:
-                if precision not in backend_class(backend).precisions:
+                if base_precision(precision) not in backend_class(backend).precisions:
                     continue
                 row = {"model": model, "precision": precision, "backend": backend,
                        "onnx_mib": prec and prec.bytes / 2**20}
@@ -81,7 +92,79 @@ def collect(layout: Layout, s: Settings, failures: list[dict] | None = None) -> 
                     row["failed"] = ", ".join(failed)
                 rows.append(row)
     return {"rows": rows, "skipped_backends": dict(s.skipped_backends),
-            "complete": failures is None, "failures": list(failures or [])}
+            "complete": failures is None, "failures": list(failures or []),
+            "localisations": localisations(layout, s), "repairs": repairs(layout, s)}
+
+
+def _node(d) -> dict:
+    return {"node": d.node, "op_type": d.op_type, "drop_db": d.drop_db,
+            "snr_out_db": d.snr_out_db}
+
+
+def localisations(layout: Layout, s: Settings, worst: int = 3) -> list[dict]:
+    """The localisation of every variant that did not pass its audits."""
+    out = []
+    for model, m in s.models.items():
+        for v in m["precisions"]:
+            loc = _result(Path(layout.localise(model, v)), Localisation) if v != "fp32" else None
+            if loc is None or loc.status == "passes":
+                continue
+            out.append({"model": model, "precision": v, "status": loc.status,
+                        "reason": loc.reason, "trigger": loc.trigger,
+                        "first": loc.first and _node(loc.first),
+                        "worst": [_node(d) for d in loc.worst[:worst] if d.drop_db > 0],
+                        "time_s": loc.time_s, "peak_mem_mb": loc.peak_mem_mb})
+    return out
+
+
+def _verdict(a: AuditResult | None) -> dict | None:
+    """The verdict that counts (emulated where the runtime could not run it) and the
+    worst output's cosine / SNR / max_abs."""
+    if a is None:
+        return None
+    m = a.emulated if a.status == "not_runnable" and a.emulated else a
+    outs = m.outputs.values()
+    return {"audit": m.status, "cosine": min((o.cosine for o in outs), default=None),
+            "snr_db": min((o.snr_db for o in outs if o.snr_db is not None), default=None),
+            "max_abs": max((o.max_abs for o in outs), default=None)}
+
+
+def repairs(layout: Layout, s: Settings) -> list[dict]:
+    """Per repaired variant: plain vs repaired verdict, metrics, latency and size."""
+    out = []
+    for model, m in s.models.items():
+        for v in (v for v in m["precisions"] if is_repaired(v)):
+            plain = base_precision(v)
+            prec = {p: _result(Path(layout.precision("precision.json", model, p)),
+                               PrecisionResult) for p in (plain, v)}
+            rep = (prec[v].extra.get("repair") or {}) if prec[v] else {}
+            entry = {"model": model, "precision": v, "from": plain,
+                     "status": rep.get("status"), "excluded_nodes": rep.get("excluded_nodes"),
+                     "rounds": max(len(rep.get("rounds", [])) - 1, 0),
+                     "onnx_mib": {p: prec[p] and prec[p].bytes / 2**20 for p in (plain, v)},
+                     "backends": {}}
+            for backend in m["backends"]:
+                if plain not in backend_class(backend).precisions:
+                    continue
+                side = {p: _verdict(_result(Path(layout.audit(model, backend, p)), AuditResult))
+                        for p in (plain, v)}
+                latency = {}
+                for prof in m.get("profiles") or [m["profile"]]:
+                    p50, mib = {}, {}
+                    for p in (plain, v):
+                        r = _result(Path(layout.bench(model, backend, p, prof)), BenchResult)
+                        opt = r.points.get("opt") if r else None
+                        p50[p] = opt.p50_ms if opt else None
+                        b = _result(Path(layout.build(backend, model, p, prof)), BuildResult)
+                        mib[p] = b.engine_bytes / 2**20 if b else None
+                    latency[prof] = {"plain_p50_ms": p50[plain], "repaired_p50_ms": p50[v],
+                                     "ratio": p50[v] / p50[plain] if p50[plain] and p50[v]
+                                     else None, "plain_engine_mib": mib[plain],
+                                     "repaired_engine_mib": mib[v]}
+                entry["backends"][backend] = {"plain": side[plain], "repaired": side[v],
+                                              "latency": latency}
+            out.append(entry)
+    return out
 
 
 COLUMNS = [("model", None), ("precision", None), ("backend", None), ("audit", None),
@@ -120,10 +203,58 @@ def markdown(summary: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if notes:
         lines += ["", "Notes:"] + [f"{i}. {n}" for i, n in enumerate(notes, 1)]
+    lines += localisation_markdown(summary.get("localisations") or [])
+    lines += repair_markdown(summary.get("repairs") or [])
     if summary["skipped_backends"]:
         lines += ["", "Skipped backends:"]
         lines += [f"- {line}" for line in summary["skipped_backends"].values()]
     return "\n".join(lines) + "\n" + efailures.markdown(summary.get("failures") or [])
+
+
+def _where(d: dict | None) -> str:
+    return "—" if not d else f"`{d['node']}` ({d['op_type']}, drop {d['drop_db']:.1f} dB)"
+
+
+def localisation_markdown(locs: list[dict]) -> list[str]:
+    if not locs:
+        return []
+    lines = ["", "Where the drift enters (variants that failed their audit; "
+                 "docs/drift-audit.md):", "",
+             "| model | precision | status | first node | worst nodes |", "|---|---|---|---|---|"]
+    for loc in locs:
+        worst = "; ".join(_where(d) for d in loc["worst"]) or loc.get("reason") or "—"
+        lines.append(f"| {loc['model']} | {loc['precision']} | {loc['status']} | "
+                     f"{_where(loc['first'])} | {worst} |")
+    return lines
+
+
+def _metric(v: dict | None) -> str:
+    if not v:
+        return "—"
+    return (f"{v['audit']} (cosine {_fmt(v['cosine'], '.6f')}, SNR {_fmt(v['snr_db'], '.1f')}"
+            f" dB, max_abs {_fmt(v['max_abs'])})")
+
+
+def repair_markdown(reps: list[dict]) -> list[str]:
+    """One trade-off block per repaired variant."""
+    lines = []
+    for r in reps:
+        sizes = r["onnx_mib"]
+        kept = ", ".join(f"`{n}`" for n in r["excluded_nodes"] or []) or "none"
+        lines += ["", f"Repair {r['model']} {r['from']} -> {r['precision']}: "
+                      f"{r['status'] or 'not made'}, {r['rounds']} round(s), kept in high "
+                      f"precision: {kept}; ONNX {_fmt(sizes[r['from']])} -> "
+                      f"{_fmt(sizes[r['precision']])} MiB", "",
+                  "| backend | plain | repaired | profile | p50 ms plain -> repaired | "
+                  "engine MiB plain -> repaired |", "|---|---|---|---|---|---|"]
+        for backend, b in r["backends"].items():
+            for prof, lat in b["latency"].items():
+                lines.append(f"| {backend} | {_metric(b['plain'])} | {_metric(b['repaired'])} "
+                             f"| {prof} | {_fmt(lat['plain_p50_ms'], '.3f')} -> "
+                             f"{_fmt(lat['repaired_p50_ms'], '.3f')} | "
+                             f"{_fmt(lat['plain_engine_mib'])} -> "
+                             f"{_fmt(lat['repaired_engine_mib'])} |")
+    return lines
 
 
 def run(job) -> None:
