@@ -1,19 +1,19 @@
 """Stage 3b — repair: the ``<p>-repaired`` variant keeps the localised nodes in high precision.
 
-Reads the plain variant's localisation (``audit/localise/<p>.json``). A variant that
-passes its audits is its own repair (``not_needed``: the plain ONNX, copied); one no audit
-could measure stays as it is (``unrepaired``). Otherwise, after a round 0 that audits the
-plain variant in-process (the metrics before), round by round (at most
-``repair.max_rounds``): the next ``repair.nodes_per_round`` nodes of
-the localisation (``first``, then ``worst`` by drop; a node already kept in high precision
-that still ranks passes the blame to the nodes producing its inputs: an exact subtraction
-of rounded operands, e.g.) join ``nodes_to_exclude``; the variant is re-made from the fp32
-ONNX by the precision stage's own code (AutoCast for fp16/bf16, ModelOpt Q/DQ for
-int8/fp8), re-audited in-process against the PyTorch reference (``audit.compare`` /
-``audit.verdict`` with the precision's tolerances, on ONNX Runtime CPU, or the ONNX
-reference evaluator where ORT has no kernel) and re-localised. The first passing round is
-``repaired``; no pass within the bound leaves the last round's variant, ``unrepaired`` (its
-audit then fails honestly). ``extra.repair`` records every round.
+Reads the plain variant's localisation (``audit/localise/<p>.json``). A variant that passes
+its audits is its own repair (``not_needed``: the plain ONNX, copied); one no audit could
+measure stays as it is (``unrepaired``). Otherwise, after a round 0 that audits the plain
+variant in-process (the metrics before), round by round (at most ``repair.max_rounds``): the
+next ``repair.nodes_per_round`` nodes of the localisation (``first``, then ``worst`` nodes
+over the drop threshold; a node already kept in high precision that still ranks passes the
+blame to the nodes producing its inputs: an exact subtraction of rounded operands, e.g.)
+join ``nodes_to_exclude``; the variant is re-made from the fp32 ONNX by the precision
+stage's own code (AutoCast for fp16/bf16, ModelOpt Q/DQ for int8/fp8), re-audited in-process
+against the PyTorch reference (``audit.compare`` / ``audit.verdict`` with the precision's
+tolerances, on ONNX Runtime CPU, or the ONNX reference evaluator where ORT has no kernel)
+and re-localised. The first passing round is ``repaired``; no pass within the bound leaves
+the last round's variant, ``unrepaired`` (its audit then fails honestly). ``extra.repair``
+records every round.
 """
 
 from __future__ import annotations
@@ -77,9 +77,11 @@ def cache_group(job) -> str:
 
 def candidates(loc: Localisation, excluded: list[str], producers: dict[str, list[str]],
                n: int) -> list[str]:
-    """The next ``n`` nodes to keep in high precision: ``first`` then ``worst`` (nodes that
-    add error); a node already excluded hands the blame to the producers of its inputs."""
-    ranked = ([loc.first] if loc.first else []) + [d for d in loc.worst if d.drop_db > 0]
+    """The next ``n`` nodes to keep in high precision: ``first`` then ``worst`` (nodes whose
+    drop reaches the localisation's threshold: a node adding 1 dB is not worth its cost); a
+    node already excluded hands the blame to the producers of its inputs."""
+    ranked = ([loc.first] if loc.first else []) + [
+        d for d in loc.worst if d.drop_db >= loc.drop_threshold_db]
     out: list[str] = []
     for d in ranked:
         for name in ([d.node] if d.node not in excluded else producers.get(d.node, [])):
