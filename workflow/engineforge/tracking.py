@@ -188,8 +188,12 @@ def build_record(model: str, m: dict, experiment: str, sidecars: dict,
                  for a in _stage_files(stage, sidecars[stage])]
     artifacts += [a for p in sorted(precs)
                   for a in _stage_files(f"precision/{p}", sidecars["precision"][p])]
-    artifacts += [[str(sidecars[k]), "audit"] for k in ("drift", "drift_md")
-                  if Path(sidecars[k]).is_file()]
+    artifacts += [[str(sidecars[k]), "audit"] for k in ("drift", "drift_md", "gate")
+                  if k in sidecars and Path(sidecars[k]).is_file()]
+    if gate := _read(sidecars.get("gate")):  # the baseline gate's verdict
+        tags |= {"engineforge.gate": gate["status"],
+                 "engineforge.gate.baseline": gate["baseline"]["label"][:500]}
+        numbers["gate_regressions"] = gate["regressions"]
     parent = {
         "name": model, "tags": tags,
         "span": _span(export, simplify, *precs.values(),
@@ -391,15 +395,18 @@ class Settings(Section):
     experiment: str
     model: dict                       # checkpoint, opset, precisions, backends, task, profiles
     builds: dict[str, list[str]]      # usable backend -> profiles it builds
+    gate: bool = False                # the model has a baseline gate (gate.json)
 
 
 def settings(m: dict, w: dict, experiment: str, builds: dict[str, list[str]]) -> Settings:
     keys = ("checkpoint", "opset", "precisions", "backends", "task", "profiles")
-    return Settings(experiment=experiment, model={k: m[k] for k in keys}, builds=builds)
+    return Settings(experiment=experiment, model={k: m[k] for k in keys}, builds=builds,
+                    gate=bool(m.get("gate")))
 
 
 def model_outputs(layout, model: str, s: Settings) -> dict:
-    return layout.model_outputs(model, s.model["precisions"], s.builds, list(s.model["profiles"]))
+    return layout.model_outputs(model, s.model["precisions"], s.builds, list(s.model["profiles"]),
+                                gate=s.gate)
 
 
 def run(job) -> None:

@@ -180,11 +180,16 @@ def builds(model):
 
 def model_outputs(model):
     m = MODELS[model]
-    return L.model_outputs(model, m["precisions"], builds(model), list(m["profiles"]))
+    return L.model_outputs(
+        model, m["precisions"], builds(model), list(m["profiles"]), gate=bool(m["gate"])
+    )
 
 
 def all_targets():
-    return [L.summary("md")] + [L.track(m) for m in MODELS]
+    strict = [
+        L.gate("gate.ok", m) for m in MODELS if (MODELS[m]["gate"] or {}).get("strict")
+    ]
+    return [L.summary("md")] + [L.track(m) for m in MODELS] + strict
 
 
 def track_settings(model):
@@ -203,6 +208,7 @@ def summary_settings():
                 "precisions": MODELS[m]["precisions"],
                 "backends": usable_backends(m),
                 "profile": first_profile(m),
+                "gate": bool(MODELS[m]["gate"]),
             }
             for m in MODELS
         },

@@ -14,6 +14,7 @@ STAGES = {
     "precision": "engineforge.stages.precision",
     "audit": "engineforge.stages.audit",
     "drift": "engineforge.stages.drift",
+    "gate": "engineforge.stages.gate",
     "build": "engineforge.stages.build",
     "bench": "engineforge.stages.bench",
     "baseline": "engineforge.stages.baseline",

@@ -15,13 +15,14 @@ from engineforge.layout import Layout
 from engineforge.results import AuditResult, BenchResult, BuildResult, PrecisionResult
 from engineforge.settings import Section
 from engineforge.sidecar import read_json, write_json
+from engineforge.stages import gate
 
 ISOLATED = False
 TOOLS = ()
 
 
 class Settings(Section):
-    models: dict[str, dict]          # model -> {precisions, backends (usable), profile}
+    models: dict[str, dict]          # model -> {precisions, backends (usable), profile, gate}
     skipped_backends: dict[str, str]  # backend -> "skipped: why (how)"
 
 
@@ -80,7 +81,9 @@ def collect(layout: Layout, s: Settings, failures: list[dict] | None = None) -> 
                 if failed:
                     row["failed"] = ", ".join(failed)
                 rows.append(row)
-    return {"rows": rows, "skipped_backends": dict(s.skipped_backends),
+    gates = {model: read_json(p) for model, m in s.models.items()
+             if m.get("gate") and (p := Path(layout.gate("gate.json", model))).exists()}
+    return {"rows": rows, "gates": gates, "skipped_backends": dict(s.skipped_backends),
             "complete": failures is None, "failures": list(failures or [])}
 
 
@@ -120,10 +123,25 @@ def markdown(summary: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if notes:
         lines += ["", "Notes:"] + [f"{i}. {n}" for i, n in enumerate(notes, 1)]
+    lines += gate_section(summary.get("gates") or {})
     if summary["skipped_backends"]:
         lines += ["", "Skipped backends:"]
         lines += [f"- {line}" for line in summary["skipped_backends"].values()]
     return "\n".join(lines) + "\n" + efailures.markdown(summary.get("failures") or [])
+
+
+def gate_section(gates: dict) -> list[str]:
+    """"Baseline gate": per model the verdict vs its baseline, and each regressed metric."""
+    if not gates:
+        return []
+    lines = ["", "## Baseline gate", ""]
+    for model, g in gates.items():
+        lines.append(f"- {model}: **{g['status']}** vs {g['baseline']['label']} "
+                     f"({g['compared']} metrics compared, {g['regressions']} regressed, "
+                     f"{len(g['missing'])} on one side only)")
+        lines += [f"  - {gate.regression_line(r, 'baseline')}" for r in g["rows"]
+                  if r["regressed"]]
+    return lines
 
 
 def run(job) -> None:
