@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_raw_config, write_tiny_workspace
-from engineforge.errors import GateError
 from engineforge.job import Job
 from engineforge.runner import StageFailed, run_job
 from engineforge.settings import GateSettings
@@ -43,9 +42,11 @@ def changed(rows, **edits):
     return out
 
 
-def gate_run(tmp: Path, current: list[dict], baseline, model="m", strict=False, **margin):
+def gate_run(tmp: Path, current: list[dict], baseline, model="m", strict=False, artifacts=None,
+             **margin):
     """Run the gate stage through the real runner: ``baseline`` is a source string or rows
-    (written to a drift.json). Returns gate.json."""
+    (written to a drift.json); ``artifacts``: where release:<version> looks. Returns
+    gate.json."""
     drift = tmp / "artifacts" / model / "audit" / "drift.json"
     write_json(drift, {"model": model, "rows": current})
     if not isinstance(baseline, str):
@@ -56,7 +57,8 @@ def gate_run(tmp: Path, current: list[dict], baseline, model="m", strict=False, 
     out = drift.with_name("gate.json")
     run_job(Job(stage="gate", model=model, wildcards={"model": model},
                 inputs={"drift": drift}, outputs={"json": out}, settings=settings, tools={},
-                device=None, log=tmp / "gate.log", artifacts=str(tmp / "artifacts")))
+                device=None, log=tmp / "gate.log",
+                artifacts=str(artifacts or tmp / "artifacts")))
     return read_json(out)
 
 
@@ -214,7 +216,8 @@ def better(rows: list[dict]) -> list[dict]:
 def gate_ws(ws: Path, source: str, **kw) -> dict:
     """The gate on the workspace's real drift matrix (written under a scratch tree)."""
     scratch = ws / "scratch"
-    return gate_run(scratch, current_rows(ws), source, model="tinycls", **kw)
+    return gate_run(scratch, current_rows(ws), source, model="tinycls",
+                    artifacts=ws / "artifacts", **kw)
 
 
 @pytest.mark.e2e
@@ -268,6 +271,8 @@ def test_mlflow_runs_by_alias_and_by_tag(in_ws):
     assert regressed(g) == [("fp32", "snr_db"), ("fp32", "accuracy")]
     assert run.info.run_id in g["baseline"]["label"]
     assert g["regressions"] == 2
+    g = gate_ws(ws, f"runs:/{run.info.run_id}")
+    assert regressed(g) == [("fp32", "snr_db"), ("fp32", "accuracy")]
 
     # unreadable MLflow baselines: one line naming the key each
     empty = client.create_run(exp.experiment_id, tags={"engineforge.model": "tinycls",
@@ -307,10 +312,12 @@ def test_strict_gate_fails_the_workflow_with_one_line(in_ws):
     assert "## Baseline gate" in (ws / "artifacts/summary.md").read_text()
     client = MlflowClient(tracking_uri=f"sqlite:///{ws}/mlflow.db")
     exp = client.get_experiment_by_name("engineforge-tests")
-    parent = client.search_runs([exp.experiment_id], "tags.`engineforge.kind` = 'model'",
-                                order_by=["attributes.start_time DESC"], max_results=1)[0]
-    assert parent.data.tags["engineforge.gate"] == "regressed"
-    assert parent.data.metrics["gate_regressions"] == 1
+    parents = client.search_runs([exp.experiment_id], "tags.`engineforge.kind` = 'model' and "
+                                 "tags.`engineforge.gate` = 'regressed'")
+    assert len(parents) == 1
+    assert parents[0].data.metrics["gate_regressions"] == 1
+    assert "audit/gate.json" in {a.path for a in client.list_artifacts(parents[0].info.run_id,
+                                                                       "audit")}
 
     # not strict: the same regression is recorded, and the run succeeds
     write_config(ws, raw_config({"baseline": "better.json", "margin": {"snr_db": None}}))

@@ -181,7 +181,7 @@ class GateMargins(Section):
 
 
 class GateSettings(Section):
-    """The baseline gate: this run's drift matrix against an earlier one (docs/drift.md)."""
+    """The baseline gate: this run's drift matrix against an earlier one (docs/gate.md)."""
 
     baseline: str = Field(description="Where the earlier drift matrix comes from: a file "
                                       "(drift.json, a release manifest.json or bundle "

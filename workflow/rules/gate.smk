@@ -4,18 +4,14 @@
 from engineforge.stages import gate as efgate
 
 
-def gate_input(w):
-    """The drift matrix, and the baseline file where the source is one (a new baseline file
-    reruns the gate; MLflow sources are read when the gate runs)."""
-    source = efgate.source_of(MODELS[w.model]["gate"], w.model)
-    path = efgate.local_file(source, A)
-    found = {"baseline": str(path)} if path and path.is_file() else {}
-    return {"drift": L.drift("json", w.model)} | found
-
-
 rule gate:
     input:
-        unpack(gate_input),
+        # the drift matrix, and the baseline where it is a file (a new one reruns the gate)
+        unpack(
+            lambda w: efgate.rule_inputs(
+                MODELS[w.model], w.model, L.drift("json", w.model), A
+            )
+        ),
     output:
         json=L.gate("gate.json"),
     log:

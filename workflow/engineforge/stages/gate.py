@@ -25,7 +25,7 @@ from engineforge.sidecar import read_json, write_json
 
 ISOLATED = False  # file reads and the MLflow client only
 TOOLS = ()
-LIKELY_FIX = "check gate.baseline (docs/drift.md: baseline sources)"
+LIKELY_FIX = "check gate.baseline (docs/gate.md: baseline sources)"
 KEY = "gate.baseline"
 WORST = "worst"  # the output of a drift-matrix row that holds the worst of every output
 HIGHER_IS_BETTER = ("cosine", "snr_db", "top1_agreement", "top5_agreement", "accuracy")
@@ -56,6 +56,14 @@ def local_file(source: str, artifacts: str) -> Path | None:
         version = source.split(":", 1)[1]
         return Path(artifacts) / "releases" / f"engineforge-{version}.tar.gz"
     return Path(source)
+
+
+def rule_inputs(m: dict, model: str, drift: str, artifacts: str) -> dict:
+    """The gate rule's inputs: the drift matrix, and the baseline file where the source is
+    one that exists (MLflow sources are read when the gate runs)."""
+    path = local_file(source_of(m["gate"], model), artifacts)
+    return {"drift": drift} | (
+        {"baseline": str(path)} if path and path.is_file() else {})
 
 
 # -- reading a baseline -------------------------------------------------------------------------
