@@ -132,6 +132,16 @@ def test_rows_and_metrics_missing_on_one_side_are_reported(tmp_path):
     assert {r["precision"] for r in g["rows"]} == {"fp32"}
 
 
+def test_rows_are_matched_per_output_where_the_matrix_has_them(tmp_path):
+    per_output = {"logits": {"cosine": 0.9981}, "embedding": {"cosine": 0.97}}
+    current = changed(ROWS, int8={"outputs": per_output})
+    baseline = changed(ROWS, int8={"outputs": {**per_output, "embedding": {"cosine": 0.99}}})
+    g = gate_run(tmp_path, current, baseline)
+    assert [(r["output"], r["metric"]) for r in g["rows"] if r["regressed"]] == [
+        ("embedding", "cosine")]
+    assert "int8/onnxruntime output embedding cosine 0.99 -> 0.97" in strict_check(tmp_path)
+
+
 def test_nothing_in_common_is_not_a_pass(tmp_path):
     g = gate_run(tmp_path, ROWS[:1], ROWS[1:])
     assert g["status"] == "nothing_compared" and g["compared"] == 0
@@ -165,6 +175,26 @@ def test_an_unreadable_baseline_is_one_line_naming_the_key(tmp_path, write, need
     line = str(err.value)
     assert line.startswith("[model=m stage=gate key=gate.baseline]") and "\n" not in line
     assert needle.format(p=path) in line
+
+
+@pytest.mark.parametrize("cfg,key", [({"margin": {"cosine": 0.1}}, "gate"),
+                                     ({"baseline": "b.json", "margin": {"cosin": 0.1}},
+                                      "gate.margin"),
+                                     ({"baseline": "b.json", "margin": {"snr_db": -1}},
+                                      "gate.margin.snr_db")])
+def test_bad_gate_settings_are_config_errors_naming_the_key(tiny_workspace, cfg, key):
+    from engineforge import config
+    from engineforge.errors import ConfigError
+
+    raw = tiny_raw_config()
+    raw["models"]["tinycls"]["gate"] = cfg
+    with pytest.raises(ConfigError) as err:
+        config.resolve(raw, tiny_workspace)
+    assert f"invalid config at 'models.tinycls.{key}'" in str(err.value)
+    raw["models"]["tinycls"]["gate"] = {"baseline": "b.json", "margin": {"snr_db": None}}
+    m = config.resolve(raw, tiny_workspace)["models"]
+    assert gate.settings(m["tinycls"], {}).gate.margin.snr_db is None  # positive control
+    assert m["tinyfcn"]["gate"] is None
 
 
 # -- against a real workflow run, release and MLflow --------------------------------------------

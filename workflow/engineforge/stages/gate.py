@@ -231,11 +231,22 @@ def compare_metric(metric: str, before: float, after: float, margin: float) -> d
     return out
 
 
+def _by_key(rows: list[dict]) -> dict:
+    """Rows by (precision, backend, output); a row's per-output figures (an ``outputs``
+    mapping, where a drift matrix holds them) become rows of their own."""
+    out = {}
+    for r in rows:
+        out[_key(r)] = r
+        for name, figures in (r.get("outputs") or {}).items():
+            if isinstance(figures, dict):
+                out[_key({**r, "output": name})] = figures
+    return out
+
+
 def compare(before_rows: list[dict], after_rows: list[dict], margins: dict) -> dict:
     """Every metric with a margin, in every row present on both sides; rows and metrics
     present on one side only are listed under ``missing``."""
-    before = {_key(r): r for r in before_rows}
-    after = {_key(r): r for r in after_rows}
+    before, after = _by_key(before_rows), _by_key(after_rows)
     rows, missing = [], []
     for key in list(after) + [k for k in before if k not in after]:
         where = dict(zip(("precision", "backend", "output"), key))
@@ -301,7 +312,8 @@ def enforce(gate_json: Path, model: str, ok: Path) -> None:
         more = f" ({len(bad) - 1} more in {gate_json})" if len(bad) > 1 else ""
         raise GateError(f"{regression_line(bad[0], label)}{more}.", model=model,
                         key=f"gate.margin.{bad[0]['metric']}",
-                        fix=f"find the cause (audit/drift.md, {gate_json}); if the change is "
+                        fix=f"find the cause ({Path(gate_json).with_name('drift.md')}, "
+                            f"{gate_json}); if the change is "
                             "accepted, raise that margin or move gate.baseline to a newer "
                             "baseline")
     ok.write_text(f"{label}: {g['compared']} metrics within their margins\n")
