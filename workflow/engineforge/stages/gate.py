@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import tarfile
 import tempfile
@@ -128,6 +129,7 @@ def from_mlflow(source: str, model: str, experiment: str) -> tuple[list[dict], s
     from engineforge import tracking  # credentials out of MLflow's messages
 
     tracking.quick_failing_http()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file
     uri = tracking.tracking_uri()
     client = MlflowClient(tracking_uri=uri)
     try:
