@@ -63,6 +63,10 @@ class AuditError(EngineforgeError):
     stage = "audit"
 
 
+class GateError(EngineforgeError):
+    stage = "gate"
+
+
 class BuildError(EngineforgeError):
     stage = "build"
 

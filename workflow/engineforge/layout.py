@@ -68,6 +68,10 @@ class Layout:
     def drift(self, ext: str, model="{model}") -> str:
         return f"{self.root}/{model}/audit/drift.{ext}"
 
+    def gate(self, name: str = "gate.json", model="{model}") -> str:
+        """The baseline gate's report ``gate.json``; ``gate.ok``: its strict check passed."""
+        return f"{self.root}/{model}/audit/{name}"
+
     # bench
     def bench(self, model="{model}", backend="{backend}", precision="{precision}",
               profile="{profile}") -> str:
@@ -97,12 +101,13 @@ class Layout:
         return f"{self.root}/_tracking/pending"
 
     def model_outputs(self, model: str, precisions: list[str], builds: dict[str, list[str]],
-                      profiles: list[str]) -> dict:
+                      profiles: list[str], gate: bool = False) -> dict:
         """Every per-model output the tracking record reads, by role.
 
         ``precisions``: the model's variants (``settings.variants``: repaired ones too);
         ``builds``: backend -> the profiles it builds (``all`` included where built);
-        ``profiles``: the model's profile names (bench and baseline points)."""
+        ``profiles``: the model's profile names (bench and baseline points); ``gate``: the
+        model configures a baseline gate."""
         t = {"export": self.export("export.json", model),
              "simplify": self.simplify("simplify.json", model),
              "drift": self.drift("json", model), "drift_md": self.drift("md", model),
@@ -110,6 +115,8 @@ class Layout:
              "localise": {p: self.localise(model, p) for p in precisions if p != "fp32"},
              "audit": {}, "build": {}, "bench": {}, "engine": {},
              "baseline": {prof: self.baseline(model, prof) for prof in profiles}}
+        if gate:
+            t["gate"] = self.gate("gate.json", model)
         for b, build_profiles in builds.items():
             for p in [p for p in precisions
                       if base_precision(p) in backend_class(b).precisions]:

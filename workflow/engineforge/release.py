@@ -203,6 +203,12 @@ def _repair(precision_sidecar: Path | None) -> dict:
             } if repair else {}
 
 
+def _drift_rows(artifacts: Path, model: str) -> list[dict]:
+    """Every row of the model's drift matrix (``audit/drift.json``), [] when there is none."""
+    path = Path(Layout(Path(artifacts).as_posix()).drift("json", model))
+    return read_json(path)["rows"] if path.is_file() else []
+
+
 def _run_ids_by_record(client, experiment: str, record_id: str) -> dict:
     """Child run ids of an uploaded record (track.json lacks them after `sync` or a reuse)."""
     exp = client.get_experiment_by_name(experiment)
@@ -266,11 +272,13 @@ def register(entries: list[dict], version: str, alias: str, experiment: str, say
                     name, tags={"engineforge.model": e["model"]},
                     description=f"engineforge engine {e['name']}")
             tags = {"engineforge.release": version, "engineforge.sha256": e["sha256"],
+                    "engineforge.run_id": m["run_id"],  # this release's run (the gate's)
                     "engineforge.fingerprint.build": e["fingerprints"].get("build", ""),
                     "engineforge.audit": e["audit"]["verdict"], "engineforge.name": e["name"]}
             mv = client.create_model_version(name, source, run_id=source_run, tags=tags,
                                              description=f"engineforge release {version}")
             client.set_registered_model_alias(name, alias, mv.version)
+            client.set_tag(m["run_id"], "engineforge.release", version)  # gate: tag:...
             m.update(registered_model=name, version=str(mv.version), alias=alias, source=source)
             say(f"registered {name} version {mv.version} (alias {alias})")
     except ReleaseError:
@@ -333,6 +341,7 @@ def release(version: str, *, config_path: str | Path = "config.yaml",
         "config": {"path": str(config_path), "experiment": cfg["experiment"],
                    "models": {m: cfg["models"][m] for m in used}},
         "engines": entries, "excluded": excluded,
+        "drift": {m: _drift_rows(artifacts, m) for m in used},  # what a baseline gate reads
         "files": {p: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
                   for p, f in sorted(files.items())},
     }

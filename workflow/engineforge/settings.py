@@ -235,6 +235,40 @@ class TensorRTSettings(Section):
                           "--calib) made on the target GPU.")
 
 
+class GateMargins(Section):
+    """How much worse than the baseline a drift-matrix metric may get (null: not compared).
+    Drops are absolute (cosine, agreements, accuracy: fractions; snr_db: dB); growths of
+    error magnitudes are relative to the baseline (0.5: +50 %)."""
+
+    cosine: float | None = Field(0.001, ge=0, description="Largest cosine-similarity drop.")
+    snr_db: float | None = Field(3.0, ge=0, description="Largest SNR drop (dB).")
+    top1_agreement: float | None = Field(0.01, ge=0, description="Largest top-1 agreement "
+                                                                  "drop.")
+    top5_agreement: float | None = Field(0.01, ge=0, description="Largest top-5 agreement "
+                                                                  "drop.")
+    accuracy: float | None = Field(0.005, ge=0, description="Largest task-accuracy drop.")
+    max_abs: float | None = Field(0.5, ge=0, description="Largest relative growth of the "
+                                                         "max absolute error.")
+    p99_abs: float | None = Field(0.5, ge=0, description="Largest relative growth of the "
+                                                         "p99 absolute error.")
+    mean_rel: float | None = Field(None, ge=0, description="Largest relative growth of the "
+                                                           "mean relative error.")
+
+
+class GateSettings(Section):
+    """The baseline gate: this run's drift matrix against an earlier one (docs/gate.md)."""
+
+    baseline: str = Field(description="Where the earlier drift matrix comes from: a file "
+                                      "(drift.json, a release manifest.json or bundle "
+                                      ".tar.gz), release:<version>, runs:/<run id>, "
+                                      "models:/<registered model>@<alias> or /<version>, or "
+                                      "tag:<key>=<value> (newest run of the model carrying "
+                                      "that tag). {model} is replaced by the model's name.")
+    margin: GateMargins = Field(GateMargins(), description="Allowed worsening per metric.")
+    strict: bool = Field(False, description="A regression fails the run (one line); else it "
+                                            "is recorded, summarised and tracked.")
+
+
 class Settings(Section):
     """Keys allowed under ``defaults:`` and in every model."""
 
@@ -261,6 +295,7 @@ class Settings(Section):
     time_limits: TimeLimits = Field(TimeLimits(), description="Per-job time limits (s).")
     bench: BenchSettings = Field(BenchSettings(), description="Latency benchmark.")
     tensorrt: TensorRTSettings = Field(TensorRTSettings(), description="TensorRT builders.")
+    gate: GateSettings | None = Field(None, description="Baseline gate (off when null).")
 
 
 def builtin_defaults() -> dict:

@@ -188,8 +188,12 @@ def build_record(model: str, m: dict, experiment: str, sidecars: dict,
                  for a in _stage_files(stage, sidecars[stage])]
     artifacts += [a for p in sorted(precs)
                   for a in _stage_files(f"precision/{p}", sidecars["precision"][p])]
-    artifacts += [[str(sidecars[k]), "audit"] for k in ("drift", "drift_md")
-                  if Path(sidecars[k]).is_file()]
+    artifacts += [[str(sidecars[k]), "audit"] for k in ("drift", "drift_md", "gate")
+                  if k in sidecars and Path(sidecars[k]).is_file()]
+    if gate := _read(sidecars.get("gate")):  # the baseline gate's verdict
+        tags |= {"engineforge.gate": gate["status"],
+                 "engineforge.gate.baseline": gate["baseline"]["label"][:500]}
+        numbers["gate_regressions"] = gate["regressions"]
     for v, path in sorted((sidecars.get("localise") or {}).items()):  # localisation
         if (loc := (_read(path) or {}).get("result")) is None:
             continue
@@ -409,6 +413,7 @@ class Settings(Section):
     experiment: str
     model: dict                       # checkpoint, opset, precisions, backends, task, profiles
     builds: dict[str, list[str]]      # usable backend -> profiles it builds
+    gate: bool = False                # the model has a baseline gate (gate.json)
 
 
 def settings(m: dict, w: dict, experiment: str, builds: dict[str, list[str]]) -> Settings:
@@ -416,11 +421,13 @@ def settings(m: dict, w: dict, experiment: str, builds: dict[str, list[str]]) ->
     from engineforge.settings import variants
 
     model = {k: m[k] for k in keys} | {"precisions": variants(m)}  # repaired variants too
-    return Settings(experiment=experiment, model=model, builds=builds)
+    return Settings(experiment=experiment, model=model, builds=builds,
+                    gate=bool(m.get("gate")))
 
 
 def model_outputs(layout, model: str, s: Settings) -> dict:
-    return layout.model_outputs(model, s.model["precisions"], s.builds, list(s.model["profiles"]))
+    return layout.model_outputs(model, s.model["precisions"], s.builds, list(s.model["profiles"]),
+                                gate=s.gate)
 
 
 def run(job) -> None:

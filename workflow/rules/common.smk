@@ -199,12 +199,19 @@ def builds(model):
 def model_outputs(model):
     m = MODELS[model]
     return L.model_outputs(
-        model, efsettings.variants(m), builds(model), list(m["profiles"])
+        model,
+        efsettings.variants(m),
+        builds(model),
+        list(m["profiles"]),
+        gate=bool(m["gate"]),
     )
 
 
 def all_targets():
-    return [L.summary("md")] + [L.track(m) for m in MODELS]
+    strict = [
+        L.gate("gate.ok", m) for m in MODELS if (MODELS[m]["gate"] or {}).get("strict")
+    ]
+    return [L.summary("md")] + [L.track(m) for m in MODELS] + strict
 
 
 def track_settings(model):
@@ -224,6 +231,7 @@ def summary_settings():
                 "backends": usable_backends(m),
                 "profile": first_profile(m),
                 "profiles": list(MODELS[m]["profiles"]),
+                "gate": bool(MODELS[m]["gate"]),
             }
             for m in MODELS
         },

@@ -16,6 +16,7 @@ STAGES = {
     "localise": "engineforge.stages.localise",
     "repair": "engineforge.stages.repair",
     "drift": "engineforge.stages.drift",
+    "gate": "engineforge.stages.gate",
     "build": "engineforge.stages.build",
     "bench": "engineforge.stages.bench",
     "baseline": "engineforge.stages.baseline",

@@ -26,13 +26,14 @@ from engineforge.results import (
 )
 from engineforge.settings import Section, base_precision, is_repaired
 from engineforge.sidecar import read_json, write_json
+from engineforge.stages import gate
 
 ISOLATED = False
 TOOLS = ()
 
 
 class Settings(Section):
-    models: dict[str, dict]          # model -> {precisions, backends (usable), profile}
+    models: dict[str, dict]          # model -> {precisions, backends (usable), profile, gate}
     skipped_backends: dict[str, str]  # backend -> "skipped: why (how)"
 
 
@@ -91,7 +92,9 @@ def collect(layout: Layout, s: Settings, failures: list[dict] | None = None) -> 
                 if failed:
                     row["failed"] = ", ".join(failed)
                 rows.append(row)
-    return {"rows": rows, "skipped_backends": dict(s.skipped_backends),
+    gates = {model: read_json(p) for model, m in s.models.items()
+             if m.get("gate") and (p := Path(layout.gate("gate.json", model))).exists()}
+    return {"rows": rows, "gates": gates, "skipped_backends": dict(s.skipped_backends),
             "complete": failures is None, "failures": list(failures or []),
             "localisations": localisations(layout, s), "repairs": repairs(layout, s)}
 
@@ -205,6 +208,7 @@ def markdown(summary: dict) -> str:
         lines += ["", "Notes:"] + [f"{i}. {n}" for i, n in enumerate(notes, 1)]
     lines += localisation_markdown(summary.get("localisations") or [])
     lines += repair_markdown(summary.get("repairs") or [])
+    lines += gate_section(summary.get("gates") or {})
     if summary["skipped_backends"]:
         lines += ["", "Skipped backends:"]
         lines += [f"- {line}" for line in summary["skipped_backends"].values()]
@@ -254,6 +258,20 @@ def repair_markdown(reps: list[dict]) -> list[str]:
                              f"{_fmt(lat['repaired_p50_ms'], '.3f')} | "
                              f"{_fmt(lat['plain_engine_mib'])} -> "
                              f"{_fmt(lat['repaired_engine_mib'])} |")
+    return lines
+
+
+def gate_section(gates: dict) -> list[str]:
+    """"Baseline gate": per model the verdict vs its baseline, and each regressed metric."""
+    if not gates:
+        return []
+    lines = ["", "## Baseline gate", ""]
+    for model, g in gates.items():
+        lines.append(f"- {model}: **{g['status']}** vs {g['baseline']['label']} "
+                     f"({g['compared']} metrics compared, {g['regressions']} regressed, "
+                     f"{len(g['missing'])} on one side only)")
+        lines += [f"  - {gate.regression_line(r, 'baseline')}" for r in g["rows"]
+                  if r["regressed"]]
     return lines
 
 

@@ -1,0 +1,33 @@
+# The baseline gate, for models with `gate:`: this run's drift matrix against an earlier one
+# (stages/gate.py). Its gate.json is an input of the model's track job; `strict: true` adds
+# gate.ok to the targets, whose job fails the run on a regression.
+from engineforge.stages import gate as efgate
+
+
+rule gate:
+    input:
+        # the drift matrix, and the baseline where it is a file (a new one reruns the gate)
+        unpack(
+            lambda w: efgate.rule_inputs(
+                MODELS[w.model], w.model, L.drift("json", w.model), A
+            )
+        ),
+    output:
+        json=L.gate("gate.json"),
+    log:
+        L.log("gate"),
+    params:
+        settings=settings_param("gate", experiment=EF["experiment"]),
+    run:
+        run_stage("gate", wildcards, input, output, params, log)
+
+
+rule gate_strict:
+    input:
+        gate=L.gate("gate.json"),
+    output:
+        ok=L.gate("gate.ok"),
+    log:
+        L.log("gate-strict"),
+    run:
+        run_stage("gate", wildcards, input, output, params, log)
