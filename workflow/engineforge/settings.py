@@ -160,6 +160,15 @@ class TensorRTSettings(Section):
                           "--calib) made on the target GPU.")
 
 
+class TorchInductorSettings(Section):
+    """The torch-inductor backend (AOTInductor packages; torch.compile fallback)."""
+
+    cuda_graphs: Literal["auto", "on", "off"] = Field(
+        "auto", description="GPU only. auto: bench with and without CUDA graphs, report the "
+                            "faster; on: report with CUDA graphs (without kept too); off: "
+                            "without only. CUDA graphs help launch-bound (small) models.")
+
+
 class Settings(Section):
     """Keys allowed under ``defaults:`` and in every model."""
 
@@ -177,6 +186,8 @@ class Settings(Section):
     time_limits: TimeLimits = Field(TimeLimits(), description="Per-job time limits (s).")
     bench: BenchSettings = Field(BenchSettings(), description="Latency benchmark.")
     tensorrt: TensorRTSettings = Field(TensorRTSettings(), description="TensorRT builders.")
+    torch_inductor: TorchInductorSettings = Field(TorchInductorSettings(),
+                                                  description="torch-inductor backend.")
 
 
 def builtin_defaults() -> dict:
