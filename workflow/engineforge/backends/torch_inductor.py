@@ -272,7 +272,6 @@ class TorchInductorBackend(Backend):
         import torch
 
         from engineforge.errors import EngineforgeError
-        from engineforge.stages.bench import time_callable
 
         mode = settings.get("cuda_graphs", "auto")
         try:
@@ -286,6 +285,8 @@ class TorchInductorBackend(Backend):
         extra = loaded.facts()
         with torch.inference_mode():
             if loaded.device == "cpu":
+                from engineforge.stages.bench import time_callable
+
                 stats = time_callable(lambda: loaded.call(*args), settings["warmup"],
                                       settings["iterations"], batch=batch)
                 extra["cuda_graphs"] = "n/a (cpu)"
