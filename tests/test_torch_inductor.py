@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -189,9 +190,55 @@ def test_a_package_that_cannot_load_falls_back_to_torch_compile(built, tmp_path,
                                          "profile": PROFILE}}, skipped_backends={})
     md = summary.markdown(summary.collect(Layout(str(tmp_path / "artifacts")), s))
     assert f"| {BACKEND} [1] |" in md and "ran torch.compile instead" in md
-    # positive control: the intact package's summary row has no note
+    # and the MLflow record tags the engine's run with it
+    from engineforge import tracking
+
+    def note_tag(root: Path):
+        outs = Layout(str(root / "artifacts")).model_outputs(MODEL, ["fp32"],
+                                                             {BACKEND: [PROFILE]}, [PROFILE])
+        (child,) = tracking.build_record(MODEL, models[MODEL], "e", outs)["children"]
+        return child["tags"].get("engineforge.note")
+
+    assert "ran torch.compile instead" in note_tag(tmp_path)
+    # positive control: the intact package's summary row and record have no note
     md_ok = summary.markdown(summary.collect(Layout(str(src_root / "artifacts")), s))
     assert f"| {BACKEND} |" in md_ok and "torch.compile" not in md_ok
+    assert note_tag(src_root) is None
+
+
+CRASH_C = """
+#include <signal.h>
+__attribute__((constructor)) static void crash(void) { raise(SIGSEGV); }
+"""
+
+
+def test_a_package_that_segfaults_on_load_does_not_take_the_process_down(built, tmp_path):
+    """The H100 failure (aoti_load_package: exit -11) reproduced for real: the package's
+    compiled model library is swapped for one that raises SIGSEGV when it is loaded."""
+    # setup: a copy of the fp32 build whose wrapper .so segfaults in its constructor
+    src_root, _, _, _ = built
+    shutil.copytree(src_root / "artifacts", tmp_path / "artifacts")
+    (tmp_path / "crash.c").write_text(CRASH_C)
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(tmp_path / "crash.so"),
+                    str(tmp_path / "crash.c")], check=True)
+    engine = Path(Layout(str(tmp_path / "artifacts")).engine(BACKEND, MODEL, "fp32", PROFILE))
+    with zipfile.ZipFile(engine) as z:
+        entries = {i.filename: z.read(i) for i in z.infolist()}
+    (lib,) = [n for n in entries if n.endswith(".so")]
+    entries[lib] = (tmp_path / "crash.so").read_bytes()
+    with zipfile.ZipFile(engine, "w", zipfile.ZIP_STORED) as z:
+        for name, data in entries.items():
+            z.writestr(name, data)
+    x = np.load(Layout(str(src_root / "artifacts")).export("reference.npz", MODEL))
+    feed = torch.from_numpy(x["in:x"][:4])
+    # execute: load it as the audit and bench do, in this process
+    loaded = ti.load(engine, {"x": list(feed.shape)})
+    (out,) = loaded.call(feed)
+    # assert: the child crashed, this process lives on through torch.compile, correctly
+    assert loaded.runtime == "torch.compile"
+    assert "exit -11, SIGSEGV" in loaded.fallback_reason
+    (name,) = [k for k in x.files if k.startswith("out:")]
+    np.testing.assert_allclose(out.numpy(), x[name][:4], atol=1e-4)
 
 
 def test_no_program_is_a_result_not_a_crash(built, tmp_path):
@@ -203,7 +250,7 @@ def test_no_program_is_a_result_not_a_crash(built, tmp_path):
     # execute
     side = run_stage("build", models, MODEL, {"program": program},
                      {"engine": tmp_path / "artifacts" / MODEL / f"build/{BACKEND}/fp32/"
-                                f"{PROFILE}/model.pt2",
+                                f"{PROFILE}/package.pt2",
                       "sidecar": tmp_path / "b.json"}, tmp_path,
                      backend=BACKEND, precision="fp32", profile=PROFILE)
     # assert

@@ -199,7 +199,7 @@ def load(engine: Path, shapes: dict[str, list[int]], cuda_graphs: bool = False) 
 class TorchInductorBackend(Backend):
     name = "torch-inductor"
     builds_from = "torch"
-    artifact = "model.pt2"
+    artifact = "package.pt2"
     device_class = "cpu or gpu (cuda when torch sees one)"
     precisions = ("fp32", "fp16", "bf16")
     settings_section = "torch_inductor"
