@@ -124,11 +124,24 @@ def dynamic_shapes(io: dict, profile: dict) -> tuple[tuple, tuple]:
     return tuple(profile[n]["max"] for n in io["inputs"]), (tuple(specs),)
 
 
-@functools.cache
-def _probe_cached(engine: str, stamp: tuple, shapes: str, dtypes: str,
-                  device: str) -> str | None:
+_PROBED: dict[tuple, str | None] = {}  # (package, size, mtime, device) -> cause
+
+
+def probe(engine: Path, shapes: dict[str, list[int]], dtypes: dict[str, str],
+          device: str) -> str | None:
+    """None when the package loads, and runs once at ``shapes``, in a child process; else
+    the cause. Once per package file and device in this process."""
+    st = Path(engine).stat()
+    key = (str(engine), st.st_size, st.st_mtime_ns, device)
+    if key not in _PROBED:
+        _PROBED[key] = _probe(engine, shapes, dtypes, device)
+    return _PROBED[key]
+
+
+def _probe(engine: Path, shapes: dict, dtypes: dict, device: str) -> str | None:
     try:
-        proc = subprocess.run([sys.executable, "-c", PROBE, engine, shapes, dtypes, device],
+        proc = subprocess.run([sys.executable, "-c", PROBE, str(engine), json.dumps(shapes),
+                               json.dumps(dtypes), device],
                               capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return f"aoti_load_package did not finish in {PROBE_TIMEOUT_S} s (child process)"
@@ -141,15 +154,6 @@ def _probe_cached(engine: str, stamp: tuple, shapes: str, dtypes: str,
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     return (f"aoti_load_package failed in the child process (exit {proc.returncode}): "
             f"{lines[-1][:300] if lines else 'no message'}")
-
-
-def probe(engine: Path, shapes: dict[str, list[int]], dtypes: dict[str, str],
-          device: str) -> str | None:
-    """None when the package loads and runs once in a child process, else the cause
-    (cached per package file)."""
-    st = Path(engine).stat()
-    return _probe_cached(str(engine), (st.st_size, st.st_mtime_ns), json.dumps(shapes),
-                         json.dumps(dtypes), device)
 
 
 @dataclass
@@ -170,9 +174,22 @@ class Loaded:
                 "device": self.device, "note": note}
 
 
+_LAST: dict[tuple, Loaded] = {}  # the last engine loaded (a bench's points, an audit's runs)
+
+
 def load(engine: Path, shapes: dict[str, list[int]], cuda_graphs: bool = False) -> Loaded:
     """The package through AOTInductor when it loads in a child; else ``torch.compile``
-    of the cast program (and, with ``cuda_graphs`` on a GPU, its reduce-overhead twin)."""
+    of the cast program (and, with ``cuda_graphs`` on a GPU, its reduce-overhead twin).
+    The last one loaded is kept for the next call on the same file."""
+    st = Path(engine).stat()
+    key = (str(engine), st.st_size, st.st_mtime_ns, cuda_graphs)
+    if key not in _LAST:
+        _LAST.clear()
+        _LAST[key] = _load(engine, shapes, cuda_graphs)
+    return _LAST[key]
+
+
+def _load(engine: Path, shapes: dict[str, list[int]], cuda_graphs: bool) -> Loaded:
     import torch
     from torch.utils._pytree import tree_leaves
 
@@ -238,12 +255,13 @@ class TorchInductorBackend(Backend):
         module = cast_module(req.program, req.precision, device)
         args = tuple(torch.rand(s, device=device).to(getattr(torch, io["dtypes"][n]))
                      for s, n in zip(example, io["inputs"]))
+        tmp = req.engine_path.with_name(f".{req.engine_path.name}.building")
         try:
             program = torch.export.export(module, args, dynamic_shapes=dyn)
-            tmp = req.engine_path.with_name(f".{req.engine_path.name}.building")
             with open(tmp, "wb") as f:
                 torch._inductor.aoti_compile_and_package(program, package_path=f)
         except Exception as err:  # noqa: BLE001 - the compiler's message is the cause
+            tmp.unlink(missing_ok=True)
             lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
             raise BuildError(f"{self.name} {req.precision}: "
                              f"{type(err).__name__}: {(lines or [''])[0][:300]}",
