@@ -229,9 +229,6 @@ def build_record(model: str, m: dict, experiment: str, sidecars: dict,
             base = (baseline.get("points") or {}).get(which)
             if base and pt.get("p50_ms"):
                 metrics[f"speedup_vs_pytorch.{which}"] = base["p50_ms"] / pt["p50_ms"]
-        # a runtime fallback (torch-inductor: the package did not load), from bench or build
-        note = (((bench.get("points") or {}).get("opt") or {}).get("extra", {}).get("note")
-                or build["result"].get("extra", {}).get("note"))
         artifacts = _stage_files("build", build_path)
         artifacts += [[str(audit_path), "audit"]] if audit else []
         artifacts += [[str(bench_path), "bench"]] if bench else []
@@ -244,8 +241,7 @@ def build_record(model: str, m: dict, experiment: str, sidecars: dict,
                      "engineforge.fingerprint.precision": prec.get("fingerprint", "n/a"),
                      f"{CACHE_TAG}.build": build["fingerprint"],
                      "engineforge.audit": audit.get("status", "n/a"),
-                     "engineforge.bench": bench.get("status", "n/a"),
-                     **({"engineforge.note": note} if note else {})},
+                     "engineforge.bench": bench.get("status", "n/a")},
             "params": _flat("", {"backend": backend, "precision": precision,
                                  "profile": profile, "device": build.get("device"),
                                  "precision_config": prec.get("config", {}).get("method"),
@@ -254,6 +250,11 @@ def build_record(model: str, m: dict, experiment: str, sidecars: dict,
             "metrics": metrics,
             "artifacts": artifacts,
         })
+        # a runtime fallback (torch-inductor: the package did not load), from bench or build
+        note = (((bench.get("points") or {}).get("opt") or {}).get("extra", {}).get("note")
+                or build["result"].get("extra", {}).get("note"))
+        if note:
+            children[-1]["tags"]["engineforge.note"] = note[:500]
     if failures is not None:
         _mark_failures(model, parent, children, list(failures))
     record = {"experiment": experiment, "model": model, "parent": parent, "children": children}
