@@ -32,6 +32,8 @@ class ExportResult(Result):
                                                "evaluation / calibration data or random")
     opset: int
     outputs: list[str]
+    program: str | None = Field(None, description="what model.pt2 holds: the torch.export "
+                                                  "program, or why it is empty")
     time_s: float
 
 

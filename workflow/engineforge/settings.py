@@ -269,6 +269,15 @@ class GateSettings(Section):
                                             "is recorded, summarised and tracked.")
 
 
+class TorchInductorSettings(Section):
+    """The torch-inductor backend (AOTInductor packages; torch.compile fallback)."""
+
+    cuda_graphs: Literal["auto", "on", "off"] = Field(
+        "auto", description="GPU only. auto: bench with and without CUDA graphs, report the "
+                            "faster; on: report with CUDA graphs (without kept too); off: "
+                            "without only. CUDA graphs help launch-bound (small) models.")
+
+
 class Settings(Section):
     """Keys allowed under ``defaults:`` and in every model."""
 
@@ -296,6 +305,8 @@ class Settings(Section):
     bench: BenchSettings = Field(BenchSettings(), description="Latency benchmark.")
     tensorrt: TensorRTSettings = Field(TensorRTSettings(), description="TensorRT builders.")
     gate: GateSettings | None = Field(None, description="Baseline gate (off when null).")
+    torch_inductor: TorchInductorSettings = Field(TorchInductorSettings(),
+                                                  description="torch-inductor backend.")
 
 
 def builtin_defaults() -> dict:

@@ -272,6 +272,11 @@ def build_record(model: str, m: dict, experiment: str, sidecars: dict,
             "metrics": metrics,
             "artifacts": artifacts,
         })
+        # a runtime fallback (torch-inductor: the package did not load), from bench or build
+        note = (((bench.get("points") or {}).get("opt") or {}).get("extra", {}).get("note")
+                or build["result"].get("extra", {}).get("note"))
+        if note:
+            children[-1]["tags"]["engineforge.note"] = note[:500]
     if failures is not None:
         _mark_failures(model, parent, children, list(failures))
     record = {"experiment": experiment, "model": model, "parent": parent, "children": children}

@@ -5,6 +5,7 @@ rule export:
     output:
         onnx=L.export("model.onnx"),
         reference=L.export("reference.npz"),
+        program=L.export("model.pt2"),
         sidecar=L.export("export.json"),
     log:
         L.log("export"),

@@ -12,6 +12,7 @@ REGISTRY = {
     "tensorrt-rtx": "engineforge.backends.tensorrt:TensorRTRTXBackend",
     "tensorrt": "engineforge.backends.tensorrt:TensorRTBackend",
     "trtexec": "engineforge.backends.trtexec:TrtexecBackend",
+    "torch-inductor": "engineforge.backends.torch_inductor:TorchInductorBackend",
 }
 
 

@@ -44,6 +44,7 @@ class BuildRequest:
     calib_cache: Path | None = None     # TensorRT 10 flags-mode int8
     calib_npz: Path | None = None       # TensorRT 10 flags-mode int8 calibration batches
     timing_cache: Path | None = None
+    program: Path | None = None         # builds_from "torch": the export's model.pt2
 
 
 class Backend:

@@ -282,7 +282,7 @@ def run(job) -> AuditResult:
         except NotRunnable as err:
             result = {"status": "not_runnable", "reason": f"not runnable on {s.backend}: {err}"}
             # The ONNX variant itself can still be audited by the ONNX spec's arithmetic.
-            if onnx_reference.usable(engine):
+            if engine.suffix == ".onnx" and onnx_reference.usable(engine):
                 result["emulated"] = _emulate(job, measure, engine)
     return AuditResult(backend=s.backend, precision=s.precision,
                        tolerance=s.tolerance.model_dump(), **result,

@@ -85,7 +85,8 @@ def run(job) -> BuildResult:
                        engine_path=engine, work_dir=work_dir, profiles=s.profiles,
                        settings=dict(s.backend_settings or {}),
                        calib_cache=job.inputs.get("calib_cache"),
-                       calib_npz=job.inputs.get("calibration"), timing_cache=timing_cache)
+                       calib_npz=job.inputs.get("calibration"), timing_cache=timing_cache,
+                       program=job.inputs.get("program"))
     try:
         facts = be.build(req)
         facts.pop("engine_bytes", None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import logging
 import math
 import pickletools
@@ -257,6 +258,7 @@ def _export(net, model: str, m: Settings, example: tuple, tmp: Path) -> dict:
                               program.model.graph.initializers.values() if v.const_value)
                 program.save(str(tmp), external_data=weights > EXTERNAL_DATA_BYTES)
                 _drop_stack_traces(tmp)
+                facts["exported_program"] = program.exported_program  # kept as model.pt2
             else:
                 out_names, n_out = _output_names(_eager_outputs(net, example))
                 torch.onnx.export(net, example, str(tmp), dynamo=False, input_names=names,
@@ -287,6 +289,27 @@ def _export(net, model: str, m: Settings, example: tuple, tmp: Path) -> dict:
                           fix="return tensors only (a tensor, a tuple/list or a dict of "
                               "tensors), each one a distinct tensor")
     return facts
+
+
+def _save_program(path: Path | None, program, m: Settings, out_names: list[str],
+                  exporter: str) -> str | None:
+    """Keep the dynamo exporter's ``torch.export`` program as ``model.pt2`` (for backends
+    that build from PyTorch), with the inputs' and outputs' names, named dims, ranks and
+    dtypes in its extra file ``engineforge.json``. Without one (ONNX checkpoint, TorchScript
+    exporter) the file is left empty; the returned line says what it holds."""
+    import torch
+
+    if path is None:  # a job that does not ask for it
+        return None
+    if program is None:
+        path.write_bytes(b"")
+        return f"none (exporter: {exporter}; only the dynamo exporter makes one)"
+    io = {"inputs": list(m.inputs), "outputs": out_names,
+          "dims": modelio.dynamic_dims(m.inputs),
+          "ranks": {n: len(s["shape"]) for n, s in m.inputs.items()},
+          "dtypes": {n: s.get("dtype", "float32") for n, s in m.inputs.items()}}
+    torch.export.save(program, str(path), extra_files={"engineforge.json": json.dumps(io)})
+    return "torch.export (dynamo exporter)"
 
 
 def _exporter_cause(err: Exception) -> str:
@@ -500,7 +523,8 @@ def run(job) -> ExportResult:
     eval_feed = {n: data[n] for n in m.inputs} if m.labels else None
     if m.checkpoint["kind"] == "onnx":
         _copy_onnx_checkpoint(model, m, job.inputs["checkpoint"], onnx_out)
-        facts = {"exporter": "none (onnx checkpoint)", "fallback_reason": None}
+        facts = {"exporter": "none (onnx checkpoint)", "fallback_reason": None,
+                 "program": _save_program(job.outputs.get("program"), None, m, [], "none")}
         reference = _run_onnx(onnx_out, ref_feed, m.batch)
         eval_ref = _run_onnx(onnx_out, eval_feed, m.batch) if eval_feed else {}
         ref_source = "onnxruntime on the given ONNX (no PyTorch checkpoint)"
@@ -511,6 +535,9 @@ def run(job) -> ExportResult:
         runnable = net.module() if hasattr(net, "module") and not isinstance(
             net, torch.nn.Module) else net
         out_names = _onnx_outputs(onnx_out)
+        facts["program"] = _save_program(job.outputs.get("program"),
+                                         facts.pop("exported_program", None), m, out_names,
+                                         facts["exporter"])
         reference = _run_torch(runnable, ref_feed, m.inputs, out_names, m.batch)
         eval_ref = (_run_torch(runnable, eval_feed, m.inputs, out_names, m.batch)
                     if eval_feed else {})

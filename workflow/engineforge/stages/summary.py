@@ -78,11 +78,13 @@ def collect(layout: Layout, s: Settings, failures: list[dict] | None = None) -> 
                 if b:
                     row["engine_mib"] = b.engine_bytes / 2**20
                     row["build_s"] = b.build_time_s
+                    row["backend_note"] = b.extra.get("note")  # e.g. a runtime fallback
                 r = _result(Path(layout.bench(model, backend, precision, first)), BenchResult)
                 if r:
                     opt = r.points.get("opt")
                     if opt:
                         row["p50_ms"] = opt.p50_ms
+                        row["backend_note"] = opt.extra.get("note") or row.get("backend_note")
                         if base_opt:
                             row["speedup"] = base_opt.p50_ms / opt.p50_ms
                     elif r.reason:
@@ -194,7 +196,9 @@ def markdown(summary: dict) -> str:
         cells = []
         for col, spec in columns:
             v = r.get(col)
-            if col == "audit" and isinstance(v, str) and v.startswith("not runnable"):
+            if col == "backend" and r.get("backend_note"):
+                v = f"{v} {note(r['backend_note'])[4:]}"  # "torch-inductor [3]"
+            elif col == "audit" and isinstance(v, str) and v.startswith("not runnable"):
                 v = note(v)
             elif col == "audit" and r.get("audit_reason"):
                 v = f"{v} {note(r['audit_reason'])[4:]}"  # "fail [2]"

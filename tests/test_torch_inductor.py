@@ -1,0 +1,291 @@
+"""torch-inductor backend on CPU: the export keeps its torch.export program, AOTInductor
+packages build (fp32, fp16) and load in a child process, the audit passes against the
+PyTorch reference, the bench writes points, a package that cannot load falls back to
+torch.compile with the cause recorded, and the workflow runs it beside onnxruntime.
+
+Nothing is mocked: the packages are compiled by AOTInductor (C++ on the CPU, seconds each);
+the failing package is a real package truncated on disk. A GPU (CUDA graphs, the H100's
+segfault) is not exercised here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_stage, tiny_raw_config, write_tiny_workspace
+from engineforge import config
+from engineforge.backends import get_backend
+from engineforge.backends import torch_inductor as ti
+from engineforge.layout import Layout
+from engineforge.results import AuditResult, BenchResult, BuildResult, ExportResult
+from workflow_helpers import snakemake, write_config
+
+MODEL, PROFILE, BACKEND = "tinycls", "b1-8", "torch-inductor"
+
+
+@pytest.fixture(autouse=True)
+def _no_mlflow_cache(monkeypatch):
+    monkeypatch.setenv("ENGINEFORGE_CACHE", "0")
+
+
+def _models(root: Path) -> dict:
+    raw = tiny_raw_config(precisions=("fp32", "fp16"), backends=("onnxruntime", BACKEND))
+    del raw["models"]["tinyfcn"]
+    return config.resolve(raw, root)["models"]
+
+
+def _export(models: dict, root: Path) -> dict:
+    L, m = Layout(str(root / "artifacts")), models[MODEL]
+    return run_stage("export", models, MODEL,
+                     {"checkpoint": root / m["checkpoint"]["path"],
+                      "evaluation": root / m["evaluation"]["path"]},
+                     {"onnx": L.export("model.onnx", MODEL),
+                      "reference": L.export("reference.npz", MODEL),
+                      "program": L.export("model.pt2", MODEL),
+                      "sidecar": L.export("export.json", MODEL)}, root)
+
+
+def _build(models: dict, root: Path, precision: str) -> dict:
+    L = Layout(str(root / "artifacts"))
+    return run_stage("build", models, MODEL, {"program": L.export("model.pt2", MODEL)},
+                     {"engine": L.engine(BACKEND, MODEL, precision, PROFILE),
+                      "sidecar": L.build(BACKEND, MODEL, precision, PROFILE)}, root,
+                     backend=BACKEND, precision=precision, profile=PROFILE)
+
+
+def _audit(models: dict, root: Path, precision: str) -> AuditResult:
+    L = Layout(str(root / "artifacts"))
+    side = run_stage("audit", models, MODEL,
+                     {"engine": L.engine(BACKEND, MODEL, precision, PROFILE),
+                      "reference": L.export("reference.npz", MODEL),
+                      "evaluation": root / "eval.npz"},
+                     {"sidecar": L.audit(MODEL, BACKEND, precision)}, root,
+                     backend=BACKEND, precision=precision)
+    return AuditResult.model_validate(side["result"])
+
+
+def _bench(models: dict, root: Path, precision: str) -> BenchResult:
+    L = Layout(str(root / "artifacts"))
+    side = run_stage("bench", models, MODEL,
+                     {"engine": L.engine(BACKEND, MODEL, precision, PROFILE),
+                      "build": L.build(BACKEND, MODEL, precision, PROFILE)},
+                     {"sidecar": L.bench(MODEL, BACKEND, precision, PROFILE)}, root,
+                     backend=BACKEND, precision=precision, profile=PROFILE)
+    return BenchResult.model_validate(side["result"])
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One export and the fp32 and fp16 packages of the tiny classifier (shared: each
+    package is a C++ compile)."""
+    root = tmp_path_factory.mktemp("inductor")
+    write_tiny_workspace(root)
+    models = _models(root)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("ENGINEFORGE_CACHE", "0")
+        export = _export(models, root)
+        builds = {p: _build(models, root, p) for p in ("fp32", "fp16")}
+    return root, models, export, builds
+
+
+def test_export_keeps_the_torch_export_program(built):
+    # setup: the shared export
+    root, models, export, _ = built
+    L = Layout(str(root / "artifacts"))
+    # execute: load the kept program and run it on the reference inputs
+    program = torch.export.load(L.export("model.pt2", MODEL))
+    ref = np.load(L.export("reference.npz", MODEL))
+    out = program.module()(torch.from_numpy(ref["in:x"])).detach().numpy()
+    # assert: it is the model the reference came from, with its I/O facts beside it
+    assert ExportResult.model_validate(export["result"]).program == \
+        "torch.export (dynamo exporter)"
+    (name,) = [k[4:] for k in ref.files if k.startswith("out:")]
+    np.testing.assert_allclose(out, ref[f"out:{name}"], atol=1e-5)
+    io = ti.read_io(Path(L.export("model.pt2", MODEL)))
+    assert io["inputs"] == ["x"] and io["outputs"] == [name]
+    assert io["dims"] == {"x": {0: "batch"}} and io["dtypes"] == {"x": "float32"}
+
+
+def test_builds_fp32_and_fp16_packages_that_load_in_a_child(built):
+    # setup: the shared builds
+    root, _, _, builds = built
+    L = Layout(str(root / "artifacts"))
+    for precision, side in builds.items():
+        r = BuildResult.model_validate(side["result"])
+        # assert: an AOTInductor package with the profile's batch range, loaded by a child
+        assert (r.status, r.backend, r.precision) == ("ok", BACKEND, precision)
+        assert r.extra["runtime"] == "aotinductor" and r.extra["fallback_reason"] is None
+        assert r.extra["dtype"] == ti.DTYPES[precision] and r.extra["device"] == "cpu"
+        assert list(r.extra["dynamic_dims"].values()) == [[1, 8]]
+        engine = Path(L.engine(BACKEND, MODEL, precision, PROFILE))
+        assert zipfile.is_zipfile(engine) and r.engine_bytes == engine.stat().st_size > 0
+    # the build probed batch 1 in a child; the same package also runs batch 8 (dynamic)
+    assert ti.probe(engine, {"x": [8, 3, 8, 8]}, {"x": "float32"}, "cpu") is None
+
+
+def test_audit_passes_against_the_pytorch_reference(built, monkeypatch):
+    # setup
+    root, models, _, _ = built
+    monkeypatch.chdir(root)
+    for precision in ("fp32", "fp16"):
+        # execute
+        a = _audit(models, root, precision)
+        # assert: within the precision's tolerances, and fp16 really computed in fp16
+        assert a.status == "pass", a.reason
+        (drift,) = a.outputs.values()
+        assert drift.cosine > 0.999 and a.task and a.task.accuracy_drop <= 0.01
+        if precision == "fp32":
+            assert drift.max_abs < 1e-4
+        else:
+            assert 1e-5 < drift.max_abs < 5e-2
+
+
+def test_bench_writes_points_with_the_runtime(built, monkeypatch):
+    # setup
+    root, models, _, _ = built
+    monkeypatch.chdir(root)
+    # execute
+    r = _bench(models, root, "fp32")
+    # assert: every profile point timed, by the AOTInductor package, CUDA graphs n/a on CPU
+    assert r.status == "ok" and set(r.points) == {"min", "opt", "max"}
+    assert {k: p.batch for k, p in r.points.items()} == {"min": 1, "opt": 4, "max": 8}
+    for p in r.points.values():
+        assert 0 < p.min_ms <= p.p50_ms <= p.p99_ms and np.isfinite(p.cv)
+        assert p.extra["runtime"] == "aotinductor" and p.extra["cuda_graphs"] == "n/a (cpu)"
+        assert p.extra["fallback_reason"] is None and p.extra["note"] is None
+
+
+def test_a_package_that_cannot_load_falls_back_to_torch_compile(built, tmp_path, monkeypatch):
+    # setup: a copy of the export and fp32 build, with the package truncated (a real fault)
+    src_root, models, _, _ = built
+    shutil.copytree(src_root / "artifacts", tmp_path / "artifacts")
+    for f in ("eval.npz", "tinycls.pt", "tinynets.py"):
+        shutil.copy(src_root / f, tmp_path / f)
+    monkeypatch.chdir(tmp_path)
+    engine = Path(Layout(str(tmp_path / "artifacts")).engine(BACKEND, MODEL, "fp32", PROFILE))
+    data = engine.read_bytes()
+    engine.write_bytes(data[: len(data) // 2])
+    # execute: the audit and bench of the broken package
+    a = _audit(models, tmp_path, "fp32")
+    r = _bench(models, tmp_path, "fp32")
+    # assert: both ran through torch.compile, correct, and say why
+    assert a.status == "pass", a.reason
+    assert r.status == "ok" and set(r.points) == {"min", "opt", "max"}
+    for p in r.points.values():
+        assert p.extra["runtime"] == "torch.compile"
+        assert "aoti_load_package failed in the child process" in p.extra["fallback_reason"]
+        assert p.extra["fallback_reason"] in p.extra["note"]
+    # and the summary carries the note on the backend's row
+    from engineforge.stages import summary
+
+    s = summary.Settings(models={MODEL: {"precisions": ["fp32"], "backends": [BACKEND],
+                                         "profile": PROFILE}}, skipped_backends={})
+    md = summary.markdown(summary.collect(Layout(str(tmp_path / "artifacts")), s))
+    assert f"| {BACKEND} [1] |" in md and "ran torch.compile instead" in md
+    # and the MLflow record tags the engine's run with it
+    from engineforge import tracking
+
+    def note_tag(root: Path):
+        outs = Layout(str(root / "artifacts")).model_outputs(MODEL, ["fp32"],
+                                                             {BACKEND: [PROFILE]}, [PROFILE])
+        (child,) = tracking.build_record(MODEL, models[MODEL], "e", outs)["children"]
+        return child["tags"].get("engineforge.note")
+
+    assert "ran torch.compile instead" in note_tag(tmp_path)
+    # positive control: the intact package's summary row and record have no note
+    md_ok = summary.markdown(summary.collect(Layout(str(src_root / "artifacts")), s))
+    assert f"| {BACKEND} |" in md_ok and "torch.compile" not in md_ok
+    assert note_tag(src_root) is None
+
+
+CRASH_C = """
+#include <signal.h>
+__attribute__((constructor)) static void crash(void) { raise(SIGSEGV); }
+"""
+
+
+def test_a_package_that_segfaults_on_load_does_not_take_the_process_down(built, tmp_path):
+    """The H100 failure (aoti_load_package: exit -11) reproduced for real: the package's
+    compiled model library is swapped for one that raises SIGSEGV when it is loaded."""
+    # setup: a copy of the fp32 build whose wrapper .so segfaults in its constructor
+    src_root, _, _, _ = built
+    shutil.copytree(src_root / "artifacts", tmp_path / "artifacts")
+    (tmp_path / "crash.c").write_text(CRASH_C)
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(tmp_path / "crash.so"),
+                    str(tmp_path / "crash.c")], check=True)
+    engine = Path(Layout(str(tmp_path / "artifacts")).engine(BACKEND, MODEL, "fp32", PROFILE))
+    with zipfile.ZipFile(engine) as z:
+        entries = {i.filename: z.read(i) for i in z.infolist()}
+    (lib,) = [n for n in entries if n.endswith(".so")]
+    entries[lib] = (tmp_path / "crash.so").read_bytes()
+    with zipfile.ZipFile(engine, "w", zipfile.ZIP_STORED) as z:
+        for name, data in entries.items():
+            z.writestr(name, data)
+    x = np.load(Layout(str(src_root / "artifacts")).export("reference.npz", MODEL))
+    feed = torch.from_numpy(x["in:x"][:4])
+    # execute: load it as the audit and bench do, in this process
+    loaded = ti.load(engine, {"x": list(feed.shape)})
+    with torch.inference_mode():
+        (out,) = loaded.call(feed)
+    # assert: the child crashed, this process lives on through torch.compile, correctly
+    assert loaded.runtime == "torch.compile"
+    assert "exit -11, SIGSEGV" in loaded.fallback_reason
+    (name,) = [k for k in x.files if k.startswith("out:")]
+    np.testing.assert_allclose(out.numpy(), x[name][:4], atol=1e-4)
+
+
+def test_no_program_is_a_result_not_a_crash(built, tmp_path):
+    # setup: the export of an ONNX checkpoint keeps no program (an empty model.pt2)
+    _, models, _, _ = built
+    program = tmp_path / "artifacts" / MODEL / "export" / "model.pt2"
+    program.parent.mkdir(parents=True)
+    program.write_bytes(b"")
+    # execute
+    side = run_stage("build", models, MODEL, {"program": program},
+                     {"engine": tmp_path / "artifacts" / MODEL / f"build/{BACKEND}/fp32/"
+                                f"{PROFILE}/package.pt2",
+                      "sidecar": tmp_path / "b.json"}, tmp_path,
+                     backend=BACKEND, precision="fp32", profile=PROFILE)
+    # assert
+    r = BuildResult.model_validate(side["result"])
+    assert r.status == "not_runnable" and "kept no torch.export program" in r.reason
+
+
+def test_backend_facts():
+    be = get_backend(BACKEND)
+    assert be.availability().ok and be.precisions == ("fp32", "fp16", "bf16")
+    assert be.runnable("fp16") == (True, "")
+    assert be.runnable("int8")[0] is False
+    assert be.device() != "gpu:unknown"
+
+
+def test_workflow_runs_it_beside_onnxruntime(tmp_path):
+    # setup: the tiny classifier only, fp32, onnxruntime and torch-inductor
+    write_tiny_workspace(tmp_path)
+    raw = tiny_raw_config(precisions=("fp32",), backends=("onnxruntime", BACKEND))
+    del raw["models"]["tinyfcn"]
+    write_config(tmp_path, raw)
+    # execute
+    snakemake(tmp_path)
+    # assert: both backends audited and benched in the summary
+    L = Layout(str(tmp_path / "artifacts"))
+    for backend in ("onnxruntime", BACKEND):
+        a = AuditResult.model_validate(
+            json.loads(Path(L.audit(MODEL, backend, "fp32")).read_text())
+            ["result"])
+        assert a.status == "pass", a.reason
+    md = Path(L.summary("md")).read_text()
+    rows = [ln for ln in md.splitlines() if ln.startswith(f"| {MODEL} | fp32 | {BACKEND}")]
+    assert len(rows) == 1 and "| pass |" in rows[0]
+    bench = BenchResult.model_validate(
+        json.loads(Path(L.bench(MODEL, BACKEND, "fp32", PROFILE)).read_text())
+        ["result"])
+    assert bench.points["opt"].extra["runtime"] == "aotinductor"

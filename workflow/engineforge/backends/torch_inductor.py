@@ -1,0 +1,429 @@
+"""PyTorch's own compiler as a backend (``torch-inductor``): an AOTInductor package per
+precision × profile, built from the export's ``torch.export`` program.
+
+Build: the export's program (``<model>/export/model.pt2``) is cast to the precision (weights
+and compute in fp16/bf16; inputs and outputs stay fp32, like AutoCast's ``keep_io_types``),
+moved to the device (cuda when torch sees a GPU, else cpu), re-exported with the profile's
+min/max as the dynamic dims' ranges and compiled with
+``torch._inductor.aoti_compile_and_package``.
+
+Run: a package is first loaded and run once in a child process (:func:`probe`), because
+``aoti_load_package`` can crash the process (it segfaults on the H100 machine with torch
+2.11): a crash there must not take the audit's or bench's worker down. When the probe fails,
+the same cast program runs through ``torch.compile`` in this process instead, and the
+fallback and its cause are recorded (build ``extra``, bench point ``extra``, summary note).
+
+CUDA graphs (``torch_inductor.cuda_graphs``) only apply on a GPU: the package's call is
+captured in a CUDA graph (``torch.compile``: ``mode="reduce-overhead"``). ``auto`` and
+``on`` time both, with and without; ``auto`` reports the faster, ``on`` the graphed one.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from engineforge.backends.base import Availability, Backend, BuildRequest, gpu_device
+from engineforge.errors import BenchError, BuildError
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+IO_FILE = "engineforge.json"    # in the export's model.pt2: input/output names, dims, dtypes
+PROBE_TIMEOUT_S = 600
+# Load and run a package once, in a fresh interpreter (argv: package, shapes, dtypes, device).
+PROBE = """
+import json, sys, torch
+path, shapes, dtypes, device = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), \\
+    sys.argv[4]
+model = torch._inductor.aoti_load_package(path)
+args = [torch.zeros(shapes[n], dtype=getattr(torch, dtypes[n]), device=device) for n in shapes]
+with torch.inference_mode():
+    model(*args)
+if device == "cuda":
+    torch.cuda.synchronize()
+"""
+
+
+def target_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def program_of(engine: Path) -> Path:
+    """The export's program an engine was built from (``<root>/<model>/export/model.pt2``;
+    the engine is ``<root>/<model>/build/<backend>/<precision>/<profile>/<artifact>``)."""
+    return Path(engine).parents[4] / "export" / "model.pt2"
+
+
+def precision_of(engine: Path) -> str:
+    return Path(engine).parents[1].name
+
+
+def read_io(program: Path) -> dict:
+    """The program's {inputs: [names], outputs: [names], dims: {input: {axis: name}},
+    dtypes: {input: dtype}} (read from the archive, without loading the program).
+    An empty file: the export kept no program; its reason is in export.json."""
+    program = Path(program)
+    if not program.is_file() or program.stat().st_size == 0:
+        raise FileNotFoundError(f"the export kept no torch.export program ({program} is "
+                                "empty: see export.json 'program')")
+    with zipfile.ZipFile(program) as z:
+        name = next(n for n in z.namelist() if n.endswith(f"extra/{IO_FILE}"))
+        io = json.loads(z.read(name))
+    io["dims"] = {i: {int(a): d for a, d in axes.items()} for i, axes in io["dims"].items()}
+    return io
+
+
+def cast_module(program: Path, precision: str, device: str):
+    """The export's program as a module computing in ``precision`` on ``device``, with
+    fp32 inputs and outputs."""
+    import torch
+    from torch.export.passes import move_to_device_pass
+    from torch.utils._pytree import tree_map
+
+    dtype = getattr(torch, DTYPES[precision])
+    inner = move_to_device_pass(torch.export.load(str(program)), device).module().to(dtype)
+
+    class IOCast(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            out = self.inner(*(a.to(dtype) if a.is_floating_point() else a for a in args))
+            return tree_map(lambda o: o.float() if isinstance(o, torch.Tensor)
+                            and o.is_floating_point() else o, out)
+
+    return IOCast()  # no .eval(): an exported module has no train mode (it is fixed)
+
+
+def dynamic_shapes(io: dict, profile: dict) -> tuple[tuple, tuple]:
+    """Example inputs' shapes (the profile's max) and torch.export dynamic_shapes giving
+    each named dim the profile's [min, max] (static where min == max)."""
+    import torch
+
+    dims: dict[str, torch.export.Dim] = {}
+    specs = []
+    for name in io["inputs"]:
+        axes = {}
+        for axis, dim in io["dims"].get(name, {}).items():
+            lo, hi = profile[name]["min"][axis], profile[name]["max"][axis]
+            if lo != hi:
+                axes[axis] = dims.setdefault(dim, torch.export.Dim(dim, min=lo, max=hi))
+        specs.append(axes or None)
+    return tuple(profile[n]["max"] for n in io["inputs"]), (tuple(specs),)
+
+
+_PROBED: dict[tuple, str | None] = {}  # (package, size, mtime, device) -> cause
+
+
+def probe(engine: Path, shapes: dict[str, list[int]], dtypes: dict[str, str],
+          device: str) -> str | None:
+    """None when the package loads, and runs once at ``shapes``, in a child process; else
+    the cause. Once per package file and device in this process."""
+    st = Path(engine).stat()
+    key = (str(engine), st.st_size, st.st_mtime_ns, device)
+    if key not in _PROBED:
+        _PROBED[key] = _probe(engine, shapes, dtypes, device)
+    return _PROBED[key]
+
+
+def _probe(engine: Path, shapes: dict, dtypes: dict, device: str) -> str | None:
+    try:
+        proc = subprocess.run([sys.executable, "-c", PROBE, str(engine), json.dumps(shapes),
+                               json.dumps(dtypes), device],
+                              capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"aoti_load_package did not finish in {PROBE_TIMEOUT_S} s (child process)"
+    if proc.returncode == 0:
+        return None
+    if proc.returncode < 0:
+        sig = signal.Signals(-proc.returncode).name
+        return (f"aoti_load_package crashed the child process (exit {proc.returncode}, "
+                f"{sig})")
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    return (f"aoti_load_package failed in the child process (exit {proc.returncode}): "
+            f"{lines[-1][:300] if lines else 'no message'}")
+
+
+@dataclass
+class Loaded:
+    """A callable engine (fp32 torch tensors in, a flat list of fp32 tensors out)."""
+
+    call: Callable
+    runtime: str                   # "aotinductor" | "torch.compile"
+    fallback_reason: str | None
+    device: str
+    io: dict
+    graphed: Callable | None = None    # torch.compile fallback: the reduce-overhead one
+
+    def facts(self) -> dict:
+        note = (f"the AOTInductor package does not load here ({self.fallback_reason}): ran "
+                "torch.compile instead") if self.fallback_reason else None
+        return {"runtime": self.runtime, "fallback_reason": self.fallback_reason,
+                "device": self.device, "note": note}
+
+
+_LAST: dict[tuple, Loaded] = {}  # the last engine loaded (a bench's points, an audit's runs)
+
+
+def load(engine: Path, shapes: dict[str, list[int]], cuda_graphs: bool = False) -> Loaded:
+    """The package through AOTInductor when it loads in a child; else ``torch.compile``
+    of the cast program (and, with ``cuda_graphs`` on a GPU, its reduce-overhead twin).
+    The last one loaded is kept for the next call on the same file."""
+    st = Path(engine).stat()
+    key = (str(engine), st.st_size, st.st_mtime_ns, cuda_graphs)
+    if key not in _LAST:
+        _LAST.clear()
+        _LAST[key] = _load(engine, shapes, cuda_graphs)
+    return _LAST[key]
+
+
+def _load(engine: Path, shapes: dict[str, list[int]], cuda_graphs: bool) -> Loaded:
+    import torch
+    from torch.utils._pytree import tree_leaves
+
+    from engineforge.errors import EngineforgeError
+
+    device = target_device()
+    try:
+        io = read_io(program_of(engine))
+    except (OSError, KeyError, StopIteration, zipfile.BadZipFile) as err:
+        raise EngineforgeError(str(err)) from None
+    flat = lambda out: [o for o in tree_leaves(out) if isinstance(o, torch.Tensor)]
+    cause = probe(engine, shapes, io["dtypes"], device)
+    if cause is None:
+        model = torch._inductor.aoti_load_package(str(engine))
+        return Loaded(lambda *a: flat(model(*a)), "aotinductor", None, device, io)
+    module = cast_module(program_of(engine), precision_of(engine), device)
+    default = torch.compile(module, mode="default", dynamic=True)
+    graphed = (torch.compile(module, mode="reduce-overhead", dynamic=True)
+               if cuda_graphs and device == "cuda" else None)
+    return Loaded(lambda *a: flat(default(*a)), "torch.compile", cause, device, io,
+                  graphed=(lambda *a: flat(graphed(*a))) if graphed else None)
+
+
+class TorchInductorBackend(Backend):
+    name = "torch-inductor"
+    builds_from = "torch"
+    artifact = "package.pt2"
+    device_class = "cpu or gpu (cuda when torch sees one)"
+    precisions = ("fp32", "fp16", "bf16")
+    settings_section = "torch_inductor"
+    tools = ("torch",)
+
+    def availability(self) -> Availability:
+        if importlib.util.find_spec("torch") is None:
+            return Availability(False, "torch is not installed", "make env")
+        from importlib import metadata
+
+        return Availability(True, version=metadata.version("torch"))
+
+    def device(self) -> str:
+        from engineforge.sidecar import cpu_device
+
+        return gpu_device() if target_device() == "cuda" else cpu_device()
+
+    def runnable(self, precision: str) -> tuple[bool, str]:
+        if precision not in self.precisions:
+            return False, f"{precision} is not one of {self.name}'s precisions"
+        return True, ""
+
+    def build(self, req: BuildRequest) -> dict:
+        import torch
+
+        t0 = time.perf_counter()
+        device = target_device()
+        try:
+            io = read_io(req.program)
+        except FileNotFoundError as err:
+            req.engine_path.write_bytes(b"")  # nothing to build from: a result, not an error
+            return {"status": "not_runnable", "reason": f"not runnable on {self.name}: {err}",
+                    "build_time_s": 0.0, "device": device}
+        profile = req.profiles[0]
+        example, dyn = dynamic_shapes(io, profile)
+        module = cast_module(req.program, req.precision, device)
+        args = tuple(torch.rand(s, device=device).to(getattr(torch, io["dtypes"][n]))
+                     for s, n in zip(example, io["inputs"]))
+        tmp = req.engine_path.with_name(f".{req.engine_path.name}.building")
+        try:
+            program = torch.export.export(module, args, dynamic_shapes=dyn)
+            with open(tmp, "wb") as f:
+                torch._inductor.aoti_compile_and_package(program, package_path=f)
+        except Exception as err:  # noqa: BLE001 - the compiler's message is the cause
+            tmp.unlink(missing_ok=True)
+            lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+            raise BuildError(f"{self.name} {req.precision}: "
+                             f"{type(err).__name__}: {(lines or [''])[0][:300]}",
+                             model=req.model, key=f"models.{req.model}.backends",
+                             fix="drop torch-inductor for this model or this precision "
+                                 "(docs/backends.md)") from None
+        tmp.replace(req.engine_path)
+        build_s = time.perf_counter() - t0
+        cause = probe(req.engine_path, {n: profile[n]["min"] for n in io["inputs"]},
+                      io["dtypes"], device)
+        return {"status": "ok", "reason": None, "build_time_s": round(build_s, 3),
+                "device": device, "dtype": DTYPES[req.precision],
+                "dynamic_dims": {d.__name__: [d.min, d.max] for spec in dyn[0] if spec
+                                 for d in spec.values()},
+                "runtime": "torch.compile" if cause else "aotinductor",
+                "fallback_reason": cause,
+                "note": (f"the AOTInductor package does not load here ({cause}): "
+                         "runs torch.compile instead") if cause else None,
+                "version": torch.__version__}
+
+    def runner(self, engine_path: Path):
+        return runner_class()(engine_path)
+
+    def bench(self, engine_path: Path, shapes: dict[str, list[int]], settings: dict,
+              work_dir: Path) -> dict:
+        import torch
+
+        from engineforge.errors import EngineforgeError
+
+        mode = settings.get("cuda_graphs", "auto")
+        try:
+            loaded = load(engine_path, shapes, cuda_graphs=mode != "off")
+        except EngineforgeError as err:
+            raise BenchError(err.message) from None
+        batch = next(iter(shapes.values()))[0]
+        args = [torch.rand(shapes[n], device=loaded.device).to(
+            getattr(torch, loaded.io["dtypes"][n])) for n in loaded.io["inputs"]]
+        torch.set_num_threads(settings["threads"])
+        extra = loaded.facts()
+        with torch.inference_mode():
+            if loaded.device == "cpu":
+                from engineforge.stages.bench import time_callable
+
+                stats = time_callable(lambda: loaded.call(*args), settings["warmup"],
+                                      settings["iterations"], batch=batch)
+                extra["cuda_graphs"] = "n/a (cpu)"
+            else:
+                stats = _gpu_bench(loaded, args, settings, batch, mode, extra)
+        stats["extra"] = {**stats.get("extra", {}), **extra}
+        return stats
+
+
+def _gpu_bench(loaded: Loaded, args: list, settings: dict, batch: int, mode: str,
+               extra: dict) -> dict:
+    """Without and (mode auto/on) with CUDA graphs; the headline is the graphed one for
+    ``on``, the faster for ``auto``; the other is kept in ``extra``."""
+    timed = {False: time_on_gpu(lambda: loaded.call(*args), settings, batch, graph=False)}
+    if mode != "off":
+        if loaded.graphed:  # torch.compile's reduce-overhead graphs itself
+            timed[True] = time_on_gpu(lambda: loaded.graphed(*args), settings, batch,
+                                      graph=False)
+        else:
+            timed[True] = time_on_gpu(lambda: loaded.call(*args), settings, batch,
+                                      graph=True)
+    pick = (mode == "on" or (mode == "auto" and True in timed
+                             and timed[True]["p50_ms"] < timed[False]["p50_ms"]))
+    extra["cuda_graphs"] = pick
+    if len(timed) == 2:
+        extra["with_cuda_graphs" if not pick else "without_cuda_graphs"] = timed[not pick]
+    return timed[pick]
+
+
+def time_on_gpu(fn: Callable, settings: dict, batch: int, graph: bool) -> dict:
+    """The one GPU timing call of this backend: BenchPoint fields (less shapes) from
+    ``engineforge.gpubench`` when it is importable, else a plain CUDA-events loop."""
+    import numpy as np
+    import torch
+
+    try:
+        from engineforge import gpubench
+    except ImportError:
+        gpubench = None
+    if gpubench is not None:
+        timing = gpubench.time_callable(fn, device="cuda", warmup=settings["warmup"],
+                                        cuda_graph=graph)
+        s = timing.stats
+        p50 = s["p50_ms"]
+        return {**{k: s[k] for k in ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms",
+                                     "min_ms")},
+                "cv": timing.cv, "throughput_per_s": batch * 1e3 / p50,
+                "iterations": len(timing.samples_ms), "warmup": settings["warmup"],
+                "batch": batch, "extra": {"timer": timing.timer, "stable": timing.stable,
+                                          "sample_cv": s.get("sample_cv")}}
+    for _ in range(max(settings["warmup"], 1)):
+        fn()
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        fn = g.replay
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(settings["iterations"])]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    ms = np.array([s.elapsed_time(e) for s, e in events])
+    mean = float(ms.mean())
+    return {**{f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 90, 95, 99)},
+            "mean_ms": mean, "min_ms": float(ms.min()), "cv": float(ms.std() / mean),
+            "throughput_per_s": batch * 1e3 / mean, "iterations": len(ms),
+            "warmup": settings["warmup"], "batch": batch, "extra": {"timer": "cuda-events"}}
+
+
+@functools.cache
+def runner_class():
+    """The audit's Polygraphy runner class (defined on first use: importing this module
+    stays light)."""
+    from polygraphy.backend.base import BaseRunner
+
+    class InductorRunner(BaseRunner):
+        """A Polygraphy runner over a package (or its torch.compile fallback), for the audit.
+        Loading waits for the first batch: the child-process probe runs at its shapes."""
+
+        def __init__(self, engine: str | Path, name: str | None = None):
+            super().__init__(name=name, prefix="torch-inductor-runner")
+            self.engine = Path(engine)
+
+        def activate_impl(self):
+            self.io = read_io(program_of(self.engine))
+            self.loaded = None
+
+        def get_input_metadata_impl(self):
+            import numpy as np
+            from polygraphy.common import TensorMetadata
+            from polygraphy.datatype import DataType
+
+            meta = TensorMetadata()
+            for name in self.io["inputs"]:
+                dims = self.io["dims"].get(name, {})
+                meta.add(name, dtype=DataType.from_dtype(np.dtype(self.io["dtypes"][name])),
+                         shape=[dims.get(a, -1) for a in range(self.io["ranks"][name])])
+            return meta
+
+        def infer_impl(self, feed_dict):
+            import numpy as np
+            import torch
+
+            if self.loaded is None:
+                shapes = {n: list(np.shape(feed_dict[n])) for n in self.io["inputs"]}
+                self.loaded = load(self.engine, shapes)
+            start = time.time()
+            args = [torch.from_numpy(np.ascontiguousarray(feed_dict[n])).to(self.loaded.device)
+                    for n in self.io["inputs"]]
+            with torch.inference_mode():
+                outs = self.loaded.call(*args)
+            self.inference_time = time.time() - start
+            return OrderedDict((n, o.detach().float().cpu().numpy())
+                               for n, o in zip(self.io["outputs"], outs))
+
+        def deactivate_impl(self):
+            self.loaded = None
+
+    return InductorRunner
