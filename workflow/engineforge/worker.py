@@ -42,6 +42,9 @@ PRELOAD = ["engineforge.worker", "numpy", "onnx", "onnxruntime", "torch", "torch
            "polygraphy.backend.onnxrt", "modelopt.onnx.autocast", "modelopt.onnx.quantization",
            "engineforge.runner", "engineforge.stages.export", "engineforge.stages.precision",
            "engineforge.stages.audit", "engineforge.stages.build", "engineforge.stages.bench"]
+# ModelOpt's import initialises the CUDA driver: on an H100, every child forked after it
+# failed "CUDA driver initialization failed". Where a GPU is present, jobs import it.
+GPU_UNSAFE_PRELOAD = ("modelopt.",)
 _CTX_LOCK = threading.Lock()
 _ctx = None
 JOB_PROCESS = False  # set by the workflow when this process runs one job (remote execution)
@@ -50,6 +53,18 @@ _STOP_REASON = ["interrupted"]
 _POLL_S = 0.2
 SERVER_LOG_VAR = "_ENGINEFORGE_SERVER_LOG"  # the fork server's output goes there
 _server_log: str | None = None
+
+
+def gpu_present() -> bool:
+    """An NVIDIA GPU's device nodes exist (asking CUDA would initialise it here)."""
+    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvidia0",
+                                           "/proc/driver/nvidia/version"))
+
+
+def preload() -> list[str]:
+    """What the fork server imports: PRELOAD, less what would break CUDA in its children."""
+    gpu = gpu_present()
+    return [m for m in PRELOAD if not (gpu and m.startswith(GPU_UNSAFE_PRELOAD))]
 
 
 def enabled() -> bool:
@@ -63,7 +78,7 @@ def _context():
     with _CTX_LOCK:
         if _ctx is None:
             ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(PRELOAD)
+            ctx.set_forkserver_preload(preload())
             # Python 3.11's fork server ignores the sys.path it is given: hand it ours (the
             # workflow's own engineforge and models/ first) through PYTHONPATH while it starts.
             saved = {v: os.environ.get(v) for v in ("PYTHONPATH", SERVER_LOG_VAR)}

@@ -210,7 +210,7 @@ def _load(engine: Path, shapes: dict[str, list[int]], cuda_graphs: bool) -> Load
     graphed = (torch.compile(module, mode="reduce-overhead", dynamic=True)
                if cuda_graphs and device == "cuda" else None)
     return Loaded(lambda *a: flat(default(*a)), "torch.compile", cause, device, io,
-                  graphed=(lambda *a: flat(graphed(*a))) if graphed else None)
+                  graphed=(lambda *a: flat(graphed(*a))) if graphed is not None else None)
 
 
 class TorchInductorBackend(Backend):
@@ -310,6 +310,7 @@ class TorchInductorBackend(Backend):
                 extra["cuda_graphs"] = "n/a (cpu)"
             else:
                 stats = _gpu_bench(loaded, args, settings, batch, mode, extra)
+                extra |= compute_rate(engine_path, args, stats["p50_ms"])
         stats["extra"] = {**stats.get("extra", {}), **extra}
         return stats
 
@@ -335,46 +336,49 @@ def _gpu_bench(loaded: Loaded, args: list, settings: dict, batch: int, mode: str
 
 
 def time_on_gpu(fn: Callable, settings: dict, batch: int, graph: bool) -> dict:
-    """The one GPU timing call of this backend: BenchPoint fields (less shapes) from
-    ``engineforge.gpubench`` when it is importable, else a plain CUDA-events loop."""
-    import numpy as np
+    """The one GPU timing call of this backend (engineforge.gpubench): BenchPoint fields,
+    less shapes."""
+    from engineforge import gpubench
+
+    timing = gpubench.time_callable(fn, device="cuda", warmup=settings["warmup"],
+                                    cuda_graph=graph)
+    s = timing.stats
+    return {**{k: s[k] for k in ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms", "min_ms")},
+            "cv": timing.cv, "throughput_per_s": batch * 1e3 / s["p50_ms"],
+            "iterations": len(timing.samples_ms), "warmup": settings["warmup"],
+            "batch": batch, "extra": {"timer": timing.timer, "stable": timing.stable,
+                                      "sample_cv": s.get("sample_cv")}}
+
+
+def compute_rate(engine: Path, args: list, p50_ms: float) -> dict:
+    """Achieved TFLOP/s (FlopCounterMode on the exported program run eagerly in fp32 on the
+    same inputs: FLOPs do not depend on the precision) and % of the device's measured
+    matmul peak in the engine's precision (fp32: TF32, which PyTorch's convolutions use by
+    default). A count that fails is recorded, not fatal: the timing stands."""
     import torch
+    from torch.export.passes import move_to_device_pass
+
+    from engineforge import gpubench
 
     try:
-        from engineforge import gpubench
-    except ImportError:
-        gpubench = None
-    if gpubench is not None:
-        timing = gpubench.time_callable(fn, device="cuda", warmup=settings["warmup"],
-                                        cuda_graph=graph)
-        s = timing.stats
-        p50 = s["p50_ms"]
-        return {**{k: s[k] for k in ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms",
-                                     "min_ms")},
-                "cv": timing.cv, "throughput_per_s": batch * 1e3 / p50,
-                "iterations": len(timing.samples_ms), "warmup": settings["warmup"],
-                "batch": batch, "extra": {"timer": timing.timer, "stable": timing.stable,
-                                          "sample_cv": s.get("sample_cv")}}
-    for _ in range(max(settings["warmup"], 1)):
-        fn()
-    if graph:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        fn = g.replay
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(settings["iterations"])]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    ms = np.array([s.elapsed_time(e) for s, e in events])
-    mean = float(ms.mean())
-    return {**{f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 90, 95, 99)},
-            "mean_ms": mean, "min_ms": float(ms.min()), "cv": float(ms.std() / mean),
-            "throughput_per_s": batch * 1e3 / mean, "iterations": len(ms),
-            "warmup": settings["warmup"], "batch": batch, "extra": {"timer": "cuda-events"}}
+        eager = move_to_device_pass(torch.export.load(str(program_of(engine))), "cuda").module()
+        flops = gpubench.count_flops(eager, tuple(a.float() for a in args))
+    except Exception as err:  # noqa: BLE001
+        return {"flops_error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+    peak = _peak(precision_of(engine))
+    tflops = flops / (p50_ms * 1e-3) / 1e12
+    return {"gflop": flops / 1e9, "tflops": tflops, "pct_of_peak": 100 * tflops / peak.tflops,
+            "peak_tflops": peak.tflops, "peak_source": peak.source}
+
+
+@functools.cache
+def _peak(precision: str):
+    import torch
+
+    from engineforge import gpubench
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    return gpubench.measure_peak(dtype, tf32=dtype is torch.float32)
 
 
 @functools.cache

@@ -1,5 +1,6 @@
 """Stage 6b — eager PyTorch on the profile's shapes and threads: every engine's speedup
-denominator."""
+denominator. On a machine with CUDA, eager fp32 and fp16 on the GPU are timed too (through
+engineforge.gpubench; in each point's ``extra``): GPU engines are compared with those."""
 
 from __future__ import annotations
 
@@ -56,5 +57,16 @@ def run(job) -> BenchResult:
             raise BenchError(f"eager PyTorch failed at {which} shapes {shapes}: {err}",
                              model=job.model, key=f"models.{job.model}.profiles.{s.profile}"
                              ) from None
+        if torch.cuda.is_available():
+            stats["extra"] = gpu_eager(net, args)
         points[which] = BenchPoint(shapes=shapes, **stats)
     return BenchResult(points=points, **base)
+
+
+def gpu_eager(net, args: tuple) -> dict:
+    """Eager fp32 and fp16 p50 (ms) and CV on the GPU, same inputs."""
+    from engineforge import gpubench
+
+    timed = gpubench.eager_baselines(net, args, dtypes=("fp32", "fp16"))
+    return {f"cuda_{dtype}_{k}": v for dtype, t in timed.items()
+            for k, v in (("p50_ms", t.stats["p50_ms"]), ("cv", t.cv))}

@@ -85,8 +85,11 @@ def collect(layout: Layout, s: Settings, failures: list[dict] | None = None) -> 
                     if opt:
                         row["p50_ms"] = opt.p50_ms
                         row["backend_note"] = opt.extra.get("note") or row.get("backend_note")
-                        if base_opt:
-                            row["speedup"] = base_opt.p50_ms / opt.p50_ms
+                        base_ms = (base_opt.extra.get("cuda_fp32_p50_ms")
+                                   if opt.extra.get("device") == "cuda" else base_opt.p50_ms
+                                   ) if base_opt else None  # eager on the engine's device
+                        if base_ms:
+                            row["speedup"] = base_ms / opt.p50_ms
                     elif r.reason:
                         row["bench"] = r.reason
                 failed = sorted({f.get("stage") or "?" for f in failures or ()
@@ -190,8 +193,8 @@ def markdown(summary: dict) -> str:
                          else [])
     head = "| " + " | ".join(c for c, _ in columns) + " |"
     lines = ["# engineforge summary", "",
-             "Latency: p50 at the first profile's opt shape; speedup vs eager PyTorch on the "
-             "same shapes and threads.", "", head, "|" + "---|" * len(columns)]
+             "Latency: p50 at the first profile's opt shape; speedup vs eager PyTorch fp32 on the "
+             "same shapes and device (CPU: same threads).", "", head, "|" + "---|" * len(columns)]
     for r in summary["rows"]:
         cells = []
         for col, spec in columns:

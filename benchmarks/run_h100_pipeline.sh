@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Issue 10's H100 run: the workflow on benchmarks/h100_zoo.yaml (torch-inductor on the GPU),
+# resumable (Snakemake picks up where a previous call stopped). On the borrowed H100 the
+# packages it lacks travel as wheels in .whl (docs/benchmarks.md lists them).
+#   OUT=dir BUDGET_S=540 bash benchmarks/run_h100_pipeline.sh
+set -u
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD/workflow:${PYTHONPATH:-} PYTHONUNBUFFERED=1 ENGINEFORGE_CACHE=0
+# the fork server imports torch: no CUDA initialisation before its children fork
+export PYTORCH_NVML_BASED_CUDA_CHECK=1
+OUT=${OUT:-benchmarks/results/h100}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv \
+  > "$OUT/gpu.csv" 2>&1
+python3 -c "import torch, onnx, onnxruntime as o; print('torch', torch.__version__, 'cuda', \
+torch.version.cuda, 'onnx', onnx.__version__, 'onnxruntime', o.__version__)" > "$OUT/versions.txt"
+timeout -k 20 "${BUDGET_S:-540}" python3 -m snakemake --configfile "${CONFIG:-benchmarks/h100_zoo.yaml}" \
+  --cores 16 > "$OUT/snakemake.log" 2>&1
+echo "snakemake rc=$?" | tee -a "$OUT/snakemake.log"
+python3 benchmarks/h100_table.py artifacts-h100 > "$OUT/table.md" 2>&1
+cp artifacts-h100/summary.md "$OUT/" 2>/dev/null
+find artifacts-h100 \( -name '*.json' -o -name '*.md' -o -name '*.log' \) -print0 \
+  | tar czf "$OUT/sidecars.tgz" --null -T -
+tail -5 "$OUT/snakemake.log"; cat "$OUT/table.md"
