@@ -21,6 +21,7 @@ include: "workflow/rules/audit.smk"
 include: "workflow/rules/build.smk"
 include: "workflow/rules/bench.smk"
 include: "workflow/rules/track.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from engineforge.backends import backend_class
 
 ALL_PROFILES = "all"  # the profile name of an engine holding every profile
+# a model's report files that its MLflow parent run holds (stages/report.py writes them)
+REPORT_FILES = ("drift_heatmap.png", "error_histograms.png", "latency.png", "report.html")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,13 @@ class Layout:
     def baseline(self, model="{model}", profile="{profile}") -> str:
         return f"{self.root}/{model}/bench/pytorch/{profile}.json"
 
+    # report (per model: figures + page, logged to the model's MLflow run; then one page)
+    def report(self, name: str, model="{model}") -> str:
+        return f"{self.root}/{model}/report/{name}"
+
+    def report_html(self) -> str:
+        return f"{self.root}/report.html"
+
     # logs, tracking, summary
     def log(self, name: str, model="{model}") -> str:
         return f"{self.root}/{model}/logs/{name}.log"
@@ -102,7 +111,8 @@ class Layout:
              "drift": self.drift("json", model), "drift_md": self.drift("md", model),
              "precision": {p: self.precision("precision.json", model, p) for p in precisions},
              "audit": {}, "build": {}, "bench": {}, "engine": {},
-             "baseline": {prof: self.baseline(model, prof) for prof in profiles}}
+             "baseline": {prof: self.baseline(model, prof) for prof in profiles},
+             "report": {name: self.report(name, model) for name in REPORT_FILES}}
         for b, build_profiles in builds.items():
             for p in [p for p in precisions if p in backend_class(b).precisions]:
                 t["audit"][(b, p)] = self.audit(model, b, p)

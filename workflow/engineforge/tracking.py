@@ -190,6 +190,9 @@ def build_record(model: str, m: dict, experiment: str, sidecars: dict,
                   for a in _stage_files(f"precision/{p}", sidecars["precision"][p])]
     artifacts += [[str(sidecars[k]), "audit"] for k in ("drift", "drift_md")
                   if Path(sidecars[k]).is_file()]
+    # the model's report page and figures (stages/report.py; absent after failures)
+    artifacts += [[str(p), "report"] for p in (sidecars.get("report") or {}).values()
+                  if Path(p).is_file()]
     parent = {
         "name": model, "tags": tags,
         "span": _span(export, simplify, *precs.values(),
@@ -219,7 +222,8 @@ def build_record(model: str, m: dict, experiment: str, sidecars: dict,
                                      if k in ("build_time_s", "engine_bytes")}, {})
         metrics |= _metrics("onnx", {"bytes": (prec.get("result") or {}).get("bytes")}, {})
         for name, stats in (audit.get("outputs") or {}).items():
-            metrics |= _metrics(f"drift.{name}", stats, {})
+            metrics |= _metrics(f"drift.{name}", {k: v for k, v in stats.items()
+                                                  if k != "abs_error_hist"}, {})
         if audit.get("task"):
             metrics |= _metrics("task", audit["task"], {})
         for which, pt in (bench.get("points") or {}).items():

@@ -184,7 +184,7 @@ def model_outputs(model):
 
 
 def all_targets():
-    return [L.summary("md")] + [L.track(m) for m in MODELS]
+    return [L.summary("md"), L.report_html()] + [L.track(m) for m in MODELS]
 
 
 def track_settings(model):
@@ -192,6 +192,17 @@ def track_settings(model):
     stage = efrunner.stage_module("track")
     return stage.settings(
         MODELS[model], {"model": model}, EF["experiment"], builds(model)
+    )
+
+
+def report_settings(model=None):
+    """The report's settings: one model's (its page and figures), or the whole page's."""
+    stage = efrunner.stage_module("report")
+    if model is None:
+        return stage.Settings(models=list(MODELS))
+    m = MODELS[model]
+    return stage.Settings(
+        precisions=m["precisions"], builds=builds(model), profiles=list(m["profiles"])
     )
 
 

@@ -19,4 +19,5 @@ STAGES = {
     "baseline": "engineforge.stages.baseline",
     "track": "engineforge.tracking",
     "summary": "engineforge.stages.summary",
+    "report": "engineforge.stages.report",
 }

@@ -1,0 +1,461 @@
+"""Report — ``artifacts/report.html``: one self-contained page (images as data: URIs, CSS
+inline, no external resource) with, per model, the drift heatmap, the error histograms per
+output, the localisation results, repaired vs plain variants, latency/speedup per precision ×
+profile × backend, and the ONNX/engine sizes.
+
+Two jobs of this one stage. Per model (``{model}`` wildcard): the figures as PNG files and the
+model's own page under ``<model>/report/`` (the track job logs them to the model's MLflow
+parent run, so they are declared inputs of track); and the model's section, a fragment. Then
+the whole page from every model's section. Everything is read from the sidecars through
+``Layout`` and the typed results; what does not exist (a localisation, a repaired variant, a
+bench) is said to be absent, never an error. matplotlib (Agg canvas, no pyplot) is imported
+only when a figure is drawn, one job at a time (jobs are threads of one process).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import threading
+from pathlib import Path
+
+from engineforge.layout import Layout
+from engineforge.results import AuditResult, BenchResult, BuildResult, Localisation
+from engineforge.settings import Section
+from engineforge.sidecar import read_json
+
+ISOLATED = False
+TOOLS = ("matplotlib",)
+REPAIRED = "-repaired"  # a repaired variant: "<precision>-repaired"
+# matplotlib is not thread-safe (its mathtext parser failed with two jobs drawing at once):
+# the jobs of one process draw one at a time
+_MATPLOTLIB = threading.Lock()
+
+
+class Settings(Section):
+    models: list[str] = []              # the whole page: its models, in order
+    precisions: list[str] = []          # one model: its variants (repaired ones included)
+    builds: dict[str, list[str]] = {}   # usable backend -> the profiles it builds
+    profiles: list[str] = []            # the model's profiles, the first one first
+
+
+def _result(path, kind):
+    from engineforge.stages.summary import _result
+
+    return _result(Path(path), kind)
+
+
+def _sidecar_result(path: Path) -> dict | None:
+    """A stage output's ``result`` (a sidecar), or the bare result JSON; None if absent."""
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    return data.get("result", data) if isinstance(data, dict) else None
+
+
+# -- the data ----------------------------------------------------------------------------------
+def gather(layout: Layout, model: str, s: Settings) -> dict:
+    """Everything the model's section shows, from the files that exist."""
+    from engineforge.stages import drift
+
+    o = layout.model_outputs(model, s.precisions, s.builds, s.profiles)
+    audits = {k: r for k, p in o["audit"].items() if (r := _result(p, AuditResult))}
+    rows = drift.rows_of([o["audit"][k] for k in audits])
+    tolerance = {r.precision: r.tolerance for r in audits.values()}
+    hists = []  # (label, {output: ErrorHistogram | None})
+    for (backend, precision), r in sorted(audits.items(), key=lambda kv: kv[0][::-1]):
+        for label, m in ((f"{precision} / {backend}", r),
+                         (f"{precision} / {drift.EMULATED}", r.emulated)):
+            if m is not None and m.outputs:
+                hists.append((label, {n: d.abs_error_hist for n, d in m.outputs.items()}))
+    baseline = {prof: _result(p, BenchResult) for prof, p in o["baseline"].items()}
+    perf = []  # one row per precision × backend × profile
+    for (backend, precision, profile), build_path in o["build"].items():
+        build = _result(build_path, BuildResult)
+        bench = _result(o["bench"][(backend, precision, profile)], BenchResult) if (
+            (backend, precision, profile) in o["bench"]) else None
+        prec = _sidecar_result(Path(o["precision"][precision]))
+        opt = bench.points.get("opt") if bench else None
+        base = baseline.get(profile)
+        base_opt = base.points.get("opt") if base else None
+        perf.append({
+            "precision": precision, "backend": backend, "profile": profile,
+            "p50_ms": opt and opt.p50_ms, "p99_ms": opt and opt.p99_ms,
+            "pytorch_p50_ms": base_opt and base_opt.p50_ms,
+            "speedup": base_opt.p50_ms / opt.p50_ms if opt and base_opt else None,
+            "bench_note": bench.reason if bench and not opt else None,
+            "engine_bytes": build and build.engine_bytes,
+            "build_s": build and build.build_time_s,
+            "onnx_bytes": prec and prec["bytes"]})
+    localise_dir = Path(layout.model(model)) / "audit" / "localise"
+    localisations = {p.stem: Localisation.model_validate(_sidecar_result(p))
+                     for p in sorted(localise_dir.glob("*.json"))}
+    return {"model": model, "rows": rows, "tolerance": tolerance, "hists": hists,
+            "perf": perf, "localisations": localisations,
+            "repairs": _repairs(layout, model, s, rows, perf)}
+
+
+def _repairs(layout: Layout, model: str, s: Settings, rows: list[dict],
+             perf: list[dict]) -> list[dict]:
+    """Each repaired variant beside its plain one: the repair record, per backend the
+    verdict, drift and latency (first profile) of both, and both ONNX sizes."""
+    variants = list(s.precisions) + [
+        f"{p}{REPAIRED}" for p in s.precisions
+        if not p.endswith(REPAIRED) and f"{p}{REPAIRED}" not in s.precisions]
+    out = []
+    for variant in [v for v in variants if v.endswith(REPAIRED)]:
+        prec = _sidecar_result(Path(layout.precision("precision.json", model, variant)))
+        if prec is None:
+            continue
+        repair = (prec.get("extra") or {}).get("repair") or {}
+        plain = repair.get("from") or variant[:-len(REPAIRED)]
+        plain_prec = _sidecar_result(Path(layout.precision("precision.json", model, plain)))
+        first = s.profiles[0] if s.profiles else None
+        by_backend = {}
+        for which, name in (("plain", plain), ("repaired", variant)):
+            for r in rows:
+                if r["precision"] == name:
+                    by_backend.setdefault(r["backend"], {})[which] = r
+            for p in perf:
+                if p["precision"] == name and p["profile"] == first:
+                    by_backend.setdefault(p["backend"], {})[f"{which}_p50_ms"] = p["p50_ms"]
+        out.append({"variant": variant, "plain": plain, "repair": repair,
+                    "onnx_bytes": {"plain": plain_prec and plain_prec["bytes"],
+                                   "repaired": prec["bytes"]},
+                    "backends": by_backend})
+    return out
+
+
+# -- colours: how much of the tolerance a metric uses --------------------------------------------
+def _share(used: float, budget: float) -> float:
+    if not math.isfinite(used):
+        return math.inf
+    if budget <= 0:
+        return 0.0 if used <= 0 else math.inf
+    return max(used, 0.0) / budget
+
+
+# metric -> (label, format, share of the tolerance used: fn(value, tolerance) or None)
+HEATMAP = {
+    "cosine": ("cosine", ".6f", lambda v, t: _share(1 - v, 1 - t["cosine_min"])),
+    "snr_db": ("SNR dB", ".1f", None),
+    "max_abs": ("max |err|", ".3g", lambda v, t: _share(v, t["max_abs"])),
+    "p99_abs": ("p99 |err|", ".3g", None),
+    "top1_agreement": ("top-1", ".3f", lambda v, t: _share(1 - v, 1 - t["top1_min"])),
+    "top5_agreement": ("top-5", ".3f", None),
+    "accuracy_drop": ("acc. drop", ".4f", lambda v, t: _share(v, t["accuracy_drop_max"])),
+}
+NEUTRAL, OVER, ABSENT = "#e6e6e6", "#d73027", "#ffffff"
+PASS_LOW, PASS_LIMIT = "#91cf60", "#fee08b"  # none of the tolerance used .. all of it
+
+
+def cell_colour(metric: str, value, tolerance: dict | None) -> str:
+    """Green (none of the tolerance used) to yellow (at the limit); red: over it (fail);
+    grey: no tolerance for this metric; white: no value."""
+    if value is None:
+        return ABSENT
+    share_fn = HEATMAP[metric][2]
+    if share_fn is None or not tolerance:
+        return NEUTRAL
+    share = share_fn(value, tolerance)
+    if share > 1:
+        return OVER
+    from matplotlib.colors import LinearSegmentedColormap, to_hex
+
+    return to_hex(LinearSegmentedColormap.from_list("", [PASS_LOW, PASS_LIMIT])(share))
+
+
+# -- figures -------------------------------------------------------------------------------------
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _empty(path: Path, text: str) -> None:
+    fig = _figure(6, 1.2)
+    fig.text(0.5, 0.5, text, ha="center", va="center")
+    fig.savefig(path, format="png")
+
+
+def heatmap(data: dict, path: Path) -> None:
+    rows = data["rows"]
+    if not rows:
+        return _empty(path, f"{data['model']}: no audit results")
+    metrics = [m for m in HEATMAP if any(r.get(m) is not None for r in rows)]
+    fig = _figure(1.0 * len(metrics) + 3, 0.4 * len(rows) + 0.6)
+    ax = fig.add_subplot()
+    ax.set_xlim(0, len(metrics))
+    ax.set_ylim(len(rows), 0)
+    for i, r in enumerate(rows):
+        tol = data["tolerance"].get(r["precision"])
+        for j, m in enumerate(metrics):
+            v = r.get(m)
+            colour = cell_colour(m, v, tol) if r["status"] in ("pass", "fail") else NEUTRAL
+            ax.add_patch(_rect(j, i, colour))
+            text = "—" if v is None else format(v, HEATMAP[m][1])
+            ax.text(j + 0.5, i + 0.5, text, ha="center", va="center", fontsize=8,
+                    color="white" if colour == OVER else "black",
+                    weight="bold" if colour == OVER else "normal")
+    ax.set_xticks([j + 0.5 for j in range(len(metrics))], [HEATMAP[m][0] for m in metrics],
+                  fontsize=8)
+    ax.xaxis.tick_top()
+    ax.set_yticks([i + 0.5 for i in range(len(rows))],
+                  [f"{r['precision']} / {r['backend']}  [{r['status'].replace('_', ' ')}]"
+                   for r in rows], fontsize=8)
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    fig.tight_layout(pad=0.3)
+    fig.savefig(path, format="png")
+
+
+def _rect(x, y, colour):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((x, y), 1, 1, facecolor=colour, edgecolor="white", linewidth=1.5)
+
+
+def histograms(data: dict, path: Path) -> None:
+    from engineforge.stages.audit import HIST_DECADES
+
+    outputs = sorted({n for _, per_output in data["hists"] for n in per_output})
+    if not outputs:
+        return _empty(path, f"{data['model']}: no audit outputs")
+    fig = _figure(7, 2.8 * len(outputs) + 0.4)
+    for k, name in enumerate(outputs):
+        ax = fig.add_subplot(len(outputs), 1, k + 1)
+        drawn = 0
+        for label, per_output in data["hists"]:
+            h = per_output.get(name)
+            if h is None or not h.counts:
+                continue
+            total = sum(h.counts) + h.below + h.above + h.non_finite
+            note = (f" ({h.below / total:.0%} exact or < 1e{HIST_DECADES[0]})" if h.below
+                    else "")
+            ax.stairs([c / total for c in h.counts], h.edges, label=label + note)
+            drawn += 1
+        ax.set_xscale("log")
+        ax.set_title(f"output '{name}': |variant - PyTorch fp32|", fontsize=9)
+        ax.set_ylabel("share of values", fontsize=8)
+        ax.tick_params(labelsize=8)
+        if drawn:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+        else:
+            ax.text(0.5, 0.5, f"no histogram (every error exact or < 1e{HIST_DECADES[0]})",
+                    ha="center", va="center", transform=ax.transAxes, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+def latency(data: dict, path: Path) -> None:
+    perf = [p for p in data["perf"] if p["p50_ms"] is not None]
+    if not perf:
+        return _empty(path, f"{data['model']}: no latency measured")
+    profiles = list(dict.fromkeys(p["profile"] for p in perf))
+    fig = _figure(7, 2.8 * len(profiles) + 0.4)
+    for k, profile in enumerate(profiles):
+        ax = fig.add_subplot(len(profiles), 1, k + 1)
+        points = [p for p in perf if p["profile"] == profile]
+        precisions = list(dict.fromkeys(p["precision"] for p in points))
+        backends = list(dict.fromkeys(p["backend"] for p in points))
+        width = 0.8 / len(backends)
+        for b, backend in enumerate(backends):
+            xs, ys, labels = [], [], []
+            for i, prec in enumerate(precisions):
+                for p in points:
+                    if p["precision"] == prec and p["backend"] == backend:
+                        xs.append(i + (b - (len(backends) - 1) / 2) * width)
+                        ys.append(p["p50_ms"])
+                        labels.append(f"{p['speedup']:.2f}×" if p["speedup"] else "")
+            bars = ax.bar(xs, ys, width, label=backend)
+            ax.bar_label(bars, labels, fontsize=7)
+        base = next((p["pytorch_p50_ms"] for p in points if p["pytorch_p50_ms"]), None)
+        if base:
+            ax.axhline(base, color="black", linestyle="--", linewidth=1,
+                       label="PyTorch eager (fp32)")
+        ax.set_xticks(range(len(precisions)), precisions, fontsize=8)
+        ax.set_ylabel("p50 ms (opt shape)", fontsize=8)
+        ax.set_title(f"profile '{profile}': latency, speedup vs PyTorch over the bars",
+                     fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+FIGURES = {"heatmap": heatmap, "histograms": histograms, "latency": latency}
+
+
+# -- HTML --------------------------------------------------------------------------------------
+CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1200px}
+h1,h2,h3{font-weight:600} section.model{border-top:2px solid #888;margin-top:2em}
+table{border-collapse:collapse;margin:.5em 0;font-size:13px}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:left} th{background:#f2f2f2}
+td.num{text-align:right;font-variant-numeric:tabular-nums} img{max-width:100%}
+.pass{color:#1a7f37} .fail{color:#b00020;font-weight:600} .none{color:#777;font-style:italic}
+.note{color:#555;font-size:13px}"""
+
+
+def _e(v) -> str:
+    return html.escape(str(v), quote=True)
+
+
+def _fmt(v, spec=".3g") -> str:
+    return "—" if v is None else format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+
+def _size(n) -> str:
+    if n is None:
+        return "—"
+    for unit, factor in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= factor:
+            return f"{n / factor:.3g} {unit}"
+    return f"{n} B"
+
+
+def _img(png: Path, alt: str) -> str:
+    data = base64.b64encode(png.read_bytes()).decode("ascii")
+    return f'<img alt="{_e(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _table(head: list[str], rows: list[list], num: set[int] = frozenset()) -> str:
+    out = ["<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"]
+    for row in rows:
+        out.append("<tr>" + "".join(
+            f'<td class="num">{c}</td>' if i in num else f"<td>{c}</td>"
+            for i, c in enumerate(row)) + "</tr>")
+    return "\n".join(out) + "</table>"
+
+
+def _status(status) -> str:
+    cls = {"pass": "pass", "fail": "fail"}.get(status, "")
+    return f'<span class="{cls}">{_e(status or "—")}</span>'
+
+
+def section(data: dict, pngs: dict[str, Path]) -> str:
+    m = data["model"]
+    parts = [f'<section class="model" id="model-{_e(m)}"><h2>{_e(m)}</h2>',
+             "<h3>Drift heatmap</h3>",
+             '<p class="note">Rows: precision / backend; reference PyTorch fp32 (worst '
+             "output). Colour: share of the precision's tolerance used, green (none) to "
+             "yellow (at the limit); red: over the limit (fail); grey: no tolerance for "
+             "the metric, or the row was not measured.</p>",
+             _img(pngs["heatmap"], f"{m} drift heatmap")]
+    reasons = [[_e(f"{r['precision']} / {r['backend']}"), _status(r["status"]),
+                _e(r["reason"])] for r in data["rows"] if r.get("reason")]
+    if reasons:
+        parts.append(_table(["variant", "verdict", "why"], reasons))
+    parts += ["<h3>Error histograms per output</h3>",
+              _img(pngs["histograms"], f"{m} error histograms")]
+    parts.append(_localisation(data["localisations"]))
+    parts.append(_repaired(data["repairs"]))
+    parts += ["<h3>Latency and speedup</h3>", _img(pngs["latency"], f"{m} latency")]
+    perf = [[_e(p["precision"]), _e(p["backend"]), _e(p["profile"]),
+             _e(_fmt(p["p50_ms"], ".3f") if p["p50_ms"] is not None
+                else p["bench_note"] or "—"),
+             _fmt(p["p99_ms"], ".3f"), _fmt(p["pytorch_p50_ms"], ".3f"),
+             _fmt(p["speedup"], ".2f"), _size(p["onnx_bytes"]), _size(p["engine_bytes"]),
+             _fmt(p["build_s"], ".2f")]
+            for p in data["perf"]]
+    parts += ["<h3>Latency, speedup and sizes per precision × profile × backend</h3>",
+              '<p class="note">Latency at the profile\'s opt shape; speedup vs eager PyTorch '
+              "fp32 on the same shapes and threads.</p>",
+              _table(["precision", "backend", "profile", "p50 ms", "p99 ms", "PyTorch p50 ms",
+                      "speedup", "ONNX size", "engine size", "build s"], perf,
+                     num=set(range(3, 10))) if perf else '<p class="none">none</p>']
+    return "\n".join(parts) + "</section>"
+
+
+def _localisation(locs: dict[str, Localisation]) -> str:
+    parts = ["<h3>Localisation</h3>"]
+    if not locs:
+        return parts[0] + '<p class="none">none (no variant was localised)</p>'
+    for variant, loc in locs.items():
+        head = (f"<p><b>{_e(variant)}</b>: {_e(loc.status)}"
+                + (f" — {_e(loc.reason)}" if loc.reason else "")
+                + f" ({loc.compared} node outputs compared, {loc.samples} samples, "
+                f"{loc.time_s:.2f} s)</p>")
+        parts.append(head)
+        nodes = ([("first", loc.first)] if loc.first else []) + [("worst", n)
+                                                                  for n in loc.worst]
+        if nodes:
+            parts.append(_table(
+                ["", "node", "op type", "SNR in dB", "SNR out dB", "drop dB", "cosine"],
+                [[which, _e(n.node), _e(n.op_type), _fmt(n.snr_in_db, ".1f"),
+                  _fmt(n.snr_out_db, ".1f"), _fmt(n.drop_db, ".1f"), _fmt(n.cosine, ".6f")]
+                 for which, n in nodes], num={3, 4, 5, 6}))
+    return "\n".join(parts)
+
+
+def _round(r) -> str:
+    if isinstance(r, dict):
+        return ", ".join(f"{k}={v}" for k, v in r.items())
+    return str(r)
+
+
+def _repaired(repairs: list[dict]) -> str:
+    parts = ["<h3>Repaired vs plain variants</h3>"]
+    if not repairs:
+        return parts[0] + '<p class="none">none (no repaired variant)</p>'
+    for rep in repairs:
+        r = rep["repair"]
+        nodes = r.get("excluded_nodes") or []
+        parts.append(
+            f"<p><b>{_e(rep['variant'])}</b> (from {_e(rep['plain'])}): repair "
+            f"{_e(r.get('status', '—'))}; kept in higher precision: "
+            f"{_e(', '.join(map(str, nodes)) or 'none')}; ONNX "
+            f"{_size(rep['onnx_bytes']['plain'])} → {_size(rep['onnx_bytes']['repaired'])}"
+            "</p>")
+        if r.get("rounds"):
+            parts.append("<ol>" + "".join(f"<li>{_e(_round(x))}</li>" for x in r["rounds"])
+                         + "</ol>")
+        rows = []
+        for backend, d in rep["backends"].items():
+            plain, fixed = d.get("plain") or {}, d.get("repaired") or {}
+            cost = (d["repaired_p50_ms"] / d["plain_p50_ms"] - 1
+                    if d.get("repaired_p50_ms") and d.get("plain_p50_ms") else None)
+            rows.append([_e(backend), _status(plain.get("status")), _status(fixed.get("status")),
+                         f"{_fmt(plain.get('cosine'), '.6f')} → "
+                         f"{_fmt(fixed.get('cosine'), '.6f')}",
+                         f"{_fmt(plain.get('max_abs'))} → {_fmt(fixed.get('max_abs'))}",
+                         f"{_fmt(d.get('plain_p50_ms'), '.3f')} → "
+                         f"{_fmt(d.get('repaired_p50_ms'), '.3f')}",
+                         "—" if cost is None else f"{cost:+.1%}"])
+        if rows:
+            parts.append(_table(["backend", "plain", "repaired", "cosine", "max |err|",
+                                 "p50 ms (first profile)", "latency cost"], rows))
+    return "\n".join(parts)
+
+
+def page(title: str, body: str) -> str:
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>{_e(title)}</title><style>{CSS}</style></head>\n<body>\n"
+            f"<h1>{_e(title)}</h1>\n{body}\n</body></html>\n")
+
+
+# -- the stage ---------------------------------------------------------------------------------
+def run(job) -> None:
+    if job.model is None:
+        return _whole(job)
+    data = gather(Layout(job.artifacts), job.model, job.settings)
+    pngs = {name: job.outputs[name] for name in FIGURES}
+    with _MATPLOTLIB:
+        for name, draw in FIGURES.items():
+            draw(data, pngs[name])
+    text = section(data, pngs)
+    job.outputs["section"].write_text(text)
+    job.outputs["html"].write_text(page(f"engineforge report — {job.model}", text))
+
+
+def _whole(job) -> None:
+    layout = Layout(job.artifacts)
+    s: Settings = job.settings
+    toc = "<ul>" + "".join(f'<li><a href="#model-{_e(m)}">{_e(m)}</a></li>'
+                           for m in s.models) + "</ul>"
+    sections = [Path(layout.report("section.html", m)).read_text() for m in s.models]
+    job.outputs["html"].write_text(page("engineforge report", toc + "\n".join(sections)))
