@@ -30,7 +30,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 from engineforge.settings import Section
-from engineforge.sidecar import canonical_json, read_json, write_json
+from engineforge.sidecar import canonical_json, read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -190,9 +190,13 @@ def build_record(model: str, m: dict, experiment: str, sidecars: dict,
                   for a in _stage_files(f"precision/{p}", sidecars["precision"][p])]
     artifacts += [[str(sidecars[k]), "audit"] for k in ("drift", "drift_md")
                   if Path(sidecars[k]).is_file()]
-    # the model's report page and figures (stages/report.py; absent after failures)
-    artifacts += [[str(p), "report"] for p in (sidecars.get("report") or {}).values()
-                  if Path(p).is_file()]
+    # the model's report page and figures (stages/report.py; absent after failures); the
+    # page embeds the figures: its hash in a tag makes a redrawn report a new record
+    report = [p for p in (sidecars.get("report") or {}).values() if Path(p).is_file()]
+    artifacts += [[str(p), "report"] for p in report]
+    page = (sidecars.get("report") or {}).get("report.html")
+    if page in report:
+        tags["engineforge.report.sha256"] = sha256_file(page)
     parent = {
         "name": model, "tags": tags,
         "span": _span(export, simplify, *precs.values(),

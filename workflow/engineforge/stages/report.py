@@ -20,7 +20,7 @@ import math
 import threading
 from pathlib import Path
 
-from engineforge.layout import Layout
+from engineforge.layout import ALL_PROFILES, Layout
 from engineforge.results import AuditResult, BenchResult, BuildResult, Localisation
 from engineforge.settings import Section
 from engineforge.sidecar import read_json
@@ -59,7 +59,7 @@ def gather(layout: Layout, model: str, s: Settings) -> dict:
     """Everything the model's section shows, from the files that exist."""
     from engineforge.stages import drift
 
-    o = layout.model_outputs(model, s.precisions, s.builds, s.profiles)
+    o = outputs(layout, model, s)
     audits = {k: r for k, p in o["audit"].items() if (r := _result(p, AuditResult))}
     rows = drift.rows_of([o["audit"][k] for k in audits])
     tolerance = {r.precision: r.tolerance for r in audits.values()}
@@ -96,15 +96,38 @@ def gather(layout: Layout, model: str, s: Settings) -> dict:
             "repairs": _repairs(layout, model, s, rows, perf)}
 
 
+def repaired_variants(layout: Layout, model: str, s: Settings) -> list[str]:
+    """The model's repaired variants: those of its variant list, and any found on disk."""
+    found = [p.parent.name for p in sorted(
+        Path(layout.model(model)).glob(f"precision/*{REPAIRED}/precision.json"))]
+    return list(dict.fromkeys([v for v in s.precisions if v.endswith(REPAIRED)] + found))
+
+
+def outputs(layout: Layout, model: str, s: Settings) -> dict:
+    """``Layout.model_outputs``, plus the paths of repaired variants: ``<p>-repaired`` is
+    audited, built and benched wherever ``<p>`` is."""
+    from engineforge.backends import backend_class
+
+    o = layout.model_outputs(model, s.precisions, s.builds, s.profiles)
+    for v in repaired_variants(layout, model, s):
+        o["precision"].setdefault(v, layout.precision("precision.json", model, v))
+        for b, profiles in s.builds.items():
+            if v[:-len(REPAIRED)] not in backend_class(b).precisions:
+                continue
+            o["audit"].setdefault((b, v), layout.audit(model, b, v))
+            for prof in profiles:
+                o["build"].setdefault((b, v, prof), layout.build(b, model, v, prof))
+                if prof != ALL_PROFILES:
+                    o["bench"].setdefault((b, v, prof), layout.bench(model, b, v, prof))
+    return o
+
+
 def _repairs(layout: Layout, model: str, s: Settings, rows: list[dict],
              perf: list[dict]) -> list[dict]:
     """Each repaired variant beside its plain one: the repair record, per backend the
     verdict, drift and latency (first profile) of both, and both ONNX sizes."""
-    variants = list(s.precisions) + [
-        f"{p}{REPAIRED}" for p in s.precisions
-        if not p.endswith(REPAIRED) and f"{p}{REPAIRED}" not in s.precisions]
     out = []
-    for variant in [v for v in variants if v.endswith(REPAIRED)]:
+    for variant in repaired_variants(layout, model, s):
         prec = _sidecar_result(Path(layout.precision("precision.json", model, variant)))
         if prec is None:
             continue
@@ -351,7 +374,7 @@ def section(data: dict, pngs: dict[str, Path]) -> str:
     if reasons:
         parts.append(_table(["variant", "verdict", "why"], reasons))
     parts += ["<h3>Error histograms per output</h3>",
-              _img(pngs["histograms"], f"{m} error histograms")]
+              _img(pngs["histograms"], f"{m} error histograms"), _hist_table(data["hists"])]
     parts.append(_localisation(data["localisations"]))
     parts.append(_repaired(data["repairs"]))
     parts += ["<h3>Latency and speedup</h3>", _img(pngs["latency"], f"{m} latency")]
@@ -369,6 +392,34 @@ def section(data: dict, pngs: dict[str, Path]) -> str:
                       "speedup", "ONNX size", "engine size", "build s"], perf,
                      num=set(range(3, 10))) if perf else '<p class="none">none</p>']
     return "\n".join(parts) + "</section>"
+
+
+def _hist_table(hists: list) -> str:
+    """Per output and variant: values compared, the share exact (or below the first bin),
+    the bin holding the median error, the highest occupied bin."""
+    rows = []
+    for label, per_output in hists:
+        for name, h in sorted(per_output.items()):
+            if h is None:
+                rows.append([_e(name), _e(label), "—", "—", "no histogram", "—", "—"])
+                continue
+            total = sum(h.counts) + h.below + h.above + h.non_finite
+            median = "exact or below the bins"
+            seen = h.below
+            for lo, hi, c in zip(h.edges, h.edges[1:], h.counts):
+                seen += c
+                if seen >= total / 2:
+                    median = f"[{lo:.2g}, {hi:.2g})"
+                    break
+            rows.append([_e(name), _e(label), str(total), f"{h.below / total:.1%}",
+                         _e(median), _fmt(h.edges[-1] if h.edges else None, ".2g"),
+                         str(h.non_finite)])
+    from engineforge.stages.audit import HIST_DECADES
+
+    rows.sort(key=lambda r: r[0])
+    return _table(["output", "variant", "values", f"exact or < 1e{HIST_DECADES[0]}",
+                   "median |err| in",
+                   "largest |err| below", "non-finite"], rows, num={2, 3, 6})
 
 
 def _localisation(locs: dict[str, Localisation]) -> str:
