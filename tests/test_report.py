@@ -190,12 +190,10 @@ def test_localisation_and_repaired_variants_render_when_present(finished, tmp_pa
             s["result"]["points"]["opt"]["p50_ms"] = 1.2
         write_json(path_of("fp16-repaired"), s)
 
-    outs = {"heatmap": "drift_heatmap.png", "histograms": "error_histograms.png",
-            "latency": "latency.png", "html": "report.html", "section": "section.html"}
     settings = report.Settings(precisions=["fp32", "fp16", "fp16-repaired"],
                                builds={"onnxruntime": [prof]}, profiles=[prof])
     run_job(Job(stage="report", model=model, wildcards={"model": model}, inputs={},
-                outputs={k: Path(L.report(v, model)) for k, v in outs.items()},
+                outputs={k: Path(L.report(v, model)) for k, v in report.OUTPUTS.items()},
                 settings=settings, tools={}, device=None, log=tmp_path / "report.log",
                 artifacts=str(art)))
     page = Page(Path(L.report("report.html", model)).read_text())
@@ -245,3 +243,36 @@ def test_snakemake_report_includes_the_figures(finished):
     for name in ("drift_heatmap.png", "error_histograms.png", "latency.png", "report.html"):
         assert name in text, name
     assert all(model in text for model in raw["models"])
+
+
+def test_after_failed_jobs_the_report_shows_what_exists(finished, tmp_path):
+    """``failures.finalise``'s report step on a copy where one audit failed: the failed
+    model's page is written from what exists (and not trusted by the next run), the healthy
+    model's page is kept, the whole page lists the failed job."""
+    from engineforge import config, failures, tracking
+
+    ws, raw = finished
+    art = tmp_path / "artifacts"
+    shutil.copytree(ws / "artifacts", art, ignore=shutil.ignore_patterns("*.onnx"))
+    L = Layout(str(art))
+    shutil.rmtree(art / "tinycls/report")
+    Path(L.audit("tinycls", "onnxruntime", "fp16")).unlink()
+    (art / "report.html").unlink()
+    kept = Path(L.report("report.html", "tinyfcn")).stat().st_mtime_ns
+    models = config.resolve(raw, ws)["models"]
+    track_settings = {m: tracking.settings(models[m], {"model": m}, raw["experiment"],
+                                           {"onnxruntime": list(models[m]["profiles"])})
+                      for m in models}
+    outputs = {m: tracking.model_outputs(L, m, s) for m, s in track_settings.items()}
+    failed = [{"job": "audit-tinycls-onnxruntime-fp16", "model": "tinycls", "stage": "audit",
+               "precision": "fp16", "backend": "onnxruntime", "reason": "a broken runtime"}]
+    failures._report(L, outputs, track_settings, failed)
+
+    page = Page((art / "report.html").read_text())
+    text = " ".join(" ".join(page.text).split())
+    assert "Failed jobs" in text and "tinycls audit fp16/onnxruntime a broken runtime" in text
+    assert {"tinycls drift heatmap", "tinyfcn drift heatmap"} <= {i["alt"] for i in page.imgs()}
+    for img in page.imgs():
+        check_png(img["src"])
+    assert Path(L.report("report.html", "tinycls")).stat().st_mtime == failures.UNTRUSTED_MTIME
+    assert Path(L.report("report.html", "tinyfcn")).stat().st_mtime_ns == kept

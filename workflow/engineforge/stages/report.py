@@ -490,23 +490,47 @@ def page(title: str, body: str) -> str:
 
 
 # -- the stage ---------------------------------------------------------------------------------
-def run(job) -> None:
-    if job.model is None:
-        return _whole(job)
-    data = gather(Layout(job.artifacts), job.model, job.settings)
-    pngs = {name: job.outputs[name] for name in FIGURES}
+# model figure/page -> output role of the report_model rule
+OUTPUTS = {"heatmap": "drift_heatmap.png", "histograms": "error_histograms.png",
+           "latency": "latency.png", "html": "report.html", "section": "section.html"}
+
+
+def write_model(layout: Layout, model: str, s: Settings, out: dict[str, Path]) -> None:
+    """The model's figures, page and section (``out``: role -> path, as ``OUTPUTS``)."""
+    data = gather(layout, model, s)
+    out["html"].parent.mkdir(parents=True, exist_ok=True)
     with _MATPLOTLIB:
         for name, draw in FIGURES.items():
-            draw(data, pngs[name])
-    text = section(data, pngs)
-    job.outputs["section"].write_text(text)
-    job.outputs["html"].write_text(page(f"engineforge report — {job.model}", text))
+            draw(data, out[name])
+    text = section(data, {name: out[name] for name in FIGURES})
+    out["section"].write_text(text)
+    out["html"].write_text(page(f"engineforge report — {model}", text))
 
 
-def _whole(job) -> None:
-    layout = Layout(job.artifacts)
-    s: Settings = job.settings
+def write_whole(layout: Layout, models: list[str], out: Path,
+                failures: list[dict] | None = None) -> None:
+    """The whole page from the models' sections; after a run with failed jobs, those jobs
+    first (a model whose section is missing says so)."""
     toc = "<ul>" + "".join(f'<li><a href="#model-{_e(m)}">{_e(m)}</a></li>'
-                           for m in s.models) + "</ul>"
-    sections = [Path(layout.report("section.html", m)).read_text() for m in s.models]
-    job.outputs["html"].write_text(page("engineforge report", toc + "\n".join(sections)))
+                           for m in models) + "</ul>"
+    parts = [toc]
+    if failures:
+        parts.append("<h2>Failed jobs</h2>" + _table(
+            ["model", "stage", "variant", "reason"],
+            [[_e(f.get("model") or "—"), _e(f.get("stage") or f.get("job")),
+              _e("/".join(str(f[k]) for k in ("precision", "profile", "backend")
+                          if f.get(k)) or "—"), _e(f.get("reason"))] for f in failures]))
+    for m in models:
+        path = Path(layout.report("section.html", m))
+        parts.append(path.read_text() if path.is_file() else
+                     f'<section class="model" id="model-{_e(m)}"><h2>{_e(m)}</h2>'
+                     '<p class="none">no report (its jobs failed)</p></section>')
+    out.write_text(page("engineforge report", "\n".join(parts)))
+
+
+def run(job) -> None:
+    layout = Layout(job.artifacts)
+    if job.model is None:
+        write_whole(layout, job.settings.models, job.outputs["html"])
+    else:
+        write_model(layout, job.model, job.settings, job.outputs)
