@@ -164,6 +164,7 @@ def test_localisation_and_repaired_variants_render_when_present(finished, tmp_pa
         "worst": [first, _node("/head/MatMul", "MatMul", 60.0, 30.0)], "time_s": 0.4}})
     write_json(loc / "int8.json", {"status": "clean", "drop_threshold_db": 10.0,
                                    "snr_threshold_db": 40.0})
+    write_json(loc / "bf16.json", {"status": "half-written"})  # shown, not fatal
     # fp16 fails its audit; fp16-repaired passes and runs 20 % slower
     plain_audit = L.audit(model, "onnxruntime", "fp16")
     side = read_json(plain_audit)
@@ -202,6 +203,7 @@ def test_localisation_and_repaired_variants_render_when_present(finished, tmp_pa
         check_png(img["src"])
     assert "none (no variant was localised)" not in text
     assert "fp16 : localised" in text and "int8 : clean" in text
+    assert "bf16 : unreadable bf16.json: " in text
     assert "first /act/Exp Exp 80.0 12.5 67.5" in text
     assert "worst /head/MatMul MatMul 60.0 30.0 30.0" in text
     assert "none (no repaired variant)" not in text

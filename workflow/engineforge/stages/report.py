@@ -89,11 +89,19 @@ def gather(layout: Layout, model: str, s: Settings) -> dict:
             "build_s": build and build.build_time_s,
             "onnx_bytes": prec and prec["bytes"]})
     localise_dir = Path(layout.model(model)) / "audit" / "localise"
-    localisations = {p.stem: Localisation.model_validate(_sidecar_result(p))
-                     for p in sorted(localise_dir.glob("*.json"))}
+    localisations = {p.stem: _localisation_of(p) for p in sorted(localise_dir.glob("*.json"))}
     return {"model": model, "rows": rows, "tolerance": tolerance, "hists": hists,
             "perf": perf, "localisations": localisations,
             "repairs": _repairs(layout, model, s, rows, perf)}
+
+
+def _localisation_of(path: Path) -> Localisation | str:
+    """The variant's Localisation, or why it cannot be read (the report still renders: the
+    model's MLflow record waits for it)."""
+    try:
+        return Localisation.model_validate(_sidecar_result(path))
+    except (ValueError, TypeError) as err:
+        return f"unreadable {path.name}: {' '.join(str(err).split())[:200]}"
 
 
 def repaired_variants(layout: Layout, model: str, s: Settings) -> list[str]:
@@ -422,11 +430,14 @@ def _hist_table(hists: list) -> str:
                    "largest |err| below", "non-finite"], rows, num={2, 3, 6})
 
 
-def _localisation(locs: dict[str, Localisation]) -> str:
+def _localisation(locs: dict[str, Localisation | str]) -> str:
     parts = ["<h3>Localisation</h3>"]
     if not locs:
         return parts[0] + '<p class="none">none (no variant was localised)</p>'
     for variant, loc in locs.items():
+        if isinstance(loc, str):
+            parts.append(f"<p><b>{_e(variant)}</b>: {_e(loc)}</p>")
+            continue
         head = (f"<p><b>{_e(variant)}</b>: {_e(loc.status)}"
                 + (f" — {_e(loc.reason)}" if loc.reason else "")
                 + f" ({loc.compared} node outputs compared, {loc.samples} samples, "
