@@ -112,7 +112,7 @@ def test_heatmap_and_histograms_for_every_model_and_output(finished):
             assert audit["outputs"]
             for name, drift in audit["outputs"].items():
                 h = drift["abs_error_hist"]
-                assert len(h["edges"]) == len(h["counts"]) + 1
+                assert len(h["edges"]) == len(h["counts"]) + 1 <= 57  # compact: <= 56 bins
                 total = sum(h["counts"]) + h["below"] + h["above"] + h["non_finite"]
                 ref = np.load(L.export("reference.npz", model))[f"out:{name}"]
                 assert total == ref.size
@@ -134,6 +134,20 @@ def test_error_histogram_counts_and_bins():
     assert edges[0] <= 1e-3 < edges[1] and counts[0] == 2  # 1e-3 and 1.1e-3 share a bin
     assert edges[-2] <= 0.2 < edges[-1] and counts[-1] == 1
     assert error_histogram(a, a)["counts"] == [] and error_histogram(a, a)["below"] == 6
+
+
+@pytest.mark.parametrize("counts, below, above, median", [
+    ([1, 1], 5, 0, "exact or below the bins"), ([3, 1], 1, 0, "[1, 2)"),
+    ([1, 3], 1, 0, "[2, 3)"), ([1, 1], 0, 5, "above the bins")])
+def test_histogram_table_names_the_bin_of_the_median(counts, below, above, median):
+    from engineforge.results import ErrorHistogram
+    from engineforge.stages import report
+
+    h = ErrorHistogram(edges=[1, 2, 3], counts=counts, below=below, above=above)
+    cells = Page(report._hist_table([("fp16 / onnxruntime", {"y": h})])).text[7:]  # row 2
+    assert cells[:4] == ["y", "fp16 / onnxruntime", str(sum(counts) + below + above),
+                         f"{below / (sum(counts) + below + above):.1%}"]
+    assert cells[4] == median
 
 
 def _node(node, op, snr_in, snr_out):

@@ -63,12 +63,14 @@ def gather(layout: Layout, model: str, s: Settings) -> dict:
     audits = {k: r for k, p in o["audit"].items() if (r := _result(p, AuditResult))}
     rows = drift.rows_of([o["audit"][k] for k in audits])
     tolerance = {r.precision: r.tolerance for r in audits.values()}
-    hists = []  # (label, {output: ErrorHistogram | None})
-    for (backend, precision), r in sorted(audits.items(), key=lambda kv: kv[0][::-1]):
-        for label, m in ((f"{precision} / {backend}", r),
-                         (f"{precision} / {drift.EMULATED}", r.emulated)):
+    order = [(r["backend"], r["precision"]) for r in rows]
+    hists = []  # (label, {output: ErrorHistogram | None}), in the heatmap's row order
+    for (backend, precision), r in audits.items():
+        for label, m in ((backend, r), (drift.EMULATED, r.emulated)):
             if m is not None and m.outputs:
-                hists.append((label, {n: d.abs_error_hist for n, d in m.outputs.items()}))
+                hists.append((order.index((label, precision)), f"{precision} / {label}",
+                              {n: d.abs_error_hist for n, d in m.outputs.items()}))
+    hists = [h[1:] for h in sorted(hists)]
     baseline = {prof: _result(p, BenchResult) for prof, p in o["baseline"].items()}
     perf = []  # one row per precision × backend × profile
     for (backend, precision, profile), build_path in o["build"].items():
@@ -412,13 +414,14 @@ def _hist_table(hists: list) -> str:
                 rows.append([_e(name), _e(label), "—", "—", "no histogram", "—", "—"])
                 continue
             total = sum(h.counts) + h.below + h.above + h.non_finite
-            median = "exact or below the bins"
             seen = h.below
+            median = "exact or below the bins" if seen >= total / 2 else "above the bins"
             for lo, hi, c in zip(h.edges, h.edges[1:], h.counts):
+                if seen >= total / 2:
+                    break
                 seen += c
                 if seen >= total / 2:
                     median = f"[{lo:.2g}, {hi:.2g})"
-                    break
             rows.append([_e(name), _e(label), str(total), f"{h.below / total:.1%}",
                          _e(median), _fmt(h.edges[-1] if h.edges else None, ".2g"),
                          str(h.non_finite)])
