@@ -136,6 +136,26 @@ def test_error_histogram_counts_and_bins():
     assert error_histogram(a, a)["counts"] == [] and error_histogram(a, a)["below"] == 6
 
 
+def test_heatmap_colours_follow_the_tolerance():
+    from engineforge.stages.report import NEUTRAL, OVER, PASS_LIMIT, PASS_LOW, cell_colour
+
+    tol = {"snr_min_db": 40.0, "cosine_min": 0.999, "max_abs": None, "top1_min": 1.0,
+           "accuracy_drop_max": 0.01}
+    assert cell_colour("cosine", 1.0, tol) == PASS_LOW  # none of the tolerance used
+    assert cell_colour("cosine", 0.999, tol) == PASS_LIMIT  # all of it, still a pass
+    assert cell_colour("cosine", 0.998, tol) == OVER
+    assert cell_colour("snr_db", 39.9, tol) == OVER
+    assert cell_colour("snr_db", 40.0, tol) == PASS_LIMIT
+    assert cell_colour("snr_db", float("nan"), tol) == OVER
+    assert cell_colour("top1_agreement", 1.0, tol) == PASS_LOW  # a zero budget, unused
+    assert cell_colour("top1_agreement", 0.99, tol) == OVER
+    assert cell_colour("accuracy_drop", 0.02, tol) == OVER
+    assert cell_colour("max_abs", 5.0, tol) == NEUTRAL  # max_abs: null, not checked
+    assert cell_colour("max_abs", 5.0, {"max_abs": 1.0}) == OVER
+    assert cell_colour("p99_abs", 5.0, tol) == NEUTRAL  # no limit for it
+    assert cell_colour("snr_db", 10.0, {"cosine_min": 0.9}) == NEUTRAL  # tolerance without
+
+
 @pytest.mark.parametrize("counts, below, above, median", [
     ([1, 1], 5, 0, "exact or below the bins"), ([3, 1], 1, 0, "[1, 2)"),
     ([1, 3], 1, 0, "[2, 3)"), ([1, 1], 0, 5, "above the bins")])

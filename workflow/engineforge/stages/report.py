@@ -169,15 +169,21 @@ def _share(used: float, budget: float) -> float:
     return max(used, 0.0) / budget
 
 
-# metric -> (label, format, share of the tolerance used: fn(value, tolerance) or None)
+def _snr_share(snr: float, snr_min: float) -> float:
+    """The rms error over the rms error the SNR limit allows."""
+    return 10 ** ((snr_min - snr) / 20) if math.isfinite(snr) else math.inf
+
+
+# metric -> (label, format, its tolerance key, share of that limit used: fn(value, limit));
+# a tolerance without the key, or a limit set to null, leaves the metric uncoloured
 HEATMAP = {
-    "cosine": ("cosine", ".6f", lambda v, t: _share(1 - v, 1 - t["cosine_min"])),
-    "snr_db": ("SNR dB", ".1f", None),
-    "max_abs": ("max |err|", ".3g", lambda v, t: _share(v, t["max_abs"])),
-    "p99_abs": ("p99 |err|", ".3g", None),
-    "top1_agreement": ("top-1", ".3f", lambda v, t: _share(1 - v, 1 - t["top1_min"])),
-    "top5_agreement": ("top-5", ".3f", None),
-    "accuracy_drop": ("acc. drop", ".4f", lambda v, t: _share(v, t["accuracy_drop_max"])),
+    "cosine": ("cosine", ".6f", "cosine_min", lambda v, lim: _share(1 - v, 1 - lim)),
+    "snr_db": ("SNR dB", ".1f", "snr_min_db", _snr_share),
+    "max_abs": ("max |err|", ".3g", "max_abs", _share),
+    "p99_abs": ("p99 |err|", ".3g", None, None),
+    "top1_agreement": ("top-1", ".3f", "top1_min", lambda v, lim: _share(1 - v, 1 - lim)),
+    "top5_agreement": ("top-5", ".3f", None, None),
+    "accuracy_drop": ("acc. drop", ".4f", "accuracy_drop_max", _share),
 }
 NEUTRAL, OVER, ABSENT = "#e6e6e6", "#d73027", "#ffffff"
 PASS_LOW, PASS_LIMIT = "#91cf60", "#fee08b"  # none of the tolerance used .. all of it
@@ -185,13 +191,14 @@ PASS_LOW, PASS_LIMIT = "#91cf60", "#fee08b"  # none of the tolerance used .. all
 
 def cell_colour(metric: str, value, tolerance: dict | None) -> str:
     """Green (none of the tolerance used) to yellow (at the limit); red: over it (fail);
-    grey: no tolerance for this metric; white: no value."""
+    grey: no limit for this metric; white: no value."""
     if value is None:
         return ABSENT
-    share_fn = HEATMAP[metric][2]
-    if share_fn is None or not tolerance:
+    _, _, key, share_fn = HEATMAP[metric]
+    limit = (tolerance or {}).get(key) if key else None
+    if limit is None:
         return NEUTRAL
-    share = share_fn(value, tolerance)
+    share = share_fn(value, limit)
     if share > 1:
         return OVER
     from matplotlib.colors import LinearSegmentedColormap, to_hex
