@@ -451,7 +451,9 @@ def _localisation(locs: dict[str, Localisation | str]) -> str:
         head = (f"<p><b>{_e(variant)}</b>: {_e(loc.status)}"
                 + (f" — {_e(loc.reason)}" if loc.reason else "")
                 + f" ({loc.compared} node outputs compared, {loc.samples} samples, "
-                f"{loc.time_s:.2f} s)</p>")
+                f"{loc.time_s:.2f} s"
+                + (f"; drop = min(SNR in, {loc.ceiling_snr_db:.1f} dB ceiling) − SNR out"
+                   if loc.ceiling_snr_db is not None else "") + ")</p>")
         parts.append(head)
         nodes = ([("first", loc.first)] if loc.first else []) + [("worst", n)
                                                                   for n in loc.worst]
