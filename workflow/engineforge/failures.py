@@ -216,10 +216,7 @@ def _report(layout: Layout, outputs: dict, track_settings: dict, failures) -> No
             out = {role: Path(layout.report(name, m)) for role, name in report.OUTPUTS.items()}
             if _stale(out["section"], files_of({k: v for k, v in o.items()
                                                 if k not in ("engine", "report")})):
-                s = track_settings[m]
-                report.write_model(layout, m, report.Settings(
-                    precisions=s.model["precisions"], builds=s.builds,
-                    profiles=list(s.model["profiles"])), out)
+                report.write_model(layout, m, report.settings_of(track_settings[m]), out)
                 _untrusted(*out.values())
         report.write_whole(layout, list(outputs), Path(layout.report_html()), failures)
         _untrusted(layout.report_html())

@@ -200,10 +200,7 @@ def report_settings(model=None):
     stage = efrunner.stage_module("report")
     if model is None:
         return stage.Settings(models=list(MODELS))
-    m = MODELS[model]
-    return stage.Settings(
-        precisions=m["precisions"], builds=builds(model), profiles=list(m["profiles"])
-    )
+    return stage.settings_of(track_settings(model))
 
 
 def summary_settings():

@@ -40,6 +40,13 @@ class Settings(Section):
     profiles: list[str] = []            # the model's profiles, the first one first
 
 
+def settings_of(track: Section) -> Settings:
+    """One model's report settings from its track settings: the same variants (repaired
+    ones included), builds and profiles as the MLflow record it goes into."""
+    return Settings(precisions=track.model["precisions"], builds=track.builds,
+                    profiles=list(track.model["profiles"]))
+
+
 def _result(path, kind):
     from engineforge.stages.summary import _result
 
@@ -445,16 +452,19 @@ def _localisation(locs: dict[str, Localisation | str]) -> str:
     if not locs:
         return parts[0] + '<p class="none">none (no variant was localised)</p>'
     for variant, loc in locs.items():
-        if isinstance(loc, str):
-            parts.append(f"<p><b>{_e(variant)}</b>: {_e(loc)}</p>")
+        if isinstance(loc, str) or loc.status == "passes":
+            text = loc if isinstance(loc, str) else "passes its audits (nothing to localise)"
+            parts.append(f"<p><b>{_e(variant)}</b>: {_e(text)}</p>")
             continue
-        head = (f"<p><b>{_e(variant)}</b>: {_e(loc.status)}"
-                + (f" — {_e(loc.reason)}" if loc.reason else "")
-                + f" ({loc.compared} node outputs compared, {loc.samples} samples, "
-                f"{loc.time_s:.2f} s"
-                + (f"; drop = min(SNR in, {loc.ceiling_snr_db:.1f} dB ceiling) − SNR out"
-                   if loc.ceiling_snr_db is not None else "") + ")</p>")
-        parts.append(head)
+        parts.append(f"<p><b>{_e(variant)}</b>: {_e(loc.status)}"
+                     + (f" — {_e(loc.reason)}" if loc.reason else "")
+                     + f" ({loc.compared} node outputs compared, {loc.samples} samples, "
+                     f"{loc.time_s:.2f} s"
+                     + (f"; drop = min(SNR in, {loc.ceiling_snr_db:.1f} dB ceiling) − SNR out"
+                        if loc.ceiling_snr_db is not None else "") + ")</p>")
+        trigger = getattr(loc, "trigger", None)  # what made it run (the failed audits)
+        if trigger:
+            parts.append(f'<p class="note">triggered by: {_e("; ".join(trigger))}</p>')
         nodes = ([("first", loc.first)] if loc.first else []) + [("worst", n)
                                                                   for n in loc.worst]
         if nodes:
