@@ -451,10 +451,16 @@ def _localisation(locs: dict[str, Localisation | str]) -> str:
     parts = ["<h3>Localisation</h3>"]
     if not locs:
         return parts[0] + '<p class="none">none (no variant was localised)</p>'
+    passing = [v for v, loc in locs.items() if not isinstance(loc, str)
+               and loc.status == "passes"]
+    if passing:
+        parts.append(f'<p class="none">not localised (every audit passed): '
+                     f'{_e(", ".join(passing))}</p>')
     for variant, loc in locs.items():
-        if isinstance(loc, str) or loc.status == "passes":
-            text = loc if isinstance(loc, str) else "passes its audits (nothing to localise)"
-            parts.append(f"<p><b>{_e(variant)}</b>: {_e(text)}</p>")
+        if isinstance(loc, str):
+            parts.append(f"<p><b>{_e(variant)}</b>: {_e(loc)}</p>")
+            continue
+        if loc.status == "passes":
             continue
         parts.append(f"<p><b>{_e(variant)}</b>: {_e(loc.status)}"
                      + (f" — {_e(loc.reason)}" if loc.reason else "")
