@@ -216,8 +216,11 @@ def test_localisation_and_repaired_variants_render_when_present(finished, tmp_pa
     prec = read_json(L.precision("precision.json", model, "fp16"))
     prec["result"]["extra"] = {"repair": {
         "status": "repaired", "from": "fp16", "excluded_nodes": ["/act/Exp", "/act/Mul"],
-        "rounds": [{"round": 1, "excluded": ["/act/Exp"], "status": "fail"},
-                   {"round": 2, "excluded": ["/act/Exp", "/act/Mul"], "status": "pass"}]}}
+        "rounds": [{"round": 0, "excluded": [], "passed": False,
+                    "failures": ["linear: snr 25.7 < 40.0 dB"],
+                    "metrics": {"linear": {"snr_db": 25.7, "cosine": 0.97}}},
+                   {"round": 1, "excluded": ["/act/Exp", "/act/Mul"], "passed": True,
+                    "failures": [], "metrics": {"linear": {"snr_db": 68.2, "cosine": 1.0}}}]}}
     write_json(L.precision("precision.json", model, "fp16-repaired"), prec)
     prof = next(iter(raw["models"][model]["profiles"]))
     for kind, path_of in (("build", lambda v: L.build("onnxruntime", model, v, prof)),
@@ -247,7 +250,8 @@ def test_localisation_and_repaired_variants_render_when_present(finished, tmp_pa
     assert "none (no repaired variant)" not in text
     assert "fp16-repaired (from fp16): repair repaired" in text
     assert "/act/Exp, /act/Mul" in text
-    assert "excluded=['/act/Exp', '/act/Mul'], round=2, status=pass" in text
+    assert "0 none fail linear: 25.7 dB linear: snr 25.7 < 40.0 dB" in text  # the rounds
+    assert "1 /act/Exp, /act/Mul pass linear: 68.2 dB —" in text
     assert "onnxruntime fail pass" in text  # the verdicts side by side
     assert "1.000 → 1.200 +20.0%" in text  # the latency cost
     assert "fp16 / onnxruntime fail linear: cosine 0.97 < 0.999" in text  # why it failed

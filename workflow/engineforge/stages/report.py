@@ -482,10 +482,19 @@ def _localisation(locs: dict[str, Localisation | str]) -> str:
     return "\n".join(parts)
 
 
-def _round(r) -> str:
-    if isinstance(r, dict):
-        return ", ".join(f"{k}={v}" for k, v in r.items())
-    return str(r)
+def _rounds(rounds: list) -> str:
+    """The repair's rounds: nodes kept, verdict, SNR per output, what still failed."""
+    rows = []
+    for r in rounds:
+        r = r if isinstance(r, dict) else {"round": r}
+        verdict = r.get("status") or {True: "pass", False: "fail"}.get(r.get("passed"), "—")
+        snr = "; ".join(f"{name}: {_fmt(m.get('snr_db'), '.1f')} dB"
+                        for name, m in sorted((r.get("metrics") or {}).items())
+                        if isinstance(m, dict))
+        rows.append([_e(r.get("round", "—")), _e(", ".join(map(str, r.get("excluded") or []))
+                                                 or "none"), _status(verdict), _e(snr or "—"),
+                     _e("; ".join(map(str, r.get("failures") or [])) or "—")])
+    return _table(["round", "kept in higher precision", "verdict", "SNR", "failures"], rows)
 
 
 def _repaired(repairs: list[dict]) -> str:
@@ -502,8 +511,7 @@ def _repaired(repairs: list[dict]) -> str:
             f"{_size(rep['onnx_bytes']['plain'])} → {_size(rep['onnx_bytes']['repaired'])}"
             "</p>")
         if r.get("rounds"):
-            parts.append("<ol>" + "".join(f"<li>{_e(_round(x))}</li>" for x in r["rounds"])
-                         + "</ol>")
+            parts.append(_rounds(r["rounds"]))
         rows = []
         for backend, d in rep["backends"].items():
             plain, fixed = d.get("plain") or {}, d.get("repaired") or {}
