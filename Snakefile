@@ -22,6 +22,7 @@ include: "workflow/rules/gate.smk"
 include: "workflow/rules/build.smk"
 include: "workflow/rules/bench.smk"
 include: "workflow/rules/track.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:

@@ -200,5 +200,6 @@ def test_run_hands_over_to_snakemake_with_the_workflow_profile(ws):
     out = planned.stdout + planned.stderr
     assert planned.returncode == 0, out[-3000:]
     assert job_stats(out) == {"build_tensorrt_rtx": 6, "audit": 4, "bench": 6,
-                              "drift_matrix": 2, "track": 2, "summary": 1, "all": 1}
+                              "drift_matrix": 2, "report_model": 2, "report_html": 1,
+                              "track": 2, "summary": 1, "all": 1}
     assert "This was a dry-run" in out and "Nothing to be done" not in out

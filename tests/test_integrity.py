@@ -187,6 +187,8 @@ def test_a_modified_output_is_quarantined_and_only_its_branch_is_rebuilt(ws):
         "bench": ["artifacts/tinyfcn/bench/onnxruntime/int8/small.json"],
         "audit": ["artifacts/tinyfcn/audit/onnxruntime/int8.json"],
         "drift_matrix": ["artifacts/tinyfcn/audit/drift.json"],
+        "report_model": ["artifacts/tinyfcn/report/drift_heatmap.png"],
+        "report_html": ["artifacts/report.html"],
         "track": ["artifacts/tinyfcn/track.json"],
         "summary": ["artifacts/summary.md"], "all": [""]}, jobs
     # execute: the rebuild; assert: the tree verifies, the rerun is a no-op and quiet

@@ -26,7 +26,7 @@ def test_snakefmt_is_clean():
 
 def test_parsing_the_workflow_imports_nothing_heavy():
     """DAG parsing (`snakemake -n`) imports no torch, ONNX Runtime, TensorRT, ModelOpt,
-    onnxsim or MLflow, and runs no backend binary."""
+    onnxsim, MLflow or matplotlib, and runs no backend binary."""
     proc = subprocess.run([sys.executable, "-X", "importtime", str(BIN / "snakemake"), "-n",
                            "--quiet"], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "ENGINEFORGE_TRTEXEC": "/nonexistent/trtexec"})
@@ -35,5 +35,5 @@ def test_parsing_the_workflow_imports_nothing_heavy():
                 if line.startswith("import time:")}
     assert "engineforge.layout" in imported  # the check itself sees our imports
     heavy = {"torch", "onnxruntime", "tensorrt_rtx_bindings", "tensorrt", "modelopt",
-             "onnxsim", "mlflow"}
+             "onnxsim", "mlflow", "matplotlib"}
     assert not heavy & imported

@@ -81,8 +81,9 @@ def test_touch_rebuilds_nothing(zoo):
     expected += [("bench_pytorch", layout.baseline("digits_cnn", prof))
                  for prof in m["profiles"]]
     expected += [("track", layout.track("digits_cnn")), ("summary", layout.summary("md")),
-                 ("all", "")]
-    assert sorted(jobs) == sorted(expected) and len(jobs) == 4 * 2 + 1 + 3
+                 ("report_model", layout.report("drift_heatmap.png", "digits_cnn")),
+                 ("report_html", layout.report_html()), ("all", "")]
+    assert sorted(jobs) == sorted(expected) and len(jobs) == 4 * 2 + 1 + 5
     assert planned_jobs(ws) == {}  # restored
 
 
@@ -94,7 +95,8 @@ def test_editing_a_model_definition_reexports_only_that_model(zoo):
     jobs = _planned_with_file(arch, arch.read_bytes() + b"\n# edited\n", ws)
     # assert
     assert [o for r, o in jobs if r == "export"] == ["artifacts/digits_cnn/export/model.onnx"]
-    assert all("/digits_cnn/" in o for r, o in jobs if r not in ("summary", "all"))
+    assert all("/digits_cnn/" in o for r, o in jobs
+               if r not in ("summary", "report_html", "all"))
 
 
 def test_one_precision_setting_reruns_only_that_branch(zoo):
@@ -110,11 +112,12 @@ def test_one_precision_setting_reruns_only_that_branch(zoo):
         if rule in ("precision", "build_tensorrt_rtx", "build_onnxruntime", "audit", "bench",
                     "localise"):
             assert "/resnet18/" in out and "int8" in out, (rule, out)
-        elif rule in ("drift_matrix", "track"):
+        elif rule in ("drift_matrix", "track", "report_model"):
             assert "/resnet18/" in out
     assert rules.count("localise") == 1
-    # precision, 2 builds, 2 audits, 2 benches, localise, drift, track, summary, all
-    assert len(jobs) == 12
+    # precision, 2 builds, 2 audits, 2 benches, localise, drift, report (model, page), track,
+    # summary, all
+    assert len(jobs) == 14
 
 
 def test_new_calibration_data_reruns_only_quantized_variants_of_that_model(zoo):
@@ -130,7 +133,8 @@ def test_new_calibration_data_reruns_only_quantized_variants_of_that_model(zoo):
     # assert
     precision_jobs = [o for r, o in jobs if r == "precision"]
     assert precision_jobs == ["artifacts/digits_cnn/precision/int8/model.onnx"]
-    assert all("/digits_cnn/" in o for r, o in jobs if r not in ("summary", "all"))
+    assert all("/digits_cnn/" in o for r, o in jobs
+               if r not in ("summary", "report_html", "all"))
 
 
 def test_one_profile_change_reruns_only_its_builds_and_benches(zoo):
@@ -141,7 +145,8 @@ def test_one_profile_change_reruns_only_its_builds_and_benches(zoo):
     # assert
     rules = {r for r, _ in jobs}
     assert rules == {"profile_check", "build_tensorrt_rtx", "build_onnxruntime", "bench",
-                     "bench_pytorch", "track", "summary", "all"}
+                     "bench_pytorch", "report_model", "report_html", "track", "summary",
+                     "all"}
     assert [o for r, o in jobs if r == "profile_check"] == [
         "artifacts/tiny_sr/export/profiles/large.json"]  # checked again; nothing re-exported
     assert all("/large" in o for r, o in jobs if r.startswith(("build", "bench")))

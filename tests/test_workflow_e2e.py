@@ -191,6 +191,8 @@ def test_rerun_and_touch_do_nothing(finished):
         [("bench", layout.bench("tinycls", b, p, "b1-8"))
          for b in ("onnxruntime", "tensorrt-rtx") for p in PRECISIONS]
         + [("bench_pytorch", layout.baseline("tinycls", "b1-8")),
+           ("report_model", layout.report("drift_heatmap.png", "tinycls")),
+           ("report_html", layout.report_html()),
            ("track", layout.track("tinycls")), ("summary", layout.summary("md")), ("all", "")])
     assert planned_jobs(ws) == {}  # restored
 

@@ -191,6 +191,7 @@ def _finalise(layout: Layout, failures, summary_settings, track_settings) -> Non
     for m, o in outputs.items():
         if _stale(o["drift"], files_of(o["audit"])):
             _drift(layout, m, o["audit"], failures)
+    _report(layout, outputs, track_settings, failures)
     reachable = True  # after one failed upload the others wait too (a Ctrl-C ends here)
     for m, o in outputs.items():
         if track_stale[m]:
@@ -206,6 +207,25 @@ def _finalise(layout: Layout, failures, summary_settings, track_settings) -> Non
         _untrusted(layout.summary("json"), layout.summary("md"))
     if Path(layout.summary("md")).is_file():
         print(Path(layout.summary("md")).read_text())
+
+
+def _report(layout: Layout, outputs: dict, track_settings: dict, failures) -> None:
+    """The report from what exists: a model's page where its report job did not run (its
+    partial MLflow record then holds it), and the whole page with the failed jobs."""
+    from engineforge.stages import report
+
+    try:
+        for m, o in outputs.items():
+            out = {role: Path(layout.report(name, m)) for role, name in report.OUTPUTS.items()}
+            if _stale(out["section"], files_of({k: v for k, v in o.items()
+                                                if k not in ("engine", "report")})):
+                report.write_model(layout, m, report.settings_of(track_settings[m]), out)
+                _untrusted(*out.values())
+        report.write_whole(layout, list(outputs), Path(layout.report_html()), failures)
+        _untrusted(layout.report_html())
+    except Exception as err:  # noqa: BLE001 - the summary and records still follow
+        print(f"engineforge: could not write the partial report: {type(err).__name__}: "
+              f"{(str(err).strip().splitlines() or [''])[0][:300]}", file=sys.stderr)
 
 
 def print_failures(failures: list[dict], layout: Layout) -> None:

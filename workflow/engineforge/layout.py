@@ -14,6 +14,8 @@ from engineforge.backends import backend_class
 from engineforge.settings import base_precision
 
 ALL_PROFILES = "all"  # the profile name of an engine holding every profile
+# a model's report files that its MLflow parent run holds (stages/report.py writes them)
+REPORT_FILES = ("drift_heatmap.png", "error_histograms.png", "latency.png", "report.html")
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,13 @@ class Layout:
     def baseline(self, model="{model}", profile="{profile}") -> str:
         return f"{self.root}/{model}/bench/pytorch/{profile}.json"
 
+    # report (per model: figures + page, logged to the model's MLflow run; then one page)
+    def report(self, name: str, model="{model}") -> str:
+        return f"{self.root}/{model}/report/{name}"
+
+    def report_html(self) -> str:
+        return f"{self.root}/report.html"
+
     # logs, tracking, summary
     def log(self, name: str, model="{model}") -> str:
         return f"{self.root}/{model}/logs/{name}.log"
@@ -114,7 +123,8 @@ class Layout:
              "precision": {p: self.precision("precision.json", model, p) for p in precisions},
              "localise": {p: self.localise(model, p) for p in precisions if p != "fp32"},
              "audit": {}, "build": {}, "bench": {}, "engine": {},
-             "baseline": {prof: self.baseline(model, prof) for prof in profiles}}
+             "baseline": {prof: self.baseline(model, prof) for prof in profiles},
+             "report": {name: self.report(name, model) for name in REPORT_FILES}}
         if gate:
             t["gate"] = self.gate("gate.json", model)
         for b, build_profiles in builds.items():

@@ -107,6 +107,17 @@ class BenchResult(Result):
     device: dict[str, Any] = {}
 
 
+class ErrorHistogram(Result):
+    """Counts of |variant - reference| per log-spaced bin (``edges``: ``len(counts) + 1``,
+    trimmed to the occupied range); ``below``: errors under ``edges[0]`` (exact matches
+    included), ``above``: over ``edges[-1]``, ``non_finite``: NaN/Inf errors."""
+    edges: list[float]
+    counts: list[int]
+    below: int = 0
+    above: int = 0
+    non_finite: int = 0
+
+
 class OutputDrift(Result):
     max_abs: float
     mean_abs: float
@@ -120,6 +131,7 @@ class OutputDrift(Result):
     snr_db: float | None = None           # 10 log10(signal / error power), within +-200 dB
     top1_agreement: float | None = None
     top5_agreement: float | None = None   # overlap of the five highest classes (>= 5 classes)
+    abs_error_hist: ErrorHistogram | None = None  # for the report's histograms
 
 
 class TaskAccuracy(Result):

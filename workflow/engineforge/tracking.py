@@ -30,7 +30,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
 from engineforge.settings import Section
-from engineforge.sidecar import canonical_json, read_json, write_json
+from engineforge.sidecar import canonical_json, read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +206,13 @@ def build_record(model: str, m: dict, experiment: str, sidecars: dict,
         if loc["status"] != "passes":
             numbers |= {f"localise.{v}.time_s": loc["time_s"],
                         f"localise.{v}.peak_mem_mb": loc["peak_mem_mb"]}
+    # the model's report page and figures (stages/report.py; absent after failures); the
+    # page embeds the figures: its hash in a tag makes a redrawn report a new record
+    report = [p for p in (sidecars.get("report") or {}).values() if Path(p).is_file()]
+    artifacts += [[str(p), "report"] for p in report]
+    page = (sidecars.get("report") or {}).get("report.html")
+    if page in report:
+        tags["engineforge.report.sha256"] = sha256_file(page)
     parent = {
         "name": model, "tags": tags,
         "span": _span(export, simplify, *precs.values(),
@@ -235,7 +242,8 @@ def build_record(model: str, m: dict, experiment: str, sidecars: dict,
                                      if k in ("build_time_s", "engine_bytes")}, {})
         metrics |= _metrics("onnx", {"bytes": (prec.get("result") or {}).get("bytes")}, {})
         for name, stats in (audit.get("outputs") or {}).items():
-            metrics |= _metrics(f"drift.{name}", stats, {})
+            metrics |= _metrics(f"drift.{name}", {k: v for k, v in stats.items()
+                                                  if k != "abs_error_hist"}, {})
         if audit.get("task"):
             metrics |= _metrics("task", audit["task"], {})
         for which, pt in (bench.get("points") or {}).items():

@@ -212,7 +212,7 @@ def all_targets():
     strict = [
         L.gate("gate.ok", m) for m in MODELS if (MODELS[m]["gate"] or {}).get("strict")
     ]
-    return [L.summary("md")] + [L.track(m) for m in MODELS] + strict
+    return [L.summary("md"), L.report_html()] + [L.track(m) for m in MODELS] + strict
 
 
 def track_settings(model):
@@ -221,6 +221,14 @@ def track_settings(model):
     return stage.settings(
         MODELS[model], {"model": model}, EF["experiment"], builds(model)
     )
+
+
+def report_settings(model=None):
+    """The report's settings: one model's (its page and figures), or the whole page's."""
+    stage = efrunner.stage_module("report")
+    if model is None:
+        return stage.Settings(models=list(MODELS))
+    return stage.settings_of(track_settings(model))
 
 
 def summary_settings():

@@ -22,4 +22,5 @@ STAGES = {
     "baseline": "engineforge.stages.baseline",
     "track": "engineforge.tracking",
     "summary": "engineforge.stages.summary",
+    "report": "engineforge.stages.report",
 }

@@ -97,6 +97,28 @@ def top5_agreement(a: np.ndarray, b: np.ndarray) -> float | None:
     return float(np.mean([len(set(x) & set(y)) / 5 for x, y in zip(ta, tb)]))
 
 
+HIST_DECADES = (-10, 4)  # |error| range of the histogram's fixed bins: 1e-10 .. 1e4
+HIST_BINS_PER_DECADE = 4
+
+
+def error_histogram(a: np.ndarray, b: np.ndarray) -> dict:
+    """A compact histogram of ``|b - a|``: fixed log-spaced bins (the same for every variant,
+    so they compare), trimmed to the occupied ones (``results.ErrorHistogram``)."""
+    err = np.abs(b.astype(np.float64).ravel() - a.astype(np.float64).ravel())
+    finite = err[np.isfinite(err)]
+    lo, hi = HIST_DECADES
+    edges = np.logspace(lo, hi, (hi - lo) * HIST_BINS_PER_DECADE + 1)
+    counts, _ = np.histogram(finite, bins=edges)
+    out = {"below": int((finite < edges[0]).sum()), "above": int((finite > edges[-1]).sum()),
+           "non_finite": int(err.size - finite.size)}
+    used = np.flatnonzero(counts)
+    if not used.size:
+        return {"edges": [], "counts": [], **out}
+    first, last = used[0], used[-1] + 1
+    return {"edges": [float(f"{e:.6g}") for e in edges[first:last + 1]],
+            "counts": counts[first:last].tolist(), **out}
+
+
 def _last_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return (text[-1] if text else type(err).__name__)[:300]
@@ -173,6 +195,7 @@ def compare(reference: dict, produced: dict, task: str) -> tuple[dict, list[str]
         if task == "classification":
             stats["top1_agreement"] = float((top1(a) == top1(b)).mean())
             stats["top5_agreement"] = top5_agreement(a, b)
+        stats["abs_error_hist"] = error_histogram(a, b)
         outputs[name] = stats
     return outputs, failures
 
@@ -217,7 +240,7 @@ def verdict(metrics: dict, tol: Tolerance, task: str) -> tuple[bool, list[str]]:
         limits.append(("top1_agreement", "top1", lambda v: v < tol.top1_min,
                        f"< {tol.top1_min}", ".3f"))
     for name, s in metrics["outputs"].items():
-        bad = [k for k, v in s.items() if v is not None and not math.isfinite(v)]
+        bad = [k for k, v in s.items() if isinstance(v, (int, float)) and not math.isfinite(v)]
         failures += [f"{name}: {k} is {s[k]} (not finite)" for k in bad]
         for key, label, violated, limit, spec in limits:
             if key in s and key not in bad and violated(s[key]):
