@@ -106,6 +106,13 @@ def cuda_provider_missing() -> list[str]:
     lib = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
     if not lib.exists():
         return [f"{lib.name} itself (this onnxruntime build has no CUDA provider)"]
+    return unresolved_libraries(lib)
+
+
+def unresolved_libraries(lib: Path) -> list[str]:
+    """What ``ldd lib`` cannot find after ``onnxruntime.preload_dlls()`` (see above)."""
+    import onnxruntime as ort
+
     with contextlib.redirect_stdout(io.StringIO()):  # it prints what it could not load
         ort.preload_dlls()
     dirs = sorted({str(Path(line.split()[-1]).parent)
