@@ -52,7 +52,8 @@ def settings(m: dict, w: dict) -> Settings:
 
 
 def cache_group(job) -> str:
-    return f"ort_quantize.{job.precision}"
+    """The MLflow folder and cache tag tracking gives it (``precision/int8/onnxruntime``)."""
+    return f"precision.{job.precision}/onnxruntime"
 
 
 def describe(s: Settings) -> str:
