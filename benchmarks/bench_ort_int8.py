@@ -7,7 +7,10 @@ with the resnet18 onnxruntime bench targets) and times, on the CPU provider with
 - int8 (ORT quantize_static): the onnxruntime int8 engine, built from stages/ort_quantize;
 - int8 (ModelOpt Q/DQ): ModelOpt's graph (precision/int8/model.onnx) at the same ORT
   optimization level as the engines (what the onnxruntime backend built before);
-- fp16 (ModelOpt AutoCast) where built: ORT CPU has no fast fp16 kernels.
+- fp16 (ModelOpt AutoCast) where built: ORT CPU has no fast fp16 kernels;
+- fp32 folded: the fp32 graph after ``onnxscript.optimizer.optimize`` (the folding
+  ort_quantize does first; BatchNormalization then fuses into the convolutions), not a
+  pipeline artifact: it separates the int8 gain from the folding gain.
 
 Each run: ``--warmup`` calls, then ``--iterations`` timed calls, its median kept; runs go
 round-robin over the variants (a noisy shared machine slows all of them alike), and the
@@ -25,6 +28,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,6 +64,14 @@ def variants(lay: Layout, model: str, profile: str) -> dict[str, tuple[Path, str
         "fp16": (engine("fp16"), "ModelOpt AutoCast (ORT engine)"),
     }
     return {k: v for k, v in found.items() if v[0].exists()}
+
+
+def folded(fp32: Path, out: Path) -> Path:
+    import onnx
+    import onnxscript.optimizer
+
+    onnx.save(onnxscript.optimizer.optimize(onnx.load(str(fp32))), str(out))
+    return out
 
 
 def session(path: Path, threads: int) -> ort.InferenceSession:
@@ -102,12 +114,16 @@ def main() -> None:
     if "fp32" not in found:
         sys.exit(f"no fp32 onnxruntime engine of {args.model} under {args.artifacts}: "
                  "run the pipeline first")
+    tmp = Path(tempfile.mkdtemp(prefix="ort-int8-bench-"))
+    found["fp32 folded"] = (folded(Path(lay.precision("model.onnx", args.model, "fp32")),
+                                   tmp / "fp32-folded.onnx"),
+                            "fp32 + onnxscript.optimizer.optimize (not in the pipeline)")
     shapes = read_json(Path(lay.build("onnxruntime", args.model, "fp32", args.profile))
                        )["config"]["profiles"][0]
     (name, dims), = shapes.items()
     batches = sorted({1, dims["opt"][0]})
     ref = np.load(lay.export("reference.npz", args.model))
-    sample = ref[name] if name in ref else ref[f"input.{name}"]
+    sample = ref[f"in:{name}"]  # the export's reference inputs (in:<input>)
     feeds = {b: {name: np.resize(sample, [b, *dims["opt"][1:]]).astype(np.float32)}
              for b in batches}
     sessions = {k: session(path, args.threads) for k, (path, _) in found.items()}

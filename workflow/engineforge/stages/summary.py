@@ -133,7 +133,8 @@ def markdown(summary: dict) -> str:
                 v = "failed" if "audit" in r["failed"].split(", ") else "not run"
             elif col == "p50_ms" and v is None and r.get("bench"):
                 v = note(r["bench"])
-            elif col == "speedup" and v is not None and r.get("speedup_note"):
+            elif (r.get("speedup_note") and v is not None
+                  and col == ("speedup" if r.get("speedup") is not None else "p50_ms")):
                 v = f"{v:{spec}} {note(r['speedup_note'])[4:]}"  # "0.95 [3]"
             cells.append(_fmt(v, spec) if spec else _fmt(v))
         lines.append("| " + " | ".join(cells) + " |")
