@@ -193,8 +193,8 @@ class OnnxRuntimeBackend(Backend):
     def note(precision: str, provider: str | None) -> str | None:
         """What a reader must know about a figure (the summary shows it)."""
         if provider == "CPUExecutionProvider" and precision in ("fp16", "bf16"):
-            return (f"ORT CPU has no fast {precision} kernels (it computes through casts to "
-                    "fp32): slower than fp32 expected, not a speedup")
+            return (f"ORT CPU has no fast {precision} kernels (ops without one run in fp32 "
+                    "between inserted casts): slower than fp32 expected, not a speedup")
         return None
 
     def runner(self, engine_path: Path):
