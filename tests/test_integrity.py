@@ -207,7 +207,8 @@ def test_a_truncated_sidecar_is_quarantined_with_what_was_built_from_its_outputs
     downstream = sorted(p.relative_to(a).as_posix() for p in (a / "tinycls").rglob("*.json")
                         if "sidecar_version" in json.loads(p.read_text())
                         and p.parent.name not in ("export", "pytorch", "profiles"))
-    assert len(downstream) == 9  # simplify, 2 precisions, 2 builds, 2 audits, 2 benches
+    # simplify, 2 precisions, ort_quantize (onnxruntime int8), 2 builds, 2 audits, 2 benches
+    assert len(downstream) == 10
     side = a / "tinycls/simplify/simplify.json"
     side.write_bytes(side.read_bytes()[:100])
     # execute
@@ -217,7 +218,7 @@ def test_a_truncated_sidecar_is_quarantined_with_what_was_built_from_its_outputs
     assert [p.relative_to(a).as_posix() for p in report.quarantined] == downstream
     assert said.getvalue().splitlines()[0].startswith(
         f"engineforge: {side} is not a trustworthy sidecar (not valid JSON")
-    assert said.getvalue().splitlines()[1].startswith("engineforge: 8 result(s) built from")
+    assert said.getvalue().splitlines()[1].startswith("engineforge: 9 result(s) built from")
     assert not side.exists() and not (a / "tinycls/track.json").exists()
     assert (a / "tinycls/export/export.json").exists() and (a / "tinyfcn/track.json").exists()
 
@@ -264,7 +265,8 @@ def test_a_tree_restored_from_the_mlflow_cache_verifies_without_hashing(built, t
     snakemake(clone, env={"MLFLOW_TRACKING_URI": f"sqlite:///{built}/mlflow.db"})
     a = clone / "artifacts"
     restored = [p for p in a.rglob("*.json") if json.loads(p.read_text()).get("cache")]
-    assert len(restored) == 2 + 2 + 4 + 6  # export, simplify, precision, build: all hits
+    # export, simplify, precision, ort_quantize (onnxruntime int8), build: all hits
+    assert len(restored) == 2 + 2 + 4 + 2 + 6
     calls = []
     real = sc.sha256_file
     monkeypatch.setattr(sc, "sha256_file", lambda p, *a: calls.append(Path(p)) or real(p, *a))

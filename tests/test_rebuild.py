@@ -108,16 +108,17 @@ def test_one_precision_setting_reruns_only_that_branch(zoo):
     rules = [r for r, _ in jobs]
     assert rules.count("precision") == 1 and "export" not in rules and "simplify" not in rules
     assert rules.count("build_tensorrt_rtx") == 1 and rules.count("build_onnxruntime") == 1
+    assert rules.count("ort_quantize") == 1  # onnxruntime's int8 reads the same settings
     for rule, out in jobs:
-        if rule in ("precision", "build_tensorrt_rtx", "build_onnxruntime", "audit", "bench",
-                    "localise"):
+        if rule in ("precision", "ort_quantize", "build_tensorrt_rtx", "build_onnxruntime",
+                    "audit", "bench", "localise"):
             assert "/resnet18/" in out and "int8" in out, (rule, out)
         elif rule in ("drift_matrix", "track", "report_model"):
             assert "/resnet18/" in out
     assert rules.count("localise") == 1
-    # precision, 2 builds, 2 audits, 2 benches, localise, drift, report (model, page), track,
-    # summary, all
-    assert len(jobs) == 14
+    # precision, ort_quantize, 2 builds, 2 audits, 2 benches, localise, drift, report (model,
+    # page), track, summary, all
+    assert len(jobs) == 15
 
 
 def test_new_calibration_data_reruns_only_quantized_variants_of_that_model(zoo):

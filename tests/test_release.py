@@ -115,6 +115,10 @@ def test_manifest_contents(ws, tmp_path):
             assert e["fingerprints"][stage] == read_json(a / e["sidecars"][stage])["fingerprint"]
         build = read_json(a / e["sidecars"]["build"])
         assert e["tools"] == build["tools"] and e["device"] == build["device"]
+        # the precision sidecar is that of the graph the engine was built from (onnxruntime
+        # int8: ORT's own quantizer's, precision/int8/onnxruntime/)
+        graph = read_json(a / e["sidecars"]["precision"])["outputs"]["onnx"]
+        assert build["inputs"]["onnx"]["sha256"] == graph["sha256"]
         assert a / e["path"] == Path(layout.engine(e["backend"], e["model"], e["precision"],
                                                    e["profile"]))
         assert a / e["sidecars"]["build"] == Path(layout.build(

@@ -60,6 +60,8 @@ def test_every_stage_output_exists(finished):
                 assert (a / model / f"bench/onnxruntime/{p}/{prof}.json").exists()
             assert not (a / model / "build/trtexec").exists()
         assert (a / model / "audit/drift.md").exists()
+        # onnxruntime's int8 graph: its own quantizer's (stages/ort_quantize.py)
+        assert (a / model / "precision/int8/onnxruntime/model.onnx").exists()
         assert json.loads((a / model / "track.json").read_text())["status"] == "logged"
 
 
@@ -67,6 +69,15 @@ def test_summary_reports_results_and_skipped_backends(finished):
     ws, _, proc = finished
     summary = (ws / "artifacts/summary.md").read_text()
     assert "| tinycls | int8 | onnxruntime |" in summary
+    rows = {tuple(c.strip() for c in line.split("|")[2:4]): line
+            for line in summary.splitlines() if line.startswith("| tinycls |")}
+    # which quantizer made each int8 graph; the provider that ran; fp16 on ORT CPU flagged
+    assert "| onnxruntime quantize_static QDQ per-channel u8/s8 | CPU |" in rows[
+        ("int8", "onnxruntime")]
+    assert "| ModelOpt Q/DQ |" in rows[("int8", "tensorrt-rtx")]
+    assert "| — | CPU |" in rows[("fp32", "onnxruntime")]
+    assert "ORT CPU has no fast fp16 kernels" in summary
+    assert "ORT CPU has no fast" not in rows[("fp32", "onnxruntime")]
     assert "trtexec: skipped: trtexec not found" in summary
     assert "tensorrt: skipped:" in summary
     assert "not runnable on tensorrt-rtx" in summary
@@ -143,6 +154,15 @@ def test_int8_variants_are_what_they_claim(finished):
     assert cls["initializer_dtypes"]["INT8"] == 2 and "warning" not in cls["extra"]
     assert fcn["quantize_linear"] == 0
     assert fcn["extra"]["warning"].startswith("ModelOpt inserted no Q/DQ nodes")
+    # onnxruntime's int8 graphs come from ORT's quantizer, which quantizes both models
+    for model in ("tinycls", "tinyfcn"):
+        ort_int8 = read_json(layout.quantized("precision.json", "onnxruntime", model, "int8"))
+        assert ort_int8["result"]["method"] == "ort_qdq"
+        assert ort_int8["result"]["quantize_linear"] > 0
+        assert ort_int8["result"]["initializer_dtypes"]["INT8"] > 0
+        build = read_json(layout.build("onnxruntime", model, "int8", next(iter(
+            tiny_raw_config()["models"][model]["profiles"]))))
+        assert build["inputs"]["onnx"]["path"].endswith("int8/onnxruntime/model.onnx")
 
 
 def test_mlflow_has_parent_and_child_runs(finished):

@@ -69,7 +69,8 @@ def _sidecar_pattern() -> re.Pattern:
     """Every sidecar path of the Layout, relative to its root, as one regex."""
     lay = Layout("")
     templates = [lay.export("export.json"), lay.profile_check(), lay.simplify("simplify.json"),
-                 lay.precision("precision.json"), lay.build(), lay.audit(), lay.bench(),
+                 lay.precision("precision.json"), lay.quantized("precision.json", "{q}"),
+                 lay.build(), lay.audit(), lay.bench(),
                  lay.baseline()]
     parts = [r"[^/.][^/]*".join(re.escape(p) for p in re.split(r"\{\w+\}", t))
              for t in templates]

@@ -42,6 +42,12 @@ class Layout:
         """``model.onnx`` or the sidecar ``precision.json``."""
         return f"{self.root}/{model}/precision/{precision}/{name}"
 
+    def quantized(self, name: str, quantizer: str, model="{model}",
+                  precision="{precision}") -> str:
+        """A backend's own quantized graph beside ModelOpt's (``Backend.quantizers``):
+        ``model.onnx`` or the sidecar ``precision.json``."""
+        return f"{self.root}/{model}/precision/{precision}/{quantizer}/{name}"
+
     # build
     def build_dir(self, backend: str, model="{model}", precision="{precision}",
                   profile="{profile}") -> str:
@@ -128,6 +134,9 @@ class Layout:
         if gate:
             t["gate"] = self.gate("gate.json", model)
         for b, build_profiles in builds.items():
+            for p, q in backend_class(b).quantizers.items():
+                if p in precisions:
+                    t["precision"][f"{p}/{q}"] = self.quantized("precision.json", q, model, p)
             for p in [p for p in precisions
                       if base_precision(p) in backend_class(b).precisions]:
                 t["audit"][(b, p)] = self.audit(model, b, p)

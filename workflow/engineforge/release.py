@@ -149,9 +149,12 @@ def _entry(artifacts: Path, workdir: Path, config_path: Path, c: dict, commit: s
     """One engine's manifest entry; ``files`` maps bundle paths to source files."""
     a, m, p, prof, b = artifacts, c["model"], c["precision"], c["profile"], c["backend"]
     layout = Layout(Path(a).as_posix())
+    q = backend_class(b).quantizers.get(p)  # the backend's own quantizer's graph, if any
+    precision = (layout.quantized("precision.json", q, m, p) if q
+                 else layout.precision("precision.json", m, p))
     sidecars = {"export": Path(layout.export("export.json", m)),
                 "simplify": Path(layout.simplify("simplify.json", m)),
-                "precision": Path(layout.precision("precision.json", m, p)),
+                "precision": Path(precision),
                 "build": c["build_path"], "audit": c["audit_path"], "bench": c["bench_path"],
                 "localise": Path(layout.localise(m, p))}
     sidecars = {k: v for k, v in sidecars.items() if v.is_file()}

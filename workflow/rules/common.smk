@@ -124,15 +124,18 @@ def calibration_input(w):
 
 
 def build_input(backend):
-    """What a backend builds from: the precision's ONNX, or (TensorRT 10 flags mode) the
-    fp32 ONNX plus calibration; or the export's torch.export program for backends that build
-    from PyTorch."""
+    """What a backend builds from: the precision's ONNX (its own quantizer's graph where it
+    declares one, ``Backend.quantizers``), or (TensorRT 10 flags mode) the fp32 ONNX plus
+    calibration; or the export's torch.export program for backends that build from PyTorch."""
     cls = efbackends.backend_class(backend)
 
     def files(w):
         m = MODELS[w.model]
         if cls.builds_from == "torch":
             return {"program": L.export("model.pt2", w.model)}
+        if w.precision in cls.quantizers:
+            q = cls.quantizers[w.precision]
+            return {"onnx": L.quantized("model.onnx", q, w.model, w.precision)}
         if not efbuild.flags_mode(m, backend):
             return {"onnx": L.precision("model.onnx", w.model, w.precision)}
         out = {"fp32": L.precision("model.onnx", w.model, "fp32")}

@@ -38,3 +38,24 @@ rule repair:
         tools=tools_param("repair"),
     run:
         run_stage("repair", wildcards, input, output, params, log)
+
+
+# int8 as ONNX Runtime's CPU kernels run it fastest (its own quantize_static), for the
+# backends that declare it (Backend.quantizers); the TensorRT ones keep ModelOpt's graph.
+rule ort_quantize:
+    input:
+        unpack(calibration_input),
+        onnx=L.simplify("model.onnx"),
+    output:
+        onnx=L.quantized("model.onnx", "onnxruntime"),
+        sidecar=L.quantized("precision.json", "onnxruntime"),
+    log:
+        L.log("precision-{precision}-onnxruntime"),
+    wildcard_constraints:
+        precision="int8",
+    priority: 2
+    params:
+        settings=settings_param("ort_quantize"),
+        tools=tools_param("ort_quantize"),
+    run:
+        run_stage("ort_quantize", wildcards, input, output, params, log)

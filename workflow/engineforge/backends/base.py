@@ -60,6 +60,9 @@ class Backend:
     multi_profile: ClassVar[bool] = False          # can hold every profile in one engine
     flags_mode: ClassVar[bool] = False             # TensorRT 10 builder precision flags
     bench_threads: ClassVar[bool] = True           # CPU bench: takes every core
+    # precision -> the quantizer whose graph it builds from instead of ModelOpt's Q/DQ
+    # (Layout.quantized; e.g. onnxruntime: {"int8": "onnxruntime"}, stages/ort_quantize.py)
+    quantizers: ClassVar[dict[str, str]] = {}
 
     def availability(self) -> Availability:
         """Cheap: no heavy import, no binary run (it is called while Snakemake parses)."""

@@ -12,6 +12,7 @@ STAGES = {
     "profiles": "engineforge.stages.profiles",
     "simplify": "engineforge.stages.simplify",
     "precision": "engineforge.stages.precision",
+    "ort_quantize": "engineforge.stages.ort_quantize",
     "audit": "engineforge.stages.audit",
     "localise": "engineforge.stages.localise",
     "repair": "engineforge.stages.repair",

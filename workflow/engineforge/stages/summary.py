@@ -1,5 +1,6 @@
 """Report — the closing table: per model × precision × backend, audit verdict, drift,
-latency, speedup, sizes. Reads typed results from the sidecars the layout names.
+latency, speedup, sizes; which quantizer made each int8/fp8 graph and which provider ran
+(ONNX Runtime). Reads typed results from the sidecars the layout names.
 
 After a run with failed jobs (``failures.finalise``) the same table holds every result
 that exists, a ``failed`` column names the failed stages behind a row's missing results,
@@ -57,10 +58,18 @@ def collect(layout: Layout, s: Settings, failures: list[dict] | None = None) -> 
             prec = _result(Path(layout.precision("precision.json", model, precision)),
                            PrecisionResult)
             for backend in m["backends"]:
-                if base_precision(precision) not in backend_class(backend).precisions:
+                cls = backend_class(backend)
+                if base_precision(precision) not in cls.precisions:
                     continue
+                graph = prec
+                if precision in cls.quantizers:  # the backend's own quantizer's graph
+                    graph = _result(Path(layout.quantized(
+                        "precision.json", cls.quantizers[precision], model, precision)),
+                        PrecisionResult)
                 row = {"model": model, "precision": precision, "backend": backend,
-                       "onnx_mib": prec and prec.bytes / 2**20}
+                       "onnx_mib": graph and graph.bytes / 2**20}
+                if graph and graph.method in QUANTIZERS:
+                    row["quantizer"] = graph.extra.get("quantizer") or QUANTIZERS[graph.method]
                 a = _result(Path(layout.audit(model, backend, precision)), AuditResult)
                 if a:
                     row["audit"] = a.status if a.status != "not_runnable" else a.reason
@@ -90,6 +99,13 @@ def collect(layout: Layout, s: Settings, failures: list[dict] | None = None) -> 
                                    ) if base_opt else None  # eager on the engine's device
                         if base_ms:
                             row["speedup"] = base_ms / opt.p50_ms
+                        ran = opt.extra.get("providers")
+                        if ran:  # the provider that actually ran (ONNX Runtime)
+                            row["provider"] = ran[0].removesuffix("ExecutionProvider")
+                        note = getattr(cls, "note", None)
+                        why = note and note(base_precision(precision), ran[0] if ran else None)
+                        if why:
+                            row["speedup_note"] = why
                     elif r.reason:
                         row["bench"] = r.reason
                 failed = sorted({f.get("stage") or "?" for f in failures or ()
@@ -175,6 +191,8 @@ def repairs(layout: Layout, s: Settings) -> list[dict]:
     return out
 
 
+# PrecisionResult.method -> who made a quantized graph (the sidecar may say more)
+QUANTIZERS = {"qdq": "ModelOpt Q/DQ", "ort_qdq": "onnxruntime quantize_static"}
 COLUMNS = [("model", None), ("precision", None), ("backend", None), ("audit", None),
            ("max_abs", ".3g"), ("cosine", ".6f"), ("accuracy", ".4f"), ("p50_ms", ".3f"),
            ("speedup", ".2f"), ("onnx_mib", ".2f"), ("engine_mib", ".2f"), ("build_s", ".2f")]
@@ -189,8 +207,8 @@ def markdown(summary: dict) -> str:
             notes.append(reason)
         return f"n/a [{notes.index(reason) + 1}]"
 
-    columns = COLUMNS + ([("failed", None)] if any(r.get("failed") for r in summary["rows"])
-                         else [])
+    optional = [("quantizer", None), ("provider", None), ("failed", None)]
+    columns = COLUMNS + [c for c in optional if any(r.get(c[0]) for r in summary["rows"])]
     head = "| " + " | ".join(c for c, _ in columns) + " |"
     lines = ["# engineforge summary", "",
              "Latency: p50 at the first profile's opt shape; speedup vs eager PyTorch fp32 on the "
@@ -209,6 +227,9 @@ def markdown(summary: dict) -> str:
                 v = "failed" if "audit" in r["failed"].split(", ") else "not run"
             elif col == "p50_ms" and v is None and r.get("bench"):
                 v = note(r["bench"])
+            elif (r.get("speedup_note") and v is not None
+                  and col == ("speedup" if r.get("speedup") is not None else "p50_ms")):
+                v = f"{v:{spec}} {note(r['speedup_note'])[4:]}"  # "0.95 [3]"
             cells.append(_fmt(v, spec) if spec else _fmt(v))
         lines.append("| " + " | ".join(cells) + " |")
     if notes:

@@ -1,0 +1,80 @@
+"""ONNX Runtime's CUDA provider in this environment, checked without a GPU.
+
+- Every shared library ``libonnxruntime_providers_cuda.so`` needs resolves after
+  ``onnxruntime.preload_dlls()`` (``ldd`` with the directories of the libraries it loaded),
+  the NVIDIA driver's ``libcuda.so.1`` excepted (no wheel provides it). With the CUDA 12
+  build that ``nvidia-modelopt[onnx]`` pins (onnxruntime-gpu 1.24) beside torch's CUDA 13
+  libraries this fails (libcublas.so.12, libcudart.so.12, ... not found); with
+  onnxruntime-gpu >= 1.27 (CUDA 13, pyproject.toml) it passes.
+- A requested CUDA provider that ORT replaced by the CPU one fails the bench with the
+  reason. One test drives the real ORT fallback (ORT drops a CUDA provider it cannot
+  create on a machine without a GPU); the unit test of ``check_providers`` feeds it the
+  provider lists a session reports, with no session at all.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from engineforge.backends import onnxruntime as ortb
+from engineforge.errors import BenchError
+
+CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_every_cuda_provider_dependency_resolves():
+    # run
+    missing = ortb.cuda_provider_missing()
+    # assert
+    assert missing == [], (
+        f"onnxruntime-gpu {ort.__version__}'s CUDA provider cannot load here: {missing} not "
+        "found. The environment is older than pyproject.toml (onnxruntime-gpu>=1.27, CUDA 13): "
+        "rerun `make env` in a fresh venv")
+
+
+def test_the_check_reports_a_library_that_does_not_resolve():
+    """Positive control: ORT's TensorRT provider, beside the CUDA one, needs TensorRT's
+    libnvinfer, which this environment does not have: the same check names it."""
+    # setup
+    trt = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_tensorrt.so"
+    if not trt.exists() or ctypes.util.find_library("nvinfer"):
+        pytest.skip("no TensorRT provider library, or TensorRT is installed")
+    # run / assert
+    assert any(name.startswith("libnvinfer.so") for name in ortb.unresolved_libraries(trt))
+
+
+def test_a_dropped_provider_fails_with_the_reason():
+    # run / assert: what sessions report after creation
+    ortb.check_providers(CUDA, CUDA)
+    ortb.check_providers(["CPUExecutionProvider"], ["CPUExecutionProvider"])
+    with pytest.raises(BenchError, match=r"CUDAExecutionProvider was requested but ONNX "
+                                         r"Runtime ran on CPUExecutionProvider"):
+        ortb.check_providers(CUDA, ["CPUExecutionProvider"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: CUDA would run")
+@pytest.mark.skipif("CUDAExecutionProvider" not in ort.get_available_providers(),
+                    reason="a CPU-only onnxruntime build")
+def test_bench_asking_for_cuda_without_a_gpu_is_not_a_cpu_figure(tmp_path, monkeypatch):
+    # setup: a tiny model; the backend asks for CUDA as it does where torch sees a GPU
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(net, (torch.randn(1, 3, 8, 8),), tmp_path / "m.onnx", dynamo=False,
+                          input_names=["x"])
+    knobs = {"threads": 1, "warmup": 1, "iterations": 2}
+    backend = ortb.OnnxRuntimeBackend()
+    stats = backend.bench(tmp_path / "m.onnx", {"x": [1, 3, 8, 8]}, knobs, tmp_path)
+    assert stats["extra"]["providers"] == ["CPUExecutionProvider"]  # control: CPU asked, ran
+    monkeypatch.setattr(ortb, "providers", lambda: list(CUDA))
+    # run / assert: ORT falls back to CPU by itself; the bench refuses the figure
+    with pytest.raises(BenchError, match="CUDAExecutionProvider was requested") as err:
+        backend.bench(tmp_path / "m.onnx", {"x": [1, 3, 8, 8]}, knobs, tmp_path)
+    assert "\n" not in err.value.message
+    assert np.isfinite(stats["p50_ms"])
