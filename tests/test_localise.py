@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from driftnets import Outliers  # tests/fixtures (the repair stage's tests use it too)
 from engineforge.localise import Drift, localise, variant_names
 from engineforge.stages.audit import cosine, snr_db
 from engineforge.stages.precision import _quiet_modelopt
@@ -29,25 +30,6 @@ class Scaled(nn.Module):
     def forward(self, x):
         y = torch.pow(self.conv(x) * self.scale, 2) / self.scale ** 2
         return self.fc(y.mean((2, 3)))
-
-
-class Outliers(nn.Module):
-    """conv_a -> relu -> conv_b -> relu -> conv_c. Two output channels of conv_a are
-    ~1000x the others, so per-tensor int8 of conv_b's input crushes the normal channels;
-    conv_b reads the outliers with tiny weights: its output lives on the crushed ones."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv_a = nn.Conv2d(3, 32, 3, padding=1)
-        self.conv_b = nn.Conv2d(32, 32, 3, padding=1)
-        self.conv_c = nn.Conv2d(32, 16, 3, padding=1)
-        with torch.no_grad():
-            self.conv_a.weight[:2] *= 1000
-            self.conv_a.bias[:2] = 1000
-            self.conv_b.weight[:, :2] *= 1e-4
-
-    def forward(self, x):
-        return self.conv_c(torch.relu(self.conv_b(torch.relu(self.conv_a(x)))))
 
 
 def export(module: nn.Module, path: Path) -> Path:
