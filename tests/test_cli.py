@@ -196,10 +196,11 @@ def test_run_hands_over_to_snakemake_with_the_workflow_profile(ws):
     assert "Nothing to be done (all requested files are present and up to date)." in out
     assert "This was a dry-run" not in out
     # positive control: the same command sees work when there is some, exactly the
-    # TensorRT-RTX engines (2 precisions x 3 profiles) and what reads them
+    # TensorRT-RTX engines (2 precisions x 3 profiles) and what reads them (the non-fp32
+    # variant's localisation reads its audits)
     out = planned.stdout + planned.stderr
     assert planned.returncode == 0, out[-3000:]
-    assert job_stats(out) == {"build_tensorrt_rtx": 6, "audit": 4, "bench": 6,
+    assert job_stats(out) == {"build_tensorrt_rtx": 6, "audit": 4, "bench": 6, "localise": 2,
                               "drift_matrix": 2, "report_model": 2, "report_html": 1,
                               "track": 2, "summary": 1, "all": 1}
     assert "This was a dry-run" in out and "Nothing to be done" not in out

@@ -118,7 +118,8 @@ def test_no_stage_wrote_to_its_inputs(tmp_path_factory):
     found = sidecars(ws).values()
     # the check covers every stage and variant (not an empty loop)
     assert {s["stage"] for s in found} == {"export", "simplify", "precision", "build",
-                                           "audit", "bench", "baseline", "profiles"}
+                                           "audit", "bench", "baseline", "profiles",
+                                           "ort_quantize", "localise"}
     assert {s["config"]["precision"] for s in found if s["stage"] == "precision"} == set(
         PRECISIONS)
     assert {s["config"]["backend"] for s in found if s["stage"] == "build"} == {

@@ -178,7 +178,8 @@ def test_a_modified_output_is_quarantined_and_only_its_branch_is_rebuilt(ws):
         "tinyfcn/build/onnxruntime/int8/small/engine.onnx", "tinyfcn/track.json"]
     assert (kept / "tinyfcn/build/onnxruntime/int8/small/engine.onnx").read_bytes() != original
     # assert: exactly that branch: the build, the bench of its profile, the audit of its
-    # precision (it runs the first profile's engine), the model's reports, the summary
+    # precision (it runs the first profile's engine) and its localisation, the model's
+    # reports, the summary
     by_rule = {}
     for rule, out in jobs:
         by_rule.setdefault(rule, []).append(out)
@@ -186,6 +187,7 @@ def test_a_modified_output_is_quarantined_and_only_its_branch_is_rebuilt(ws):
         "build_onnxruntime": ["artifacts/tinyfcn/build/onnxruntime/int8/small/engine.onnx"],
         "bench": ["artifacts/tinyfcn/bench/onnxruntime/int8/small.json"],
         "audit": ["artifacts/tinyfcn/audit/onnxruntime/int8.json"],
+        "localise": ["artifacts/tinyfcn/audit/localise/int8.json"],
         "drift_matrix": ["artifacts/tinyfcn/audit/drift.json"],
         "report_model": ["artifacts/tinyfcn/report/drift_heatmap.png"],
         "report_html": ["artifacts/report.html"],
@@ -207,8 +209,9 @@ def test_a_truncated_sidecar_is_quarantined_with_what_was_built_from_its_outputs
     downstream = sorted(p.relative_to(a).as_posix() for p in (a / "tinycls").rglob("*.json")
                         if "sidecar_version" in json.loads(p.read_text())
                         and p.parent.name not in ("export", "pytorch", "profiles"))
-    # simplify, 2 precisions, ort_quantize (onnxruntime int8), 2 builds, 2 audits, 2 benches
-    assert len(downstream) == 10
+    # simplify, 2 precisions, ort_quantize (onnxruntime int8), 2 builds, 2 audits, 2 benches,
+    # the int8 localisation
+    assert len(downstream) == 11
     side = a / "tinycls/simplify/simplify.json"
     side.write_bytes(side.read_bytes()[:100])
     # execute
@@ -218,7 +221,7 @@ def test_a_truncated_sidecar_is_quarantined_with_what_was_built_from_its_outputs
     assert [p.relative_to(a).as_posix() for p in report.quarantined] == downstream
     assert said.getvalue().splitlines()[0].startswith(
         f"engineforge: {side} is not a trustworthy sidecar (not valid JSON")
-    assert said.getvalue().splitlines()[1].startswith("engineforge: 9 result(s) built from")
+    assert said.getvalue().splitlines()[1].startswith("engineforge: 10 result(s) built from")
     assert not side.exists() and not (a / "tinycls/track.json").exists()
     assert (a / "tinycls/export/export.json").exists() and (a / "tinyfcn/track.json").exists()
 

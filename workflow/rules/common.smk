@@ -126,7 +126,8 @@ def calibration_input(w):
 def build_input(backend):
     """What a backend builds from: the precision's ONNX (its own quantizer's graph where it
     declares one, ``Backend.quantizers``), or (TensorRT 10 flags mode) the fp32 ONNX plus
-    calibration; or the export's torch.export program for backends that build from PyTorch."""
+    calibration; or the export's torch.export program for backends that build from PyTorch.
+    """
     cls = efbackends.backend_class(backend)
 
     def files(w):
