@@ -24,6 +24,7 @@ from engineforge.layout import ALL_PROFILES, Layout
 from engineforge.results import AuditResult, BenchResult, BuildResult, Localisation
 from engineforge.settings import Section
 from engineforge.sidecar import read_json
+from engineforge.stages.summary import _fmt, _result  # one formatting, one sidecar reader
 
 ISOLATED = False
 TOOLS = ("matplotlib",)
@@ -45,12 +46,6 @@ def settings_of(track: Section) -> Settings:
     ones included), builds and profiles as the MLflow record it goes into."""
     return Settings(precisions=track.model["precisions"], builds=track.builds,
                     profiles=list(track.model["profiles"]))
-
-
-def _result(path, kind):
-    from engineforge.stages.summary import _result
-
-    return _result(Path(path), kind)
 
 
 def _sidecar_result(path: Path) -> dict | None:
@@ -350,10 +345,6 @@ td.num{text-align:right;font-variant-numeric:tabular-nums} img{max-width:100%}
 
 def _e(v) -> str:
     return html.escape(str(v), quote=True)
-
-
-def _fmt(v, spec=".3g") -> str:
-    return "—" if v is None else format(v, spec) if isinstance(v, (int, float)) else str(v)
 
 
 def _size(n) -> str:

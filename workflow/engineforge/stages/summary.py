@@ -42,7 +42,8 @@ def _fmt(v, spec=".3g"):
     return "—" if v is None else format(v, spec) if isinstance(v, (int, float)) else str(v)
 
 
-def _result(path: Path, kind):
+def _result(path: Path | str, kind):
+    path = Path(path)
     return kind.model_validate(read_json(path)["result"]) if path.exists() else None
 
 
