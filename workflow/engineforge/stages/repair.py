@@ -100,17 +100,6 @@ def _producers(fp32_path: Path) -> dict[str, list[str]]:
                      and made[i].op_type not in ("Constant", "Shape")] for n in graph.node}
 
 
-def _session(path: Path):
-    import onnxruntime as ort
-
-    from engineforge.backends.onnxruntime import OPT_LEVEL
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVEL)
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 class Stopped(Exception):
     """An emulated check or localisation ran past ``time_limits.emulated_audit``."""
 
@@ -122,13 +111,14 @@ def check(job, path: Path, feed: dict, ref_out: dict) -> dict:
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
     from engineforge.backends import onnx_reference
+    from engineforge.backends.onnxruntime import session
     from engineforge.stages import audit
 
     s: Settings = job.settings
     runtime = "onnxruntime-cpu"
     try:
-        produced = audit.infer_all(OnnxrtRunner(lambda: _session(path)), feed, s.batch,
-                                   job.model, path)
+        cpu = OnnxrtRunner(lambda: session(path, optimize=True, use=["CPUExecutionProvider"]))
+        produced = audit.infer_all(cpu, feed, s.batch, job.model, path)
     except audit.NotRunnable as err:
         if not onnx_reference.usable(path):
             return {"passed": False, "runtime": None, "metrics": {},
