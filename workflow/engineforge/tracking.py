@@ -59,6 +59,22 @@ def find_holder(client, group: str, fingerprint: str, experiment_ids: list[str])
     return runs[0].info.run_id if runs else None
 
 
+def create_local_store() -> None:
+    """Create a local sqlite tracking store that does not exist yet, once, before jobs
+    start: jobs in separate processes (cluster executors) that each open a fresh database
+    race MLflow's schema migration ("table _alembic_tmp_experiments already exists")."""
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists():
+        return
+    try:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 - tracking never fails the build
+        log.warning("could not create the MLflow store %s: %s", redact(uri),
+                    str(err).splitlines()[0][:200])
+
+
 def tracking_uri() -> str:
     """The tracking URI MLflow is given: credentials in it (``user:password@``) move to
     MLflow's own variables ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` (and

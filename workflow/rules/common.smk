@@ -260,6 +260,7 @@ def start_workers():
     efrunlock.claim()
     effailures.clear_all(A)
     eftracking.install_log_redaction()  # no credential in any message of this process
+    eftracking.create_local_store()  # before jobs in other processes race to migrate it
     efworker.start(log_path=f"{A}/logs/worker.log")
     efworker.warm_import("mlflow.tracking")
 
