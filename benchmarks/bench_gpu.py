@@ -169,23 +169,24 @@ def bench_model(name: str, args, peaks: dict) -> None:
 
 
 def prepare(name, dt, x32, ref, mode: str | None, channels_last: bool,
-            freezing: bool = False):
+            freezing: bool = False, options: dict | None = None):
     """The model in `dt` on the GPU, eager (`mode` None) or torch.compile'd with `mode`
     ("default", "reduce-overhead", "max-autotune-no-cudagraphs", ...); `freezing`: inductor
-    folds the weights in as constants (conv-BN folding, weight layouts chosen once)."""
+    folds the weights in as constants (conv-BN folding, weight layouts chosen once);
+    `options`: more inductor config, patched while compiling."""
     import torch
     import torch._inductor.config as inductor_config
 
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model(name)[0].to(DEVICE, dt).to(memory_format=layout)
     x = x32.to(DEVICE, dt).contiguous(memory_format=layout)
-    extra = {"channels_last": channels_last, "freezing": freezing}
+    extra = {"channels_last": channels_last, "freezing": freezing, **(options or {})}
     fn = model
     if mode:
         torch._dynamo.reset()  # a fresh cache: no recompile limit across shapes
         fn = torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
         t0 = time.perf_counter()
-        with torch.no_grad(), inductor_config.patch(freezing=freezing):
+        with torch.no_grad(), inductor_config.patch(freezing=freezing, **(options or {})):
             fn(x)
         if DEVICE == "cuda":
             torch.cuda.synchronize()
@@ -198,15 +199,24 @@ def prepare(name, dt, x32, ref, mode: str | None, channels_last: bool,
 
 
 MAX_AUTOTUNE = "max-autotune-no-cudagraphs"
-ABLATION = (  # variant, compile mode (None: eager), channels_last, our CUDA graph, freezing
-    ("eager-cl", None, True, False, False), ("eager-cl-graph", None, True, True, False),
-    ("compile-nchw", "default", False, False, False),
-    ("compile-nchw-graph", "default", False, True, False),
-    ("compile-reduce-overhead", "reduce-overhead", True, False, False),
-    ("compile-freezing", "default", True, False, True),
-    ("compile-freezing-graph", "default", True, True, True),
-    ("compile-freezing-max-autotune", MAX_AUTOTUNE, True, False, True),
-    ("compile-freezing-max-autotune-graph", MAX_AUTOTUNE, True, True, True),
+MM_1X1 = {"conv_1x1_as_mm": True}  # 1x1 convolutions (most of resnet50's) as matmuls
+AUTOTUNE_MM = {**MM_1X1, "max_autotune_gemm": True, "max_autotune_gemm_backends": "ATEN,TRITON"}
+ABLATION = (  # variant, compile mode (None: eager), channels_last, our CUDA graph, freezing,
+    #           more inductor config
+    ("eager-cl", None, True, False, False, {}), ("eager-cl-graph", None, True, True, False, {}),
+    ("compile-nchw", "default", False, False, False, {}),
+    ("compile-nchw-graph", "default", False, True, False, {}),
+    ("compile-reduce-overhead", "reduce-overhead", True, False, False, {}),
+    ("compile-freezing", "default", True, False, True, {}),
+    ("compile-freezing-graph", "default", True, True, True, {}),
+    ("compile-freezing-1x1mm-graph", "default", True, True, True, MM_1X1),
+    ("compile-freezing-coordinate-descent-graph", "default", True, True, True,
+     {"coordinate_descent_tuning": True}),
+    ("compile-freezing-1x1mm-autotune-mm-graph", "default", True, True, True, AUTOTUNE_MM),
+    ("compile-freezing-1x1mm-autotune-mm-coordinate-descent-graph", "default", True, True,
+     True, {**AUTOTUNE_MM, "coordinate_descent_tuning": True}),
+    ("compile-freezing-max-autotune", MAX_AUTOTUNE, True, False, True, {}),
+    ("compile-freezing-max-autotune-graph", MAX_AUTOTUNE, True, True, True, {}),
 )
 
 
@@ -226,14 +236,17 @@ def ablation(args, peaks: dict) -> None:
         with torch.no_grad():
             ref = model32.to(DEVICE)(x32.to(DEVICE))
         baseline = None
-        for variant, mode, cl, graph, freeze in (("eager", None, False, False, False),
-                                                 *ABLATION):
+        for variant, mode, cl, graph, freeze, options in (
+                ("eager", None, False, False, False, {}), *ABLATION):
+            if variant != "eager" and args.ablation_variants and \
+                    variant not in args.ablation_variants:
+                continue
             prec = "fp32" if baseline is None else "fp16"
             base = dict(model=name, precision=prec, batch=batch, variant=variant,
                         compile_mode=mode, ablation=True, input_shape=[batch, *shape])
             try:
                 dt = torch.float32 if prec == "fp32" else torch.float16
-                fn, x, extra = prepare(name, dt, x32, ref, mode, cl, freeze)
+                fn, x, extra = prepare(name, dt, x32, ref, mode, cl, freeze, options)
                 with torch.no_grad():
                     t = gpubench.time_callable(lambda fn=fn, x=x: fn(x), cuda_graph=graph,
                                                **TIMING)
@@ -342,7 +355,9 @@ def run_child(name: str, args, timeout: float | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", name, "--out", args.out, "--compile-mode",
            args.compile_mode, "--batches", *map(str, args.batches), "--precisions",
            *args.precisions, "--variants", *args.variants, "--ablation-targets",
-           *args.ablation_targets] + (["--freezing"] if args.freezing else [])
+           *args.ablation_targets] + (["--freezing"] if args.freezing else []) + (
+              ["--ablation-variants", *args.ablation_variants] if args.ablation_variants
+              else [])
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, start_new_session=True)
     try:
@@ -428,6 +443,8 @@ def main() -> int:
     ap.add_argument("--ablation-targets", nargs="+", default=["resnet50:32",
                                                                 "mobilenet_v3_small:1"])
     ap.add_argument("--ablation-timeout", type=float, default=420.0)
+    ap.add_argument("--ablation-variants", nargs="*", default=[],
+                    help="only these ablation variants (names in ABLATION; eager always runs)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="whole-run wall budget: no child runs past it")
     ap.add_argument("--skip-sweep", action="store_true")

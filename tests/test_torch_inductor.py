@@ -206,6 +206,26 @@ def test_a_package_that_cannot_load_falls_back_to_torch_compile(built, tmp_path,
     assert note_tag(src_root) is None
 
 
+def test_the_builds_probe_is_reused_only_for_the_same_package(built, tmp_path):
+    """The audit and bench take the build's probe of the package from build.json (no child
+    process) when the package's content hash matches; a changed package is probed again."""
+    # setup: a copy of the fp32 build whose sidecar records a (made-up) load failure
+    src_root, _, _, _ = built
+    shutil.copytree(src_root / "artifacts", tmp_path / "artifacts")
+    engine = Path(Layout(str(tmp_path / "artifacts")).engine(BACKEND, MODEL, "fp32", PROFILE))
+    side = json.loads(engine.with_name("build.json").read_text())
+    side["result"]["extra"]["fallback_reason"] = "recorded by the build"
+    engine.with_name("build.json").write_text(json.dumps(side))
+    shapes, dtypes = {"x": [2, 3, 8, 8]}, {"x": "float32"}
+    # execute + assert: same package -> the record; another device -> probed for real
+    assert ti.probe(engine, shapes, dtypes, "cpu") == "recorded by the build"
+    assert ti._probed_at_build(engine, "cuda") is None
+    # a package that changed since its build: probed for real (it loads: None)
+    engine.write_bytes(engine.read_bytes() + b"\0")
+    assert ti._probed_at_build(engine, "cpu") is None
+    assert ti.probe(engine, shapes, dtypes, "cpu") is None
+
+
 CRASH_C = """
 #include <signal.h>
 __attribute__((constructor)) static void crash(void) { raise(SIGSEGV); }

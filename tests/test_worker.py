@@ -78,7 +78,7 @@ def test_children_exit_when_the_run_is_interrupted(tmp_path):
     child = int(pid_file.read_text())
     # execute: Ctrl-C
     parent.send_signal(signal.SIGINT)
-    parent.wait(timeout=30)
+    parent.wait(timeout=120)  # generous: a loaded CI machine; the child's exit is the check
     # assert: the job's process is gone within seconds
     for _ in range(50):
         try:

@@ -179,3 +179,18 @@ def test_onnx_checkpoint_skips_export(tiny_models, tiny_workspace):
     assert "arch_source" not in side["inputs"]
     ref = np.load(tiny_workspace / "o2/reference.npz")
     assert {k.split(":")[0] for k in ref.files} >= {"in", "out"}
+
+
+def test_export_example_never_has_a_dynamic_dim_of_size_one():
+    """torch.export specialises a dim whose example size is 1 (torch 2.11 then keeps a
+    program that only runs batch 1): named dims of size 1 are repeated to 2, static ones
+    and larger ones are left alone."""
+    inputs = {"x": {"shape": ["batch", 1, "h", 8]}, "y": {"shape": ["batch", 3]}}
+    feed = {"x": np.arange(1 * 1 * 4 * 8, dtype=np.float32).reshape(1, 1, 4, 8),
+            "y": np.ones((5, 3), np.float32)}
+    ex = export.export_example(feed, inputs)
+    assert ex["x"].shape == (2, 1, 4, 8)       # batch 1 -> 2; static 1 kept; h=4 kept
+    np.testing.assert_array_equal(ex["x"][0], ex["x"][1])
+    np.testing.assert_array_equal(ex["x"][:1], feed["x"])
+    assert ex["y"] is feed["y"]                 # nothing to change: the same array
+

@@ -530,7 +530,7 @@ def run(job) -> ExportResult:
         ref_source = "onnxruntime on the given ONNX (no PyTorch checkpoint)"
     else:
         net = load_module(model, m.checkpoint, job.inputs.get("checkpoint"))
-        example = tuple(torch.from_numpy(feed[n]) for n in m.inputs)
+        example = tuple(torch.from_numpy(a) for a in export_example(feed, m.inputs).values())
         facts = _export(net, model, m, example, onnx_out)
         runnable = net.module() if hasattr(net, "module") and not isinstance(
             net, torch.nn.Module) else net
@@ -582,6 +582,19 @@ def _reference_data(job) -> tuple[dict | None, str]:
     return data, (f"{section} data" if fits else
                   f"random (seed {m.export.seed}): the {section} data's shapes are not the "
                   "first profile's opt shapes")
+
+
+def export_example(feed: dict, inputs: dict) -> dict:
+    """The export's example inputs: ``feed`` with every named dim of size 1 repeated to 2.
+    torch.export specialises a dim whose example size is 0 or 1 (torch 2.11: the kept
+    program then only runs batch 1, ``Guard failed: x.size()[0] == 1``)."""
+    out = {}
+    for name, value in feed.items():
+        for axis, _ in modelio.dynamic_dims(inputs)[name].items():
+            if value.shape[axis] == 1:
+                value = np.repeat(value, 2, axis=axis)
+        out[name] = value
+    return out
 
 
 def _sample_shapes(m: Settings) -> dict[str, list[int]]:
