@@ -29,7 +29,9 @@ def rows(root: Path):
             eager = base.get(which, {}).get("extra", {})
             other = x.get("with_cuda_graphs") or x.get("without_cuda_graphs") or {}
             yield {"model": model, "precision": precision, "profile": profile,
-                   "batch": p["batch"], "p50": p["p50_ms"], "p99": p["p99_ms"],
+                   "batch": p["batch"], "point": which,
+                   "shape": "×".join(map(str, next(iter(p["shapes"].values())))),
+                   "p50": p["p50_ms"], "p99": p["p99_ms"],
                    "tput": p["throughput_per_s"], "cv": 100 * p["cv"],
                    "eager_fp32": eager.get("cuda_fp32_p50_ms"),
                    "eager_fp16": eager.get("cuda_fp16_p50_ms"),
@@ -42,15 +44,22 @@ def fmt(v, spec):
     return "—" if v is None else format(v, spec)
 
 
+PRECISIONS = ("fp32", "fp16", "bf16")
+POINTS = ("min", "opt", "max")
+
+
 def main(root: Path) -> None:
-    out = ["| model | precision | batch | p50 ms | p99 ms | items/s | eager fp32 ms | "
+    out = ["| model | precision | profile | input | p50 ms | p99 ms | items/s | eager fp32 ms | "
            "speedup | eager fp16 ms | TFLOP/s | % peak | CV % | CUDA graphs (other p50) | "
-           "runtime |", "|" + "---|" * 14]
+           "runtime |", "|" + "---|" * 15]
     causes = set()
-    for r in rows(root):
+    order = lambda r: (r["model"], PRECISIONS.index(r["precision"]), r["profile"],  # noqa: E731
+                       POINTS.index(r["point"]))
+    for r in sorted(rows(root), key=order):
         speed = r["eager_fp32"] / r["p50"] if r["eager_fp32"] else None
         graphs = {True: "on", False: "off"}.get(r["graphs"], str(r["graphs"]))
-        out.append(f"| {r['model']} | {r['precision']} | {r['batch']} | {fmt(r['p50'], '.3f')} "
+        out.append(f"| {r['model']} | {r['precision']} | {r['profile']} | {r['shape']} | "
+                   f"{fmt(r['p50'], '.3f')} "
                    f"| {fmt(r['p99'], '.3f')} | {fmt(r['tput'], '.0f')} | "
                    f"{fmt(r['eager_fp32'], '.3f')} | {fmt(speed, '.2f')}x | "
                    f"{fmt(r['eager_fp16'], '.3f')} | {fmt(r['tflops'], '.1f')} | "

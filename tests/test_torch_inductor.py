@@ -260,6 +260,13 @@ def test_a_package_that_segfaults_on_load_does_not_take_the_process_down(built, 
     assert "exit -11, SIGSEGV" in loaded.fallback_reason
     (name,) = [k for k in x.files if k.startswith("out:")]
     np.testing.assert_allclose(out.numpy(), x[name][:4], atol=1e-4)
+    # and a new shape compiles with frozen weights (constants in the generated code)
+    from torch._inductor.utils import run_and_get_code
+
+    with torch.inference_mode():
+        (out2,), code = run_and_get_code(loaded.call, torch.from_numpy(x["in:x"][:3]))
+    assert "_frozen_param" in "\n".join(code)
+    np.testing.assert_allclose(out2.numpy(), x[name][:3], atol=1e-4)
 
 
 def test_no_program_is_a_result_not_a_crash(built, tmp_path):

@@ -216,6 +216,7 @@ RECOMPILE_LIMIT = 16
 
 def _load(engine: Path, shapes: dict[str, list[int]]) -> Loaded:
     import torch
+    import torch._inductor.config as inductor_config
     from torch.utils._pytree import tree_leaves
 
     from engineforge.errors import EngineforgeError
@@ -233,8 +234,21 @@ def _load(engine: Path, shapes: dict[str, list[int]]) -> Loaded:
     module = cast_module(program_of(engine), precision_of(engine), device)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
                                                RECOMPILE_LIMIT)
-    compiled = torch.compile(module, dynamic=False, options={"freezing": True})
-    return Loaded(lambda *a: flat(compiled(*a)), "torch.compile", cause, device, io)
+    compiled = torch.compile(module, dynamic=False)
+    seen: set[tuple] = set()
+
+    def call(*args):
+        shapes = tuple(tuple(a.shape) for a in args)
+        if shapes in seen:
+            return flat(compiled(*args))
+        # a new shape compiles now: with freezing (torch.compile's `options` does not reach
+        # inductor's freezing pass; the config patch does)
+        with inductor_config.patch(freezing=True):
+            out = flat(compiled(*args))
+        seen.add(shapes)
+        return out
+
+    return Loaded(call, "torch.compile", cause, device, io)
 
 
 class TorchInductorBackend(Backend):
