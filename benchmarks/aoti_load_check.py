@@ -2,16 +2,19 @@
 2.11+cu130, ``aoti_load_package`` segfaults.)
 
 Builds a tiny conv net's package per device (cuda when present, cpu) and loads each in a
-fresh process with faulthandler on; for a crash, re-runs the load under cuda-gdb (when it is
-on the PATH) for a native backtrace. Writes DIR/aoti_load.json and DIR/<device>-load.log.
+fresh process with faulthandler on. For a crash it records the C++ runtime facts (the
+compiler, the libstdc++ the process maps, what the package's wrapper library links), loads
+again with the compiler's own libstdc++ preloaded, and (``--gdb``) re-runs the load under
+cuda-gdb for a native backtrace. Writes DIR/aoti_load.json and DIR/<device>-load.log.
 
-    python benchmarks/aoti_load_check.py --out DIR
+    python benchmarks/aoti_load_check.py --out DIR [--gdb]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,6 +22,8 @@ from pathlib import Path
 
 LOAD = """
 import sys, torch
+maps = {ln.split()[-1] for ln in open("/proc/self/maps") if "libstdc++" in ln}
+print("LIBSTDCXX", sorted(maps), flush=True)
 model = torch._inductor.aoti_load_package(sys.argv[1])
 out = model(torch.rand(2, 1, 8, 8, device=sys.argv[2]))
 print("LOADED", tuple(out.shape), flush=True)
@@ -39,12 +44,35 @@ def build(device: str, path: Path) -> float:
     return round(time.perf_counter() - t0, 1)
 
 
+def runtime_facts(pkg: Path, unpacked: Path) -> dict:
+    """The compiler, the libstdc++ a torch process maps, and the wrapper library's links."""
+    import zipfile
+
+    def sh(*cmd):
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        return (p.stdout + p.stderr).strip()
+
+    with zipfile.ZipFile(pkg) as z:
+        z.extractall(unpacked)
+    wrappers = sorted(unpacked.rglob("*.so"))
+    maps = sh(sys.executable, "-c", "import torch; print(sorted({l.split()[-1] for l in "
+              "open('/proc/self/maps') if 'libstdc++' in l}))")
+    return {"compiler": sh("c++", "--version").splitlines()[0],
+            "compiler_libstdcxx": os.path.realpath(sh("c++", "-print-file-name=libstdc++.so.6")),
+            "process_libstdcxx": [os.path.realpath(p) for p in eval(maps.splitlines()[-1])],
+            "wrapper_links": {w.name: [ln.strip() for ln in sh("ldd", str(w)).splitlines()
+                                       if "stdc++" in ln or "gcc_s" in ln or "not found" in ln]
+                              for w in wrappers}}
+
+
 def main() -> int:
     import torch
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
-    out = Path(ap.parse_args().out)
+    ap.add_argument("--gdb", action="store_true", help="a cuda-gdb backtrace of a crash")
+    args = ap.parse_args()
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"torch": torch.__version__, "cuda": torch.version.cuda, "devices": {}}
     for device in (["cuda"] if torch.cuda.is_available() else []) + ["cpu"]:
@@ -54,7 +82,17 @@ def main() -> int:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         row |= {"exit": proc.returncode, "loaded": "LOADED" in proc.stdout}
         log = proc.stdout + proc.stderr
-        if proc.returncode and shutil.which("cuda-gdb"):
+        if proc.returncode:
+            row |= runtime_facts(pkg, out / f"tiny-{device}")
+            row["preloaded"] = {}
+            for lib in {row["compiler_libstdcxx"], *row["process_libstdcxx"]}:
+                env = {**os.environ, "LD_PRELOAD": lib}
+                again = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                                       env=env)
+                row["preloaded"][lib] = {"exit": again.returncode,
+                                         "loaded": "LOADED" in again.stdout}
+                log += f"\n---- LD_PRELOAD={lib} ----\n" + again.stdout + again.stderr[-3000:]
+        if proc.returncode and args.gdb and shutil.which("cuda-gdb"):
             gdb = subprocess.run(["cuda-gdb", "-batch", "-ex", "run", "-ex", "bt 40",
                                   "--args", *cmd], capture_output=True, text=True,
                                  timeout=300)
