@@ -21,7 +21,9 @@ import sys
 from pathlib import Path
 
 LOAD = """
-import sys, torch
+import ctypes, os, sys, torch
+if os.environ.get("SHARE_LIBSTDCXX"):  # what the torch-inductor backend does
+    ctypes.CDLL("libstdc++.so.6", mode=ctypes.RTLD_GLOBAL)
 maps = {ln.split()[-1] for ln in open("/proc/self/maps") if "libstdc++" in ln}
 print("LIBSTDCXX", sorted(maps), flush=True)
 model = torch._inductor.aoti_load_package(sys.argv[1])
@@ -92,6 +94,12 @@ def main() -> int:
                 row["preloaded"][lib] = {"exit": again.returncode,
                                          "loaded": "LOADED" in again.stdout}
                 log += f"\n---- LD_PRELOAD={lib} ----\n" + again.stdout + again.stderr[-3000:]
+            shared = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                                    env={**os.environ, "SHARE_LIBSTDCXX": "1"})
+            row["libstdcxx_made_global"] = {"exit": shared.returncode,
+                                            "loaded": "LOADED" in shared.stdout}
+            log += "\n---- libstdc++ made global (RTLD_GLOBAL) ----\n" + shared.stdout + \
+                shared.stderr[-3000:]
         if proc.returncode and args.gdb and shutil.which("cuda-gdb"):
             gdb = subprocess.run(["cuda-gdb", "-batch", "-ex", "run", "-ex", "bt 40",
                                   "--args", *cmd], capture_output=True, text=True,

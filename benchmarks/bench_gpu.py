@@ -279,6 +279,8 @@ AOTI_LOAD = """
 import sys, json, torch
 sys.path[:0] = [{root!r} + "/workflow"]
 from engineforge import gpubench
+from engineforge.backends.torch_inductor import share_libstdcxx
+share_libstdcxx()
 runner = torch._inductor.aoti_load_package({pkg!r})
 x = torch.randn({batch}, *{shape!r}, device="cuda", dtype=torch.float16)
 runner(x)

@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_stage, tiny_raw_config, write_tiny_workspace
+from conftest import ROOT, run_stage, tiny_raw_config, write_tiny_workspace
 from engineforge import config
 from engineforge.backends import get_backend
 from engineforge.backends import torch_inductor as ti
@@ -224,6 +225,31 @@ def test_the_builds_probe_is_reused_only_for_the_same_package(built, tmp_path):
     engine.write_bytes(engine.read_bytes() + b"\0")
     assert ti._probed_at_build(engine, "cpu") is None
     assert ti.probe(engine, shapes, dtypes, "cpu") is None
+
+
+LIBSTDCXX_SCOPE = """
+import ctypes, sys
+python_has_it = any("libstdc++" in ln for ln in open("/proc/self/maps"))
+import torch  # brings libstdc++ in with libtorch, local to it
+sys.path.insert(0, sys.argv[1])
+from engineforge.backends.torch_inductor import share_libstdcxx
+found = lambda: hasattr(ctypes.CDLL(None), "_ZNSt6locale7classicEv")  # std::locale::classic
+before = found()
+share_libstdcxx()
+print(python_has_it, before, found())
+"""
+
+
+def test_libstdcxx_is_made_global_before_a_package_loads():
+    """The H100 segfault's cause: a package's wrapper library does not link libstdc++ and
+    the process's copy (loaded with libtorch) is not in the global scope. share_libstdcxx
+    puts it there (what LD_PRELOAD did on the H100, where the load then worked)."""
+    out = subprocess.run([sys.executable, "-c", LIBSTDCXX_SCOPE, str(ROOT / "workflow")],
+                         capture_output=True, text=True, check=True).stdout.split()
+    python_has_it, before, after = out[-3:]
+    assert after == "True"
+    if python_has_it == "False":  # python itself does not link libstdc++: torch's is local
+        assert before == "False"
 
 
 CRASH_C = """

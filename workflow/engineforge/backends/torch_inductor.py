@@ -46,9 +46,13 @@ IO_FILE = "engineforge.json"    # in the export's model.pt2: input/output names,
 PROBE_TIMEOUT_S = 600
 # Load and run a package once, in a fresh interpreter (argv: package, shapes, dtypes, device).
 PROBE = """
-import json, sys, torch
+import ctypes, json, sys, torch
 path, shapes, dtypes, device = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), \\
     sys.argv[4]
+try:
+    ctypes.CDLL("libstdc++.so.6", mode=ctypes.RTLD_GLOBAL)
+except OSError:
+    pass
 model = torch._inductor.aoti_load_package(path)
 args = [torch.zeros(shapes[n], dtype=getattr(torch, dtypes[n]), device=device) for n in shapes]
 with torch.inference_mode():
@@ -56,6 +60,20 @@ with torch.inference_mode():
 if device == "cuda":
     torch.cuda.synchronize()
 """
+
+
+def share_libstdcxx() -> None:
+    """Put the process's libstdc++ in the global symbol scope before a package loads.
+    A package's wrapper library does not link libstdc++ itself; torch's libstdc++ came in
+    with libtorch, loaded local to it, so the wrapper's inlined std::regex/locale code
+    binds its own facet ids and crashes (the H100 machine, torch 2.11 + GCC 13: SIGSEGV in
+    ``parse_device_str``'s std::regex; the same load with libstdc++ preloaded works)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libstdc++.so.6", mode=ctypes.RTLD_GLOBAL)
+    except OSError:
+        pass
 
 
 def target_device() -> str:
@@ -229,6 +247,7 @@ def _load(engine: Path, shapes: dict[str, list[int]]) -> Loaded:
     flat = lambda out: [o for o in tree_leaves(out) if isinstance(o, torch.Tensor)]
     cause = probe(engine, shapes, io["dtypes"], device)
     if cause is None:
+        share_libstdcxx()
         model = torch._inductor.aoti_load_package(str(engine))
         return Loaded(lambda *a: flat(model(*a)), "aotinductor", None, device, io)
     module = cast_module(program_of(engine), precision_of(engine), device)
