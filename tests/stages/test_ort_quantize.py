@@ -246,3 +246,31 @@ def test_a_kept_node_missing_from_the_graph_fails_in_one_line(zoo, branchy, tmp_
         _run_repaired(zoo, branchy, ["/b/Conv", "/no/Such"], tmp_path)
     assert "\n" not in str(err.value) and "model=tiny" in str(err.value)
     assert not (tmp_path / "out" / "model.onnx").exists()
+
+
+def test_summary_names_ort_quantizer_for_onnxruntime_int8_repaired(tmp_path):
+    # setup: int8-repaired as the repair made it (ModelOpt) and as ort_quantize made it
+    from engineforge.layout import Layout
+    from engineforge.results import PrecisionResult
+    from engineforge.stages import summary
+
+    lay = Layout(str(tmp_path / "artifacts"))
+    common = dict(precision="int8-repaired", time_s=0.0, nodes=1, cast=0, quantize_linear=1,
+                  dequantize_linear=1, op_types={}, initializer_dtypes={})
+    for path, result in (
+            (lay.precision("precision.json", "m", "int8-repaired"),
+             PrecisionResult(method="qdq", bytes=2**20, **common)),
+            (lay.quantized("precision.json", "onnxruntime", "m", "int8-repaired"),
+             PrecisionResult(method="ort_qdq", bytes=2**19, extra={"quantizer": "ORT qs"},
+                             **common))):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps({"result": result.model_dump()}))
+    s = summary.Settings(models={"m": {"precisions": ["int8-repaired"], "profile": "p",
+                                       "backends": ["onnxruntime", "tensorrt-rtx"]}},
+                         skipped_backends={})
+    # run
+    rows = {r["backend"]: r for r in summary.collect(lay, s)["rows"]}
+    # assert: each backend's row names the graph it built from
+    assert (rows["onnxruntime"]["quantizer"], rows["onnxruntime"]["onnx_mib"]) == ("ORT qs", 0.5)
+    assert (rows["tensorrt-rtx"]["quantizer"], rows["tensorrt-rtx"]["onnx_mib"]) == (
+        "ModelOpt Q/DQ", 1.0)

@@ -176,11 +176,14 @@ def unquantize_inputs(proto, names: set[str]) -> None:
         proto.graph.initializer.remove(t)
 
 
-def still_quantized(proto, names) -> list[str]:
-    """Of ``names``, those reading an activation through a Q/DQ pair."""
+def still_quantized(proto, names, prepared) -> list[str]:
+    """Of ``names``, those reading an activation through a Q/DQ pair, or a tensor no longer
+    computed by the op computing it in the float graph (an activation folded into a Q)."""
     dq = _dequantized(proto.graph)
-    return sorted(n.name for n in proto.graph.node
-                  if n.name in names and any(t in dq for t in n.input))
+    was = {o: n.op_type for n in prepared.node for o in n.output}
+    now = {o: n.op_type for n in proto.graph.node for o in n.output}
+    return sorted(n.name for n in proto.graph.node if n.name in names and any(
+        t in dq or (t in was and now.get(t) != was[t]) for t in n.input))
 
 
 class Unmapped(Exception):
@@ -228,7 +231,7 @@ def _quantize(s: Settings, fp32: Path, out: Path, data: dict, scratch: Path,
     unquantize_inputs(quantized, float_in)
     onnx.save(quantized, str(out))
     return {"nodes": kept, "unquantized": sorted(exclude),
-            "still_quantized": still_quantized(quantized, float_in)}
+            "still_quantized": still_quantized(quantized, float_in, graph)}
 
 
 def kept_nodes(path: Path) -> tuple[str, list[str]]:
@@ -274,7 +277,8 @@ def run(job) -> PrecisionResult:
     if kept.get("still_quantized"):
         raise PrecisionError(
             f"node(s) {', '.join(kept['still_quantized'])} still read a quantized activation "
-            f"in ONNX Runtime's int8-repaired graph", model=job.model,
+            "in ONNX Runtime's int8-repaired graph (through Q/DQ, or an activation folded "
+            "into a QuantizeLinear)", model=job.model,
             key=f"models.{job.model}.repair",
             fix=f"drop int8 from models.{job.model}.repair.precisions")
     onnx.checker.check_model(str(out))
