@@ -9,6 +9,7 @@ and verdict on ONNX Runtime's CPU provider, and ``localise`` on the same referen
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +149,51 @@ def test_outlier_int8_drifts_at_the_conv_reading_the_outliers(exported):
     dq = {n.output[0] for n in onnx.load(str(repaired)).graph.node
           if n.op_type == "DequantizeLinear"}
     assert len(consumers & dq) == 2  # stem and down conv still read quantized inputs
+
+
+def test_outlier_int8_repaired_on_onnxruntime_is_ort_graph_with_the_conv_unquantized(exported):
+    """onnxruntime's int8-repaired: ORT quantize_static's graph with the repair's node kept
+    in float. The repair record is written here (the repair stage names node_conv2d_1, see
+    above); ort_quantize, the graph and the audit are real."""
+    from engineforge.results import PrecisionResult
+
+    m, model = exported["outlier_cnn"], "outlier_cnn"
+    models = config.resolve(m["raw"], ROOT)["models"]
+    record = m["ws"] / "int8-repaired" / "precision.json"
+    record.parent.mkdir(exist_ok=True)
+    record.write_text(json.dumps({"result": PrecisionResult(
+        precision="int8-repaired", method="qdq", time_s=0.0, bytes=0, nodes=0, cast=0,
+        quantize_linear=0, dequantize_linear=0, op_types={}, initializer_dtypes={},
+        extra={"repair": {"status": "repaired", "from": "int8",
+                          "excluded_nodes": ["node_conv2d_1"]}}).model_dump()}))
+    graphs = {}
+    for variant in ("int8", "int8-repaired"):
+        out = m["ws"] / f"ort-{variant}"
+        run_stage("ort_quantize", models, model,
+                  {"onnx": m["fp32"], "calibration": ROOT / models[model]["calibration"]["path"]}
+                  | ({"repair": record} if variant == "int8-repaired" else {}),
+                  {"onnx": out / "model.onnx", "sidecar": out / "precision.json"}, m["ws"],
+                  precision=variant)
+        graphs[variant] = out / "model.onnx"
+
+    def dq_fed(path: Path) -> dict[str, bool]:  # conv -> reads a Q/DQ'd activation
+        g = onnx.load(str(path)).graph
+        made = {o: n for n in g.node for o in n.output}
+        return {n.name: made.get(n.input[0]) is not None
+                and made[n.input[0]].op_type == "DequantizeLinear"
+                for n in g.node if n.op_type == "Conv"}
+
+    # the plain ORT graph quantizes the conv's input (and fails); the repaired one does not,
+    # the down conv stays int8, and the audit passes
+    assert dq_fed(graphs["int8"])["node_conv2d_1"]
+    fed = dq_fed(graphs["int8-repaired"])
+    assert not fed["node_conv2d_1"] and fed["node_conv2d_2"]
+    outputs, failures = audited(m, model, graphs["int8"], "int8")
+    (plain,) = outputs.values()
+    assert failures
+    outputs, failures = audited(m, model, graphs["int8-repaired"], "int8")
+    (logits,) = outputs.values()
+    assert failures == [] and logits["snr_db"] > plain["snr_db"] + 15
 
 
 def test_outlier_fp16_passes(exported):

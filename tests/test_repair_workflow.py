@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 from conftest import FIXTURES
 from engineforge.layout import Layout
@@ -113,3 +114,36 @@ def test_a_repaired_variant_is_releasable_with_its_repair_record(finished, tmp_p
     assert entry["repair"]["status"] == "repaired" and entry["repair"]["from"] == "fp16"
     assert "/Sub" in entry["repair"]["excluded_nodes"]
     assert entry["sidecars"]["localise"] == "cancel/audit/localise/fp16-repaired.json"
+
+
+def test_onnxruntime_int8_repaired_builds_from_ort_graph_of_the_repair_record(tmp_path):
+    """The DAG (dry run): onnxruntime's int8-repaired engine is built from ORT's quantizer's
+    graph, made from the fp32 ONNX and the repair record; tensorrt-rtx's from ModelOpt's."""
+    shutil.copy(FIXTURES / "driftnets.py", tmp_path / "driftnets.py")
+    np.savez(tmp_path / "calib.npz",
+             x=np.random.default_rng(0).random((8, 3, 8, 8), dtype=np.float32))
+    write_config(tmp_path, {
+        "defaults": {"precisions": ["fp32", "int8"], "backends": ["onnxruntime", "tensorrt-rtx"],
+                     "repair": {"precisions": ["int8"]}},
+        "models": {"outl": {
+            "checkpoint": {"kind": "state_dict", "arch": "driftnets:Outliers"},
+            "inputs": {"x": {"shape": ["batch", 3, 8, 8]}}, "calibration": {"path": "calib.npz"},
+            "profiles": {"b1-8": {"x": {"min": [1, 3, 8, 8], "opt": [4, 3, 8, 8],
+                                        "max": [8, 3, 8, 8]}}}}}})
+    text = snakemake(tmp_path, "--dry-run").stdout
+    jobs = {}  # (rule, first output) -> input line
+    for block in text.split("rule ")[1:]:
+        lines = {k.strip(): v.strip() for k, _, v in
+                 (line.partition(": ") for line in block.splitlines()[1:]) if v}
+        if "output" in lines:
+            jobs[(block.split(":")[0], lines["output"].split(",")[0])] = lines.get("input", "")
+    L = Layout("artifacts")
+    ort_graph = L.quantized("model.onnx", "onnxruntime", "outl", "int8-repaired")
+    assert ort_graph in jobs[("build_onnxruntime",
+                              L.engine("onnxruntime", "outl", "int8-repaired", "b1-8"))]
+    assert jobs[("ort_quantize", ort_graph)].split(", ") == [
+        "calib.npz", L.precision("precision.json", "outl", "int8-repaired"),
+        L.simplify("model.onnx", "outl")]
+    # the TensorRT backends keep ModelOpt's repaired graph (the control)
+    assert L.precision("model.onnx", "outl", "int8-repaired") in jobs[(
+        "build_tensorrt_rtx", L.engine("tensorrt-rtx", "outl", "int8-repaired", "b1-8"))]

@@ -134,8 +134,8 @@ class Layout:
         if gate:
             t["gate"] = self.gate("gate.json", model)
         for b, build_profiles in builds.items():
-            for p, q in backend_class(b).quantizers.items():
-                if p in precisions:
+            for p in precisions:  # the backend's own quantizer's graphs (repaired ones too)
+                if q := backend_class(b).quantizer(p):
                     t["precision"][f"{p}/{q}"] = self.quantized("precision.json", q, model, p)
             for p in [p for p in precisions
                       if base_precision(p) in backend_class(b).precisions]:

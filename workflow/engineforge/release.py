@@ -149,7 +149,7 @@ def _entry(artifacts: Path, workdir: Path, config_path: Path, c: dict, commit: s
     """One engine's manifest entry; ``files`` maps bundle paths to source files."""
     a, m, p, prof, b = artifacts, c["model"], c["precision"], c["profile"], c["backend"]
     layout = Layout(Path(a).as_posix())
-    q = backend_class(b).quantizers.get(p)  # the backend's own quantizer's graph, if any
+    q = backend_class(b).quantizer(p)  # the backend's own quantizer's graph, if any
     precision = (layout.quantized("precision.json", q, m, p) if q
                  else layout.precision("precision.json", m, p))
     sidecars = {"export": Path(layout.export("export.json", m)),

@@ -134,8 +134,8 @@ def build_input(backend):
         m = MODELS[w.model]
         if cls.builds_from == "torch":
             return {"program": L.export("model.pt2", w.model)}
-        if w.precision in cls.quantizers:
-            q = cls.quantizers[w.precision]
+        q = cls.quantizer(w.precision)
+        if q:  # <p>-repaired too: that quantizer's graph with the repair's exclusions
             return {"onnx": L.quantized("model.onnx", q, w.model, w.precision)}
         if not efbuild.flags_mode(m, backend):
             return {"onnx": L.precision("model.onnx", w.model, w.precision)}
@@ -162,6 +162,13 @@ def localise_audits(w):
         and not efbuild.flags_mode(m, b)
         and base in efbackends.backend_class(b).precisions
     ]
+
+
+def repair_record_input(w):
+    """A repaired variant's repair record (the sidecar naming the nodes it keeps)."""
+    if efsettings.is_repaired(w.precision):
+        return {"repair": L.precision("precision.json", w.model, w.precision)}
+    return {}
 
 
 def plain_of(path_of):

@@ -42,9 +42,11 @@ rule repair:
 
 # int8 as ONNX Runtime's CPU kernels run it fastest (its own quantize_static), for the
 # backends that declare it (Backend.quantizers); the TensorRT ones keep ModelOpt's graph.
+# int8-repaired: the same, with the nodes the repair record keeps in high precision.
 rule ort_quantize:
     input:
         unpack(calibration_input),
+        unpack(repair_record_input),
         onnx=L.simplify("model.onnx"),
     output:
         onnx=L.quantized("model.onnx", "onnxruntime"),
@@ -52,7 +54,7 @@ rule ort_quantize:
     log:
         L.log("precision-{precision}-onnxruntime"),
     wildcard_constraints:
-        precision="int8",
+        precision="int8|int8-repaired",
     priority: 2
     params:
         settings=settings_param("ort_quantize"),

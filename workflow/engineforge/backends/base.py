@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
+from engineforge.settings import base_precision
+
 
 @dataclass(frozen=True)
 class Availability:
@@ -63,6 +65,12 @@ class Backend:
     # precision -> the quantizer whose graph it builds from instead of ModelOpt's Q/DQ
     # (Layout.quantized; e.g. onnxruntime: {"int8": "onnxruntime"}, stages/ort_quantize.py)
     quantizers: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def quantizer(cls, variant: str) -> str | None:
+        """The quantizer whose graph the variant builds from (its base precision's:
+        ``int8-repaired`` is that quantizer's graph with the repair's exclusions), or None."""
+        return cls.quantizers.get(base_precision(variant))
 
     def availability(self) -> Availability:
         """Cheap: no heavy import, no binary run (it is called while Snakemake parses)."""

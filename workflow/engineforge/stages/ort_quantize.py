@@ -13,6 +13,17 @@ Before quantizing, the graph is folded by ``onnxscript.optimizer.optimize`` (the
 exporter's ``CastLike``/``Expand`` bias chains are folded, so BatchNormalization folds into
 the convolutions) and prepared by ORT's ``quant_pre_process`` (shape inference + ORT's basic
 graph optimizations). fp8 has no ORT counterpart: ORT's CPU provider has no fp8 kernels.
+
+``int8-repaired`` (the repair stage's variant, for these backends): the same quantizer, with
+the nodes the repair kept in high precision (its record, ``extra.repair.excluded_nodes``,
+named in the fp32 graph) left unquantized. Their names are found in the folded graph (by
+name, else the node now computing their output: a BatchNormalization folded into its Conv).
+In ORT's QDQ format a tensor is quantized at its producer's output, so leaving a node's
+inputs in float also leaves unquantized the chain producing them up to the node that
+computes them (through the ops ORT quantizes with their input's scale: Relu, MaxPool,
+Reshape, ...), and an input another quantized consumer still reads through Q/DQ is rewired
+to its float tensor. A kept node that cannot be found, or that still reads a quantized
+activation, fails the job.
 """
 
 from __future__ import annotations
@@ -25,8 +36,8 @@ from typing import Literal
 
 from engineforge.errors import PrecisionError
 from engineforge.results import PrecisionResult
-from engineforge.settings import QuantizeSettings, Section
-from engineforge.sidecar import scratch_prefix
+from engineforge.settings import QuantizeSettings, Section, base_precision, is_repaired
+from engineforge.sidecar import read_json, scratch_prefix
 
 TOOLS = ("onnx", "onnxruntime-gpu", "onnxruntime", "onnxscript")
 LIKELY_FIX = ("exclude the failing nodes or op types (models.<m>.precision.int8."
@@ -34,7 +45,7 @@ LIKELY_FIX = ("exclude the failing nodes or op types (models.<m>.precision.int8.
 
 
 class Settings(Section):
-    precision: Literal["int8"]
+    precision: Literal["int8", "int8-repaired"]
     quantize: QuantizeSettings            # models.<m>.precision.int8 (shared with ModelOpt)
     inputs: dict                          # the model's inputs (calibration is read per input)
     # ORT's x86 recommendation: U8S8 QDQ, per-channel weights; reduce_range only helps
@@ -47,7 +58,8 @@ class Settings(Section):
 
 
 def settings(m: dict, w: dict) -> Settings:
-    return Settings(precision=w["precision"], quantize=QuantizeSettings(**m["precision"]["int8"]),
+    return Settings(precision=w["precision"],
+                    quantize=QuantizeSettings(**m["precision"][base_precision(w["precision"])]),
                     inputs=m["inputs"])
 
 
@@ -76,7 +88,112 @@ class _Reader:
         return next(self._feeds, None)
 
 
-def _quantize(s: Settings, fp32: Path, out: Path, data: dict, scratch: Path) -> None:
+# ops ORT's QDQ quantizer quantizes with their input's scale (or folds into the producer's
+# Q: Relu, Clip): their output is as quantized as their input
+CARRY_QUANTIZATION = {"Relu", "Clip", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten",
+                      "Identity", "Resize", "MaxPool", "AveragePool", "Slice", "Pad", "Split",
+                      "Gather", "GatherElements", "TopK"}
+
+
+def locate(fp32, folded, names: list[str]) -> dict[str, list[str]]:
+    """fp32 node name -> the node(s) of the folded graph computing it: the same name, else
+    the nodes now producing its output, or (fused into a later node: Conv -> BatchNorm) the
+    first output downstream that still exists. [] where none (e.g. folded into a constant)."""
+    here = {n.name for n in folded.node}
+    made_here = {o: n.name for n in folded.node for o in n.output}
+    nodes = {n.name: n for n in fp32.node}
+    consumers: dict[str, list] = {}
+    for n in fp32.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    out = {}
+    for name in names:
+        if name in here or name not in nodes:
+            out[name] = [name] if name in here else []
+            continue
+        found, todo, seen = set(), list(nodes[name].output), set()
+        while todo:
+            t = todo.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            if t in made_here:
+                found.add(made_here[t])
+            else:  # gone: follow it into the consumers that were folded away too
+                todo += [o for c in consumers.get(t, []) if c.name not in here for o in c.output]
+        out[name] = sorted(found)
+    return out
+
+
+def float_closure(graph, kept: set[str]) -> tuple[set[str], set[str]]:
+    """(nodes to exclude, nodes whose inputs must be float): ``kept``, and per activation
+    input the producers through CARRY_QUANTIZATION ops up to the node computing it."""
+    made = {o: n for n in graph.node for o in n.output}
+    consts = {t.name for t in graph.initializer}
+    exclude, float_in, todo = set(kept), set(kept), list(kept)
+    by_name = {n.name: n for n in graph.node}
+    while todo:
+        node = by_name[todo.pop()]
+        for t in node.input:
+            p = made.get(t)
+            if t in consts or p is None or p.op_type in ("Constant", "Shape"):
+                continue
+            if p.name not in exclude:
+                exclude.add(p.name)
+                if p.op_type in CARRY_QUANTIZATION:
+                    float_in.add(p.name)
+                    todo.append(p.name)
+    return exclude, float_in
+
+
+def _dequantized(graph) -> dict[str, str]:
+    """DequantizeLinear output -> the float tensor its QuantizeLinear read (activations)."""
+    made = {o: n for n in graph.node for o in n.output}
+    return {dq.output[0]: made[dq.input[0]].input[0] for dq in graph.node
+            if dq.op_type == "DequantizeLinear" and dq.input[0] in made
+            and made[dq.input[0]].op_type == "QuantizeLinear"}
+
+
+def unquantize_inputs(proto, names: set[str]) -> None:
+    """Rewire the activation inputs of ``names`` that still pass through a Q/DQ pair (another
+    consumer quantizes the tensor) to the float tensor; drop the Q/DQ left unused."""
+    dq = _dequantized(proto.graph)
+    for n in proto.graph.node:
+        if n.name in names:
+            for i, t in enumerate(n.input):
+                n.input[i] = dq.get(t, t)
+    outputs = {o.name for o in proto.graph.output}
+    while True:
+        used = {i for n in proto.graph.node for i in n.input} | outputs
+        dead = [n for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            proto.graph.node.remove(n)
+    used = {i for n in proto.graph.node for i in n.input}
+    for t in [t for t in proto.graph.initializer if t.name not in used]:
+        proto.graph.initializer.remove(t)
+
+
+def still_quantized(proto, names, prepared) -> list[str]:
+    """Of ``names``, those reading an activation through a Q/DQ pair, or a tensor no longer
+    computed by the op computing it in the float graph (an activation folded into a Q)."""
+    dq = _dequantized(proto.graph)
+    was = {o: n.op_type for n in prepared.node for o in n.output}
+    now = {o: n.op_type for n in proto.graph.node for o in n.output}
+    return sorted(n.name for n in proto.graph.node if n.name in names and any(
+        t in dq or (t in was and now.get(t) != was[t]) for t in n.input))
+
+
+class Unmapped(Exception):
+    """A node to keep in high precision has no counterpart in the folded graph."""
+
+
+def _quantize(s: Settings, fp32: Path, out: Path, data: dict, scratch: Path,
+              keep: list[str] = ()) -> dict:
+    """Quantize ``fp32`` to ``out``; ``keep``: fp32 node names to leave unquantized. Returns
+    where ``keep`` went ({} without)."""
     import onnx
     import onnxscript.optimizer
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -87,11 +204,17 @@ def _quantize(s: Settings, fp32: Path, out: Path, data: dict, scratch: Path) -> 
     folded, prepared = scratch / "folded.onnx", scratch / "prepared.onnx"
     onnx.save(proto, str(folded))
     quant_pre_process(str(folded), str(prepared))
+    graph = onnx.load(str(prepared), load_external_data=False).graph
     op_types = None
     if q.op_types_to_exclude:
-        present = {n.op_type for n in onnx.load(str(prepared), load_external_data=False)
-                   .graph.node}
-        op_types = sorted(present - set(q.op_types_to_exclude))
+        op_types = sorted({n.op_type for n in graph.node} - set(q.op_types_to_exclude))
+    kept, float_in, exclude = {}, set(), set()
+    if keep:
+        kept = locate(onnx.load(str(fp32), load_external_data=False).graph, graph, list(keep))
+        missing = [name for name, found in kept.items() if not found]
+        if missing:
+            raise Unmapped(", ".join(missing))
+        exclude, float_in = float_closure(graph, {n for found in kept.values() for n in found})
     quantize_static(
         str(prepared), str(out), _Reader(data),
         quant_format=getattr(QuantFormat, s.quant_format),
@@ -100,7 +223,21 @@ def _quantize(s: Settings, fp32: Path, out: Path, data: dict, scratch: Path) -> 
         per_channel=s.per_channel, reduce_range=s.reduce_range,
         calibrate_method={"max": CalibrationMethod.MinMax,
                           "entropy": CalibrationMethod.Entropy}[q.calibration_method],
-        op_types_to_quantize=op_types, nodes_to_exclude=list(q.nodes_to_exclude) or None)
+        op_types_to_quantize=op_types,
+        nodes_to_exclude=sorted(set(q.nodes_to_exclude) | exclude) or None)
+    if not keep:
+        return {}
+    quantized = onnx.load(str(out))
+    unquantize_inputs(quantized, float_in)
+    onnx.save(quantized, str(out))
+    return {"nodes": kept, "unquantized": sorted(exclude),
+            "still_quantized": still_quantized(quantized, float_in, graph)}
+
+
+def kept_nodes(path: Path) -> tuple[str, list[str]]:
+    """The repair record's (status, nodes kept in high precision) from its sidecar."""
+    repair = PrecisionResult.model_validate(read_json(path)["result"]).extra.get("repair") or {}
+    return repair.get("status", "unknown"), list(repair.get("excluded_nodes") or [])
 
 
 def run(job) -> PrecisionResult:
@@ -110,16 +247,24 @@ def run(job) -> PrecisionResult:
 
     s: Settings = job.settings
     out = job.outputs["onnx"]
-    data = _calibration(job.model, s.inputs, s.precision, job.inputs.get("calibration"),
-                        s.quantize.calib_size)
+    key = f"models.{job.model}.precision.int8"
+    status, keep = kept_nodes(job.inputs["repair"]) if is_repaired(s.precision) else (None, [])
+    data = _calibration(job.model, s.inputs, base_precision(s.precision),
+                        job.inputs.get("calibration"), s.quantize.calib_size)
     # the quantizer writes side files (augmented model, pre-processed graph): a private dir
     scratch = Path(tempfile.mkdtemp(prefix=scratch_prefix(), dir=out.parent.parent))
     start = time.perf_counter()
     try:
-        _quantize(s, job.inputs["onnx"], out, data, scratch)
+        kept = _quantize(s, job.inputs["onnx"], out, data, scratch, keep)
+    except Unmapped as err:
+        raise PrecisionError(
+            f"the repair keeps node(s) {err} in high precision, but ONNX Runtime's folded "
+            "graph has no node computing them: int8-repaired cannot leave them unquantized",
+            model=job.model, key=f"models.{job.model}.repair",
+            fix=f"drop int8 from models.{job.model}.repair.precisions, or onnxruntime from "
+                f"models.{job.model}.backends") from None
     except Exception as err:  # noqa: BLE001 - any quantizer failure is one line
         reason = " ".join(f"{type(err).__name__}: {err}".split())[:400]
-        key = f"models.{job.model}.precision.int8"
         raise PrecisionError(
             f"ONNX Runtime quantize_static to {s.precision} failed: {reason}",
             model=job.model, key=key,
@@ -129,14 +274,25 @@ def run(job) -> PrecisionResult:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     elapsed = time.perf_counter() - start
+    if kept.get("still_quantized"):
+        raise PrecisionError(
+            f"node(s) {', '.join(kept['still_quantized'])} still read a quantized activation "
+            "in ONNX Runtime's int8-repaired graph (through Q/DQ, or an activation folded "
+            "into a QuantizeLinear)", model=job.model,
+            key=f"models.{job.model}.repair",
+            fix=f"drop int8 from models.{job.model}.repair.precisions")
     onnx.checker.check_model(str(out))
     summary = _summary(out)
     if not summary["quantize_linear"]:
         raise PrecisionError("ONNX Runtime quantize_static quantized no node",
-                             model=job.model, key=f"models.{job.model}.precision.int8",
+                             model=job.model, key=key,
                              fix="check op_types_to_exclude / nodes_to_exclude")
+    extra = {"quantizer": describe(s), "calibration_samples": len(next(iter(data.values()))),
+             "preprocess": ["onnxscript.optimizer.optimize", "quant_pre_process"]}
+    if is_repaired(s.precision):  # the repair's nodes, as found in ORT's graph
+        extra["kept_in_float"] = {"repair": status, "excluded_nodes": keep,
+                                  "ort_nodes": kept.get("nodes", {}),
+                                  "unquantized": kept.get("unquantized", [])}
     return PrecisionResult(
         precision=s.precision, method="ort_qdq", time_s=round(elapsed, 3),
-        bytes=out.stat().st_size, **summary,
-        extra={"quantizer": describe(s), "calibration_samples": len(next(iter(data.values()))),
-               "preprocess": ["onnxscript.optimizer.optimize", "quant_pre_process"]})
+        bytes=out.stat().st_size, **summary, extra=extra)

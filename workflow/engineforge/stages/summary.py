@@ -63,9 +63,9 @@ def collect(layout: Layout, s: Settings, failures: list[dict] | None = None) -> 
                 if base_precision(precision) not in cls.precisions:
                     continue
                 graph = prec
-                if precision in cls.quantizers:  # the backend's own quantizer's graph
+                if cls.quantizer(precision):  # the backend's own quantizer's graph
                     graph = _result(Path(layout.quantized(
-                        "precision.json", cls.quantizers[precision], model, precision)),
+                        "precision.json", cls.quantizer(precision), model, precision)),
                         PrecisionResult)
                 row = {"model": model, "precision": precision, "backend": backend,
                        "onnx_mib": graph and graph.bytes / 2**20}
