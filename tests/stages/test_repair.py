@@ -4,6 +4,7 @@ real export, ModelOpt AutoCast, ONNX Runtime audits, through the real runner."""
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -251,6 +252,34 @@ def test_a_variant_no_audit_measured_is_not_localised_nor_repaired(drifted, tmp_
     rep = read_json(tmp_path / "r/precision.json")["result"]["extra"]["repair"]
     assert rep["status"] == "unrepaired" and not rep["rounds"]
     assert rep["reason"].startswith("not localisable: no audit measured")
+
+
+def test_a_variant_only_pytorch_backends_audited_is_left_out_of_the_summary(drifted, tmp_path):
+    """No backend runs the ONNX variant (torch-inductor only, as on the H100): the localise
+    job says so, and the summary's localisation table leaves the variant out."""
+    from engineforge.layout import Layout
+    from engineforge.stages import summary
+
+    models, root, _ = drifted
+    d = root / "cancel"
+    L = Layout(str(tmp_path / "artifacts"))
+    out = Path(L.localise("cancel", "fp16"))
+    job = stage_job("localise", models, "cancel",
+                    {"fp32": d / "e/model.onnx", "variant": d / "fp16/model.onnx",
+                     "reference": d / "e/reference.npz"}, {"sidecar": out}, root,
+                    precision="fp16")
+    run_job(replace(job, extra_inputs=[]))
+    loc = Localisation.model_validate(read_json(out)["result"])
+    assert loc.status == "not_localisable" and loc.audits == {}
+    assert "no backend that runs the ONNX variant audited it" in loc.reason
+    s = summary.Settings(models={"cancel": {"precisions": ["fp32", "fp16"], "backends": [],
+                                            "profile": "p"}}, skipped_backends={})
+    assert summary.localisations(L, s) == []
+    # positive control: the same record with an audit it could not measure is listed
+    side = read_json(out)
+    side["result"]["audits"] = {"onnxruntime": "not_runnable"}
+    out.write_text(json.dumps(side))
+    assert [r["precision"] for r in summary.localisations(L, s)] == ["fp16"]
 
 
 def test_int8_outlier_channels_localised_to_their_conv_and_repaired(tmp_path, monkeypatch):

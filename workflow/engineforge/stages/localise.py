@@ -61,10 +61,15 @@ def run(job) -> Localisation:
     audits, trigger = verdicts(job.extra_inputs)
     if "pass" in audits.values() and not trigger:
         return Localisation(status="passes", precision=s.precision, audits=audits)
+    if not audits:
+        return Localisation(status="not_localisable", precision=s.precision, audits=audits,
+                            reason="no backend that runs the ONNX variant audited it "
+                                   "(localisation compares ONNX graphs; backends that build "
+                                   "from PyTorch, such as torch-inductor, are not covered)")
     if not trigger:
         return Localisation(status="not_localisable", precision=s.precision, audits=audits,
-                            reason="no audit measured this variant"
-                                   + (f" ({', '.join(sorted(audits))})" if audits else ""))
+                            reason="no audit measured this variant "
+                                   f"({', '.join(sorted(audits))})")
     feed = {k[3:]: v for k, v in modelio.load_npz(job.inputs["reference"]).items()
             if k.startswith("in:")}
     limit = job.limits.get("emulated_audit", 300)

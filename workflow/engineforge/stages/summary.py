@@ -132,8 +132,8 @@ def localisations(layout: Layout, s: Settings, worst: int = 3) -> list[dict]:
     for model, m in s.models.items():
         for v in m["precisions"]:
             loc = _result(Path(layout.localise(model, v)), Localisation) if v != "fp32" else None
-            if loc is None or loc.status == "passes":
-                continue
+            if loc is None or loc.status == "passes" or not loc.audits:
+                continue  # passed, or no ONNX-graph audit to localise (torch-inductor only)
             out.append({"model": model, "precision": v, "status": loc.status,
                         "reason": loc.reason, "trigger": loc.trigger,
                         "first": loc.first and _node(loc.first),
