@@ -101,7 +101,7 @@ def test_json_baseline_passes_within_margins_and_fails_beyond(tmp_path):
                                     ("int8", "max_abs")]
     line = strict_check(tmp_path)
     assert "\n" not in line
-    assert line.startswith("[model=m stage=gate key=gate.margin.cosine] int8/onnxruntime "
+    assert line.startswith("[model=m stage=gate key=models.m.gate.margin.cosine] int8/onnxruntime "
                            "cosine 0.9999 -> 0.9981 (margin 0.001) regressed vs ")
     assert "(2 more in " in line and "Fix:" in line
 
@@ -173,7 +173,7 @@ def test_an_unreadable_baseline_is_one_line_naming_the_key(tmp_path, write, need
     with pytest.raises(StageFailed) as err:
         gate_run(tmp_path, ROWS, str(path))
     line = str(err.value)
-    assert line.startswith("[model=m stage=gate key=gate.baseline]") and "\n" not in line
+    assert line.startswith("[model=m stage=gate key=models.m.gate.baseline]") and "\n" not in line
     assert needle.format(p=path) in line
 
 
@@ -314,7 +314,7 @@ def test_mlflow_runs_by_alias_and_by_tag(in_ws):
         with pytest.raises(StageFailed) as err:
             gate_ws(ws, source)
         line = str(err.value)
-        assert line.startswith("[model=tinycls stage=gate key=gate.baseline]"), line
+        assert line.startswith("[model=tinycls stage=gate key=models.tinycls.gate.baseline]"), line
         assert needle in line and "\n" not in line, line
     client.delete_run(empty.info.run_id)
 
@@ -332,8 +332,9 @@ def test_strict_gate_fails_the_workflow_with_one_line(in_ws):
     proc = snakemake(ws, check=False)
     assert proc.returncode != 0
     acc = [r for r in current_rows(ws) if r["precision"] == "fp32"][0]["accuracy"]
-    want = (f"[model=tinycls stage=gate key=gate.margin.accuracy] fp32/onnxruntime accuracy "
-            f"{acc + 0.05:.6g} -> {acc:.6g} (margin 0.005) regressed vs better.json. Fix:")
+    want = (f"[model=tinycls stage=gate key=models.tinycls.gate.margin.accuracy] "
+            f"fp32/onnxruntime accuracy {acc + 0.05:.6g} -> {acc:.6g} (margin 0.005) "
+            "regressed vs better.json. Fix:")
     lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if want in ln]
     assert lines, proc.stderr[-3000:]
     assert "Traceback" not in proc.stdout + proc.stderr

@@ -27,7 +27,9 @@ from engineforge.sidecar import read_json, write_json
 ISOLATED = False  # file reads and the MLflow client only
 TOOLS = ()
 LIKELY_FIX = "check gate.baseline (docs/gate.md: baseline sources)"
-KEY = "gate.baseline"
+def key(model: str, leaf: str = "baseline") -> str:
+    """The config key of a model's gate setting (as merged from defaults)."""
+    return f"models.{model}.gate.{leaf}"
 WORST = "worst"  # the output of a drift-matrix row that holds the worst of every output
 HIGHER_IS_BETTER = ("cosine", "snr_db", "top1_agreement", "top5_agreement", "accuracy")
 ABS_FLOOR = 1e-6  # error growths are relative to max(baseline, this): exact fp32 rows
@@ -69,7 +71,7 @@ def rule_inputs(m: dict, model: str, drift: str, artifacts: str) -> dict:
 
 # -- reading a baseline -------------------------------------------------------------------------
 def _fail(model: str, message: str, fix: str) -> GateError:
-    return GateError(message, model=model, key=KEY, fix=fix)
+    return GateError(message, model=model, key=key(model), fix=fix)
 
 
 def _read_document(path: Path, model: str) -> dict:
@@ -307,13 +309,13 @@ def enforce(gate_json: Path, model: str, ok: Path) -> None:
     if g["status"] == "nothing_compared":
         raise GateError(f"no row of {label} matches this run's drift matrix "
                         f"({len(g['missing'])} rows on one side only; see {gate_json}).",
-                        model=model, key=KEY,
+                        model=model, key=key(model),
                         fix="gate against a baseline of the same precisions and backends")
     bad = [r for r in g["rows"] if r["regressed"]]
     if bad:
         more = f" ({len(bad) - 1} more in {gate_json})" if len(bad) > 1 else ""
         raise GateError(f"{regression_line(bad[0], label)}{more}.", model=model,
-                        key=f"gate.margin.{bad[0]['metric']}",
+                        key=key(model, f"margin.{bad[0]['metric']}"),
                         fix=f"find the cause ({Path(gate_json).with_name('drift.md')}, "
                             f"{gate_json}); if the change is "
                             "accepted, raise that margin or move gate.baseline to a newer "
