@@ -20,10 +20,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+WORKFLOW = Path(__file__).resolve().parents[1] / "workflow"
 LOAD = """
-import ctypes, os, sys, torch
+import os, sys, torch
 if os.environ.get("SHARE_LIBSTDCXX"):  # what the torch-inductor backend does
-    ctypes.CDLL("libstdc++.so.6", mode=ctypes.RTLD_GLOBAL)
+    sys.path.insert(0, os.environ["SHARE_LIBSTDCXX"])
+    from engineforge.backends.torch_inductor import share_libstdcxx
+    share_libstdcxx()
 maps = {ln.split()[-1] for ln in open("/proc/self/maps") if "libstdc++" in ln}
 print("LIBSTDCXX", sorted(maps), flush=True)
 model = torch._inductor.aoti_load_package(sys.argv[1])
@@ -95,7 +98,7 @@ def main() -> int:
                                          "loaded": "LOADED" in again.stdout}
                 log += f"\n---- LD_PRELOAD={lib} ----\n" + again.stdout + again.stderr[-3000:]
             shared = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                                    env={**os.environ, "SHARE_LIBSTDCXX": "1"})
+                                    env={**os.environ, "SHARE_LIBSTDCXX": str(WORKFLOW)})
             row["libstdcxx_made_global"] = {"exit": shared.returncode,
                                             "loaded": "LOADED" in shared.stdout}
             log += "\n---- libstdc++ made global (RTLD_GLOBAL) ----\n" + shared.stdout + \

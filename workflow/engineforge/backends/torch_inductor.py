@@ -44,15 +44,15 @@ from engineforge.errors import BenchError, BuildError
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 IO_FILE = "engineforge.json"    # in the export's model.pt2: input/output names, dims, dtypes
 PROBE_TIMEOUT_S = 600
-# Load and run a package once, in a fresh interpreter (argv: package, shapes, dtypes, device).
+# Load and run a package once, in a fresh interpreter (argv: package, shapes, dtypes, device,
+# the directory engineforge is imported from).
 PROBE = """
-import ctypes, json, sys, torch
+import json, sys, torch
 path, shapes, dtypes, device = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), \\
     sys.argv[4]
-try:
-    ctypes.CDLL("libstdc++.so.6", mode=ctypes.RTLD_GLOBAL)
-except OSError:
-    pass
+sys.path.insert(0, sys.argv[5])
+from engineforge.backends.torch_inductor import share_libstdcxx
+share_libstdcxx()
 model = torch._inductor.aoti_load_package(path)
 args = [torch.zeros(shapes[n], dtype=getattr(torch, dtypes[n]), device=device) for n in shapes]
 with torch.inference_mode():
@@ -181,7 +181,7 @@ def _probed_at_build(engine: Path, device: str) -> tuple[str | None] | None:
 def _probe(engine: Path, shapes: dict, dtypes: dict, device: str) -> str | None:
     try:
         proc = subprocess.run([sys.executable, "-c", PROBE, str(engine), json.dumps(shapes),
-                               json.dumps(dtypes), device],
+                               json.dumps(dtypes), device, str(Path(__file__).parents[2])],
                               capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return f"aoti_load_package did not finish in {PROBE_TIMEOUT_S} s (child process)"

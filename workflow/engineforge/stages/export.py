@@ -588,9 +588,9 @@ def export_example(feed: dict, inputs: dict) -> dict:
     """The export's example inputs: ``feed`` with every named dim of size 1 repeated to 2.
     torch.export specialises a dim whose example size is 0 or 1 (torch 2.11: the kept
     program then only runs batch 1, ``Guard failed: x.size()[0] == 1``)."""
-    out = {}
+    out, dyn = {}, modelio.dynamic_dims(inputs)
     for name, value in feed.items():
-        for axis, _ in modelio.dynamic_dims(inputs)[name].items():
+        for axis in dyn[name]:
             if value.shape[axis] == 1:
                 value = np.repeat(value, 2, axis=axis)
         out[name] = value

@@ -63,10 +63,9 @@ def collect(layout: Layout, s: Settings, failures: list[dict] | None = None) -> 
                 if base_precision(precision) not in cls.precisions:
                     continue
                 graph = prec
-                if cls.quantizer(precision):  # the backend's own quantizer's graph
-                    graph = _result(Path(layout.quantized(
-                        "precision.json", cls.quantizer(precision), model, precision)),
-                        PrecisionResult)
+                if q := cls.quantizer(precision):  # the backend's own quantizer's graph
+                    graph = _result(Path(layout.quantized("precision.json", q, model,
+                                                          precision)), PrecisionResult)
                 row = {"model": model, "precision": precision, "backend": backend,
                        "onnx_mib": graph and graph.bytes / 2**20}
                 if graph and graph.method in QUANTIZERS:
