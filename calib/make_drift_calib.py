@@ -9,17 +9,17 @@ Run from the repo root:  .venv/bin/python calib/make_drift_calib.py
 Seeded, so reproducible.
 """
 
+import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-from sklearn.datasets import load_sample_images
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # as a script and as calib.<module>
+import make_photo_calib  # noqa: E402
+
 SEED = 0
 COUNT = 64
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 def thermal_frames(rng: np.random.Generator, n: int, size: int = 16) -> np.ndarray:
@@ -37,19 +37,9 @@ def thermal_frames(rng: np.random.Generator, n: int, size: int = 16) -> np.ndarr
     return np.stack(frames)[:, None].astype(np.float32)
 
 
-def photo_crops(rng: np.random.Generator, n: int, size: int = 32) -> np.ndarray:
-    photos = [Image.fromarray(a) for a in load_sample_images().images]  # china, flower
-    crops = []
-    for i in range(n):
-        img = photos[i % len(photos)]
-        w, h = img.size
-        side = int(rng.uniform(0.1, 0.5) * min(w, h))
-        left, top = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
-        crop = img.crop((left, top, left + side, top + side))
-        crop = crop.resize((size, size), Image.Resampling.BICUBIC)
-        x = (np.asarray(crop, np.float32) / 255.0 - MEAN) / STD
-        crops.append(x.transpose(2, 0, 1))
-    return np.stack(crops).astype(np.float32)
+def photo_crops(rng: np.random.Generator, n: int) -> np.ndarray:
+    """The drift demo's photos: 32x32 crops of 0.1-0.5x the short side, not mirrored."""
+    return make_photo_calib.photo_crops(rng, n, 32, (0.1, 0.5), flip=False)
 
 
 def main() -> None:

@@ -21,22 +21,30 @@ STD = np.array([0.229, 0.224, 0.225], np.float32)
 MAX_BYTES = 5 * 1024 * 1024
 
 
-def main() -> None:
-    rng = np.random.default_rng(SEED)
+def photo_crops(rng: np.random.Generator, n: int, size: int, scale: tuple[float, float],
+                flip: bool) -> np.ndarray:
+    """n ImageNet-normalised NCHW float32 crops of the two sklearn photos: a random square of
+    ``scale`` x the photo's short side at a random position, resized to ``size`` (bicubic),
+    mirrored with probability 0.5 where ``flip``."""
     photos = [Image.fromarray(a) for a in load_sample_images().images]  # china, flower
     crops = []
-    for i in range(COUNT):
+    for i in range(n):
         img = photos[i % len(photos)]
         w, h = img.size
-        side = int(rng.uniform(0.5, 1.0) * min(w, h))
+        side = int(rng.uniform(*scale) * min(w, h))
         left, top = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
         crop = img.crop((left, top, left + side, top + side))
-        crop = crop.resize((SIZE, SIZE), Image.Resampling.BICUBIC)
-        if rng.random() < 0.5:
+        crop = crop.resize((size, size), Image.Resampling.BICUBIC)
+        if flip and rng.random() < 0.5:
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         x = (np.asarray(crop, np.float32) / 255.0 - MEAN) / STD  # HWC, normalized
         crops.append(x.transpose(2, 0, 1))  # -> CHW
-    image = np.stack(crops).astype(np.float16)
+    return np.stack(crops).astype(np.float32)
+
+
+def main() -> None:
+    rng = np.random.default_rng(SEED)
+    image = photo_crops(rng, COUNT, SIZE, (0.5, 1.0), flip=True).astype(np.float16)
     np.savez_compressed(OUT, image=image)
     size = OUT.stat().st_size
     print(f"wrote {OUT.name}: image {image.shape} {image.dtype}, {size / 2**20:.2f} MiB")
