@@ -177,12 +177,29 @@ def prepare(name, dt, x32, ref, mode: str | None, channels_last: bool,
     import torch
     import torch._inductor.config as inductor_config
 
+    options = dict(options or {})
+    cudnn_fused = options.pop("cudnn_fusion", False)
+    options.pop("profile", None)
+    if "cudnn_benchmark_limit" in options:  # 0: cuDNN tries every algorithm
+        torch.backends.cudnn.benchmark_limit = options.pop("cudnn_benchmark_limit")
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    model = build_model(name)[0].to(DEVICE, dt).to(memory_format=layout)
+    model = build_model(name)[0].to(DEVICE)
+    extra = {"channels_last": channels_last, "freezing": freezing, **options}
+    if cudnn_fused:  # the torch-inductor backend's rewrite, on the exported fp32 program
+        from engineforge import cudnn_fusion
+
+        model = torch.export.export(model, (x32.to(DEVICE),)).module()
+        extra["cudnn_fusion"] = cudnn_fusion.fuse(model)
+    model = model.to(DEVICE, dt).to(memory_format=layout)
     x = x32.to(DEVICE, dt).contiguous(memory_format=layout)
-    extra = {"channels_last": channels_last, "freezing": freezing, **(options or {})}
     fn = model
-    if mode:
+    if mode == "jit":  # TorchScript's own conv-bias-add-relu rewrite (optimize_for_inference)
+        with torch.no_grad():
+            fn = torch.jit.optimize_for_inference(torch.jit.freeze(
+                torch.jit.trace(model, x).eval()))
+            fn(x)
+            fn(x)
+    elif mode:
         torch._dynamo.reset()  # a fresh cache: no recompile limit across shapes
         fn = torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
         t0 = time.perf_counter()
@@ -217,6 +234,16 @@ ABLATION = (  # variant, compile mode (None: eager), channels_last, our CUDA gra
      True, {**AUTOTUNE_MM, "coordinate_descent_tuning": True}),
     ("compile-freezing-max-autotune", MAX_AUTOTUNE, True, False, True, {}),
     ("compile-freezing-max-autotune-graph", MAX_AUTOTUNE, True, True, True, {}),
+    # cuDNN runs conv + bias (+ residual add) + ReLU as one kernel (engineforge.cudnn_fusion)
+    ("jit-optimize-for-inference-graph", "jit", True, True, False, {}),
+    ("eager-cudnn-fused-graph", None, True, True, False, {"cudnn_fusion": True}),
+    ("compile-freezing-cudnn-fused", "default", True, False, True, {"cudnn_fusion": True}),
+    ("compile-freezing-cudnn-fused-graph", "default", True, True, True,
+     {"cudnn_fusion": True}),
+    ("compile-freezing-cudnn-fused-try-all-graph", "default", True, True, True,
+     {"cudnn_fusion": True, "cudnn_benchmark_limit": 0}),
+    ("compile-freezing-cudnn-fused-profile", "default", True, False, True,
+     {"cudnn_fusion": True, "profile": True}),
 )
 
 
@@ -253,6 +280,8 @@ def ablation(args, peaks: dict) -> None:
                 row = gpubench.report(t, batch=batch, flops=flops,
                                       peak=peak_of(peaks, prec),
                                       baseline_p50_ms=baseline)
+                if options.get("profile"):
+                    row["profile"] = kernel_profile(fn, x)
                 if mode == "reduce-overhead":
                     row["cuda_graph"] = True  # inductor's own CUDA graph trees
                 if baseline is None:
@@ -265,15 +294,38 @@ def ablation(args, peaks: dict) -> None:
                 torch.cuda.empty_cache()
 
 
+def kernel_profile(fn, x, top: int = 15) -> dict:
+    """GPU time per kernel over 20 calls (torch.profiler): the top ones and the total."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            fn(x)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: -e.device_time_total)
+    total = sum(e.device_time_total for e in events)
+    return {"total_ms_per_call": total / 20 / 1e3, "kernels": [
+        [e.key[:90], e.count // 20, round(e.device_time_total / 20 / 1e3, 4)]
+        for e in events[:top]]}
+
+
 AOTI_BUILD = """
 import sys, torch
 sys.path[:0] = [{root!r}, {root!r} + "/workflow"]
 from benchmarks.bench_gpu import build_model
+from engineforge import cudnn_fusion
 m, shape = build_model({name!r})
-m = m.to("cuda", torch.float16)
-x = torch.randn({batch}, *shape, device="cuda", dtype=torch.float16)
-ep = torch.export.export(m, (x,))
-print(torch._inductor.aoti_compile_and_package(ep, package_path={pkg!r}))
+m = m.to("cuda")
+x = torch.randn({batch}, *shape, device="cuda")
+if {fuse!r}:
+    m = torch.export.export(m, (x,)).module()
+    print(cudnn_fusion.fuse(m))
+m = m.to(torch.float16)
+ep = torch.export.export(m, (x.half(),))
+print(torch._inductor.aoti_compile_and_package(ep, package_path={pkg!r},
+                                               inductor_configs={{"freezing": {freezing!r}}}))
 """
 AOTI_LOAD = """
 import sys, json, torch
@@ -281,49 +333,74 @@ sys.path[:0] = [{root!r} + "/workflow"]
 from engineforge import gpubench
 from engineforge.backends.torch_inductor import share_libstdcxx
 share_libstdcxx()
-runner = torch._inductor.aoti_load_package({pkg!r})
+# run_single_threaded: no container locks or event queries, which a CUDA graph capture forbids
+runner = torch._inductor.aoti_load_package({pkg!r}, run_single_threaded=True)
 x = torch.randn({batch}, *{shape!r}, device="cuda", dtype=torch.float16)
 runner(x)
 t = gpubench.time_callable(lambda: runner(x), max_seconds=2.0)
-print("AOTI_OK", json.dumps(t.stats))
+g = gpubench.time_callable(lambda: runner(x), max_seconds=2.0, cuda_graph=True)
+print("AOTI_OK", json.dumps({{**t.stats, "cv": t.cv, "graph_p50_ms": g.stats["p50_ms"],
+                             "graph_cv": g.cv}}))
 """
 
 
-def aoti(args) -> None:
-    """Build an AOTInductor package (fp16, static batch) and load it in a fresh process;
-    record the exit code (-11 = the segfault seen on the H100)."""
-    rows = Path(args.out) / "rows.jsonl"
-    batch = 32
+AOTI_VARIANTS = {  # variant: (engineforge.cudnn_fusion first, inductor freezing)
+    "aoti-package": (False, False), "aoti-package-freezing": (False, True),
+    "aoti-package-cudnn-fused": (True, True)}
+
+
+def aoti_start(args) -> list:
+    """Start the AOTInductor package builds (fp16, static batch 32), all at once, in the
+    background: [(row base, package, process, start time)]."""
+    jobs = []
     for name in args.aoti:
+        for variant in args.aoti_variants:
+            fuse, freezing = AOTI_VARIANTS[variant]
+            pkg = f"/tmp/engineforge_{variant}_{name}_b32.pt2"
+            base = dict(model=name, precision="fp16", batch=32, variant=variant,
+                        ablation=True)
+            proc = subprocess.Popen([sys.executable, "-c", AOTI_BUILD.format(
+                root=str(ROOT), name=name, batch=32, pkg=pkg, fuse=fuse, freezing=freezing)],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                start_new_session=True)
+            jobs.append((base, pkg, proc, time.perf_counter()))
+    return jobs
+
+
+def aoti_finish(args, jobs: list) -> None:
+    """Wait for each build (within the run budget), then load and time each package in a
+    fresh process, one at a time; record the exit code (-11 = the segfault seen on the
+    H100 before engineforge made libstdc++ global)."""
+    rows = Path(args.out) / "rows.jsonl"
+    for base, pkg, proc, t0 in jobs:
         left = args.budget_s - (time.monotonic() - START) if args.budget_s else 360
-        if left < 60:
-            emit(rows, dict(model=name, precision="fp16", batch=batch, variant="aoti-package",
-                            ablation=True, error="not run: run budget spent"))
-            continue
-        pkg = f"/tmp/engineforge_aoti_{name}_b{batch}.pt2"
-        base = dict(model=name, precision="fp16", batch=batch, variant="aoti-package",
-                    ablation=True)
         try:
-            t0 = time.perf_counter()
-            b = subprocess.run([sys.executable, "-c", AOTI_BUILD.format(
-                root=str(ROOT), name=name, batch=batch, pkg=pkg)], capture_output=True,
-                text=True, timeout=left - 30)
-            build_s = round(time.perf_counter() - t0, 1)
-            if b.returncode:
-                emit(rows, {**base, "error": f"build exit {b.returncode}: {b.stderr[-300:]}"})
-                continue
+            out, err = proc.communicate(timeout=max(left - 30, 1))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            emit(rows, {**base, "error": "not run: run budget spent while building"})
+            continue
+        build_s = round(time.perf_counter() - t0, 1)
+        if proc.returncode:
+            emit(rows, {**base, "error": f"build exit {proc.returncode}: {err[-300:]}"})
+            continue
+        try:
             ld = subprocess.run([sys.executable, "-c", AOTI_LOAD.format(
-                root=str(ROOT), pkg=pkg, batch=batch, shape=list(MODELS[name][0]))],
+                root=str(ROOT), pkg=pkg, batch=base["batch"],
+                shape=list(MODELS[base["model"]][0]))],
                 capture_output=True, text=True, timeout=120)
-            ok = [ln for ln in ld.stdout.splitlines() if ln.startswith("AOTI_OK")]
-            row = {**base, "build_s": build_s, "load_exit": ld.returncode}
-            if ok:
-                row.update(json.loads(ok[0].split(" ", 1)[1]))
-            else:
-                row["error"] = f"load exit {ld.returncode}: {ld.stderr[-300:]}"
-            emit(rows, row)
-        except subprocess.TimeoutExpired as err:
-            emit(rows, {**base, "error": f"timeout: {err}"[:300]})
+        except subprocess.TimeoutExpired as exc:
+            emit(rows, {**base, "error": f"timeout: {exc}"[:300]})
+            continue
+        ok = [ln for ln in ld.stdout.splitlines() if ln.startswith("AOTI_OK")]
+        row = {**base, "build_s": build_s, "load_exit": ld.returncode,
+               "build_log": out.strip().splitlines()[:1]}
+        if ok:
+            row.update(json.loads(ok[0].split(" ", 1)[1]))
+        else:
+            row["error"] = f"load exit {ld.returncode}: {ld.stderr[-300:]}"
+        emit(rows, row)
 
 
 def measure(args) -> dict:
@@ -442,6 +519,8 @@ def main() -> int:
     ap.add_argument("--ablation", action="store_true", help="what-helped rows (fp16 targets)")
     ap.add_argument("--aoti", nargs="*", default=[], metavar="MODEL",
                     help="try AOTInductor packages (fp16, batch 32) of these models")
+    ap.add_argument("--aoti-variants", nargs="+", default=list(AOTI_VARIANTS),
+                    choices=list(AOTI_VARIANTS))
     ap.add_argument("--ablation-targets", nargs="+", default=["resnet50:32",
                                                                 "mobilenet_v3_small:1"])
     ap.add_argument("--ablation-timeout", type=float, default=420.0)
@@ -466,6 +545,7 @@ def main() -> int:
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     print(json.dumps(meta["peaks"]), flush=True)
     meta["children"] = []
+    builds = aoti_start(args)  # builds run on the CPUs while the GPU rows are timed
     if args.ablation:
         meta["children"].append(run_child("ablation", args, args.ablation_timeout))
         print(meta["children"][-1], flush=True)
@@ -473,8 +553,7 @@ def main() -> int:
         for name in args.models:
             meta["children"].append(run_child(name, args))
             print(meta["children"][-1], flush=True)
-    if args.aoti:
-        aoti(args)
+    aoti_finish(args, builds)
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     rows, _ = load_rows([out / "rows.jsonl"]) if (out / "rows.jsonl").exists() else ([], None)
     (out / "results.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))

@@ -126,6 +126,7 @@ def test_builds_fp32_and_fp16_packages_that_load_in_a_child(built):
         assert r.extra["runtime"] == "aotinductor" and r.extra["fallback_reason"] is None
         assert r.extra["dtype"] == ti.DTYPES[precision] and r.extra["device"] == "cpu"
         assert list(r.extra["dynamic_dims"].values()) == [[1, 8]]
+        assert r.extra["cudnn_fusion"] is None  # cuDNN's fused kernels: GPU only
         engine = Path(L.engine(BACKEND, MODEL, precision, PROFILE))
         assert zipfile.is_zipfile(engine) and r.engine_bytes == engine.stat().st_size > 0
     # the build probed batch 1 in a child; the same package also runs batch 8 (dynamic)
@@ -220,10 +221,10 @@ def test_the_builds_probe_is_reused_only_for_the_same_package(built, tmp_path):
     shapes, dtypes = {"x": [2, 3, 8, 8]}, {"x": "float32"}
     # execute + assert: same package -> the record; another device -> probed for real
     assert ti.probe(engine, shapes, dtypes, "cpu") == "recorded by the build"
-    assert ti._probed_at_build(engine, "cuda") is None
+    assert ti.built_here(engine, "cuda") is None
     # a package that changed since its build: probed for real (it loads: None)
     engine.write_bytes(engine.read_bytes() + b"\0")
-    assert ti._probed_at_build(engine, "cpu") is None
+    assert ti.built_here(engine, "cpu") is None
     assert ti.probe(engine, shapes, dtypes, "cpu") is None
 
 

@@ -276,6 +276,11 @@ class TorchInductorSettings(Section):
         "auto", description="GPU only. auto: bench with and without CUDA graphs, report the "
                             "faster; on: report with CUDA graphs (without kept too); off: "
                             "without only. CUDA graphs help launch-bound (small) models.")
+    cudnn_fusion: bool = Field(
+        True, description="GPU only. Fold BatchNorm into convolutions and run conv + bias "
+                          "(+ residual add) + ReLU as one cuDNN kernel before compiling "
+                          "(resnet50 fp16 b32 on the H100: 1.465 -> 1.202 ms). false: "
+                          "inductor's own fusion only.")
 
 
 class Settings(Section):

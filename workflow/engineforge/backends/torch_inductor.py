@@ -53,7 +53,7 @@ path, shapes, dtypes, device = sys.argv[1], json.loads(sys.argv[2]), json.loads(
 sys.path.insert(0, sys.argv[5])
 from engineforge.backends.torch_inductor import share_libstdcxx
 share_libstdcxx()
-model = torch._inductor.aoti_load_package(path)
+model = torch._inductor.aoti_load_package(path, run_single_threaded=True)
 args = [torch.zeros(shapes[n], dtype=getattr(torch, dtypes[n]), device=device) for n in shapes]
 with torch.inference_mode():
     model(*args)
@@ -107,15 +107,24 @@ def read_io(program: Path) -> dict:
     return io
 
 
-def cast_module(program: Path, precision: str, device: str):
+def cast_module(program: Path, precision: str, device: str, cudnn_fusion: bool = False,
+                channels_last: bool = True):
     """The export's program as a module computing in ``precision`` on ``device``, with
-    fp32 inputs and outputs."""
+    fp32 inputs and outputs; ``cudnn_fusion`` (the fused ops run on cuda only): conv
+    epilogues fused into cuDNN first (engineforge.cudnn_fusion, on the fp32 weights;
+    ``channels_last`` weights). Returns (module, the fusion's counts or None)."""
     import torch
     from torch.export.passes import move_to_device_pass
     from torch.utils._pytree import tree_map
 
     dtype = getattr(torch, DTYPES[precision])
-    inner = move_to_device_pass(torch.export.load(str(program)), device).module().to(dtype)
+    inner = move_to_device_pass(torch.export.load(str(program)), device).module()
+    fused = None
+    if cudnn_fusion:
+        from engineforge import cudnn_fusion as fusion
+
+        fused = fusion.fuse(inner, channels_last=channels_last)
+    inner = inner.to(dtype)
 
     class IOCast(torch.nn.Module):
         def __init__(self):
@@ -127,7 +136,7 @@ def cast_module(program: Path, precision: str, device: str):
             return tree_map(lambda o: o.float() if isinstance(o, torch.Tensor)
                             and o.is_floating_point() else o, out)
 
-    return IOCast()  # no .eval(): an exported module has no train mode (it is fixed)
+    return IOCast(), fused  # no .eval(): an exported module has no train mode (it is fixed)
 
 
 def dynamic_shapes(io: dict, profile: dict) -> tuple[tuple, tuple]:
@@ -157,15 +166,17 @@ def probe(engine: Path, shapes: dict[str, list[int]], dtypes: dict[str, str],
     st = Path(engine).stat()
     key = (str(engine), st.st_size, st.st_mtime_ns, device)
     if key not in _PROBED:
-        built = _probed_at_build(Path(engine), device)
-        _PROBED[key] = built[0] if built else _probe(engine, shapes, dtypes, device)
+        built = built_here(Path(engine), device)
+        _PROBED[key] = (built["fallback_reason"] if built
+                        else _probe(engine, shapes, dtypes, device))
     return _PROBED[key]
 
 
-def _probed_at_build(engine: Path, device: str) -> tuple[str | None] | None:
-    """The build's own probe of this very package (its sidecar ``build.json`` beside it,
-    same content hash, same device): (cause,), or None when there is none to reuse. Saves
-    the audit and the bench a child process each (~8 s on the H100)."""
+def built_here(engine: Path, device: str) -> dict | None:
+    """What the build recorded of this very package (its sidecar ``build.json`` beside it,
+    same content hash, same device), or None. Its probe saves the audit and the bench a
+    child process each (~8 s on the H100); its cudnn_fusion tells the fallback how the
+    package's program was rewritten."""
     from engineforge.sidecar import read_json, sha256_file
 
     try:
@@ -175,7 +186,8 @@ def _probed_at_build(engine: Path, device: str) -> tuple[str | None] | None:
                 and extra["device"] == device and "runtime" in extra)
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return (extra.get("fallback_reason"),) if same else None
+    return {"fallback_reason": extra.get("fallback_reason"),
+            "cudnn_fusion": extra.get("cudnn_fusion")} if same else None
 
 
 def _probe(engine: Path, shapes: dict, dtypes: dict, device: str) -> str | None:
@@ -240,6 +252,8 @@ def _load(engine: Path, shapes: dict[str, list[int]]) -> Loaded:
     from engineforge.errors import EngineforgeError
 
     device = target_device()
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times its algorithms
     try:
         io = read_io(program_of(engine))
     except (OSError, KeyError, StopIteration, zipfile.BadZipFile) as err:
@@ -248,9 +262,14 @@ def _load(engine: Path, shapes: dict[str, list[int]]) -> Loaded:
     cause = probe(engine, shapes, io["dtypes"], device)
     if cause is None:
         share_libstdcxx()
-        model = torch._inductor.aoti_load_package(str(engine))
+        # run_single_threaded: no container locks or event queries, which a CUDA graph
+        # capture forbids (and a worker calls it from one thread)
+        model = torch._inductor.aoti_load_package(str(engine), run_single_threaded=True)
         return Loaded(lambda *a: flat(model(*a)), "aotinductor", None, device, io)
-    module = cast_module(program_of(engine), precision_of(engine), device)
+    fused = (built_here(Path(engine), device) or {}).get("cudnn_fusion")
+    module, _ = cast_module(program_of(engine), precision_of(engine), device,
+                            cudnn_fusion=bool(fused),
+                            channels_last=bool(fused and fused["channels_last_weights"]))
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
                                                RECOMPILE_LIMIT)
     compiled = torch.compile(module, dynamic=False)
@@ -268,6 +287,25 @@ def _load(engine: Path, shapes: dict[str, list[int]]) -> Loaded:
         return out
 
     return Loaded(call, "torch.compile", cause, device, io)
+
+
+def _export_cast(req: BuildRequest, device: str, args: tuple, dyn: tuple, fusion: bool):
+    """The cast (and, with ``fusion``, cuDNN-fused) program re-exported with the profile's
+    dynamic dims, and the fusion's counts. A model that views a convolution's output with
+    NCHW strides cannot run channels_last: it is fused without the layout change."""
+    import torch
+
+    module, fused = cast_module(req.program, req.precision, device, cudnn_fusion=fusion)
+    try:
+        return torch.export.export(module, args, dynamic_shapes=dyn), fused
+    except Exception as err:  # noqa: BLE001 - retried without the layout, else raised
+        if not (fused and fused["channels_last_weights"]):
+            raise
+        cause = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+    module, fused = cast_module(req.program, req.precision, device, cudnn_fusion=fusion,
+                                channels_last=False)
+    return torch.export.export(module, args, dynamic_shapes=dyn), {
+        **fused, "channels_last_error": cause}
 
 
 class TorchInductorBackend(Backend):
@@ -309,14 +347,16 @@ class TorchInductorBackend(Backend):
                     "build_time_s": 0.0, "device": device}
         profile = req.profiles[0]
         example, dyn = dynamic_shapes(io, profile)
-        module = cast_module(req.program, req.precision, device)
         args = tuple(torch.rand(s, device=device).to(getattr(torch, io["dtypes"][n]))
                      for s, n in zip(example, io["inputs"]))
         tmp = req.engine_path.with_name(f".{req.engine_path.name}.building")
         try:
-            program = torch.export.export(module, args, dynamic_shapes=dyn)
+            program, fused = _export_cast(
+                req, device, args, dyn,
+                fusion=req.settings.get("cudnn_fusion", True) and device == "cuda")
             with open(tmp, "wb") as f:
-                torch._inductor.aoti_compile_and_package(program, package_path=f)
+                torch._inductor.aoti_compile_and_package(
+                    program, package_path=f, inductor_configs={"freezing": True})
         except Exception as err:  # noqa: BLE001 - the compiler's message is the cause
             tmp.unlink(missing_ok=True)
             lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
@@ -333,6 +373,7 @@ class TorchInductorBackend(Backend):
                 "device": device, "dtype": DTYPES[req.precision],
                 "dynamic_dims": {d.__name__: [d.min, d.max] for spec in dyn[0] if spec
                                  for d in spec.values()},
+                "cudnn_fusion": fused,
                 "runtime": "torch.compile" if cause else "aotinductor",
                 "fallback_reason": cause,
                 "note": (f"the AOTInductor package does not load here ({cause}): "
@@ -378,7 +419,13 @@ def _gpu_bench(loaded: Loaded, args: list, settings: dict, batch: int, mode: str
     ``on``, the faster for ``auto``; the other is kept in ``extra``."""
     timed = {False: time_on_gpu(lambda: loaded.call(*args), settings, batch, graph=False)}
     if mode != "off":
-        timed[True] = time_on_gpu(lambda: loaded.call(*args), settings, batch, graph=True)
+        try:
+            timed[True] = time_on_gpu(lambda: loaded.call(*args), settings, batch, graph=True)
+        except Exception as err:  # noqa: BLE001 - a capture that fails is a finding
+            cause = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+            if mode == "on":
+                raise BenchError(f"CUDA graph capture failed ({cause})") from None
+            extra["cuda_graphs_error"] = cause
     pick = (mode == "on" or (mode == "auto" and True in timed
                              and timed[True]["p50_ms"] < timed[False]["p50_ms"]))
     extra["cuda_graphs"] = pick
