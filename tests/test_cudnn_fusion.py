@@ -170,3 +170,13 @@ def test_a_model_viewing_nchw_outputs_is_fused_without_channels_last(cpu_kernels
     assert "view" in fused["channels_last_error"]
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), net(x), rtol=1e-4, atol=1e-5)
+
+
+def test_builds_fuse_only_low_precision_engines_on_a_gpu():
+    """fp32 engines keep fp32 convolutions (cuDNN's fused kernels run them as TF32)."""
+    from engineforge.backends.torch_inductor import fuses
+
+    assert fuses({}, "fp16", "cuda") and fuses({"cudnn_fusion": True}, "bf16", "cuda")
+    assert not fuses({}, "fp32", "cuda")
+    assert not fuses({}, "fp16", "cpu")
+    assert not fuses({"cudnn_fusion": False}, "fp16", "cuda")
