@@ -18,6 +18,10 @@ dynamic-batch compile of resnet50 takes ~5x longer on the H100, 106 s vs 19 s), 
 inductor ``freezing`` (weights become constants: BatchNorm folds into the convolutions;
 −9 % on resnet50 fp16 b32 there).
 
+On a GPU, fp16/bf16 builds first fuse convolution epilogues into cuDNN and make the
+weights channels_last (``torch_inductor.cudnn_fusion``, :mod:`engineforge.cudnn_fusion`);
+fp32 engines run cuDNN without TF32.
+
 CUDA graphs (``torch_inductor.cuda_graphs``) only apply on a GPU: the engine's call (package
 or compiled module) is captured once in a CUDA graph and replayed (``gpubench``). ``auto``
 and ``on`` time both, with and without; ``auto`` reports the faster, ``on`` the graphed one.
@@ -293,6 +297,10 @@ def _load(engine: Path, shapes: dict[str, list[int]]) -> Loaded:
     return Loaded(call, "torch.compile", cause, device, io)
 
 
+def _first_line(err: Exception) -> str:
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+
+
 def fuses(settings: dict, precision: str, device: str) -> bool:
     """Whether a build fuses conv epilogues into cuDNN: on a GPU, fp16/bf16 engines only.
     fp32 engines stay unfused and run without TF32 (:func:`_load`): on the H100,
@@ -314,7 +322,7 @@ def _export_cast(req: BuildRequest, device: str, args: tuple, dyn: tuple, fusion
     except Exception as err:  # noqa: BLE001 - retried without the layout, else raised
         if not (fused and fused["channels_last_weights"]):
             raise
-        cause = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+        cause = _first_line(err)
     module, fused = cast_module(req.program, req.precision, device, cudnn_fusion=fusion,
                                 channels_last=False)
     return torch.export.export(module, args, dynamic_shapes=dyn), {
@@ -435,7 +443,7 @@ def _gpu_bench(loaded: Loaded, args: list, settings: dict, batch: int, mode: str
         try:
             timed[True] = time_on_gpu(lambda: loaded.call(*args), settings, batch, graph=True)
         except Exception as err:  # noqa: BLE001 - a capture that fails is a finding
-            cause = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+            cause = _first_line(err)
             if mode == "on":
                 raise BenchError(f"CUDA graph capture failed ({cause})") from None
             extra["cuda_graphs_error"] = cause
