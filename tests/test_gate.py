@@ -362,3 +362,44 @@ def test_strict_gate_fails_the_workflow_with_one_line(in_ws):
     assert (ws / "artifacts/tinycls/audit/gate.ok").is_file()
     assert "- tinycls: **pass** vs release 1.0 manifest" in (
         ws / "artifacts/summary.md").read_text()
+
+
+@pytest.mark.e2e
+def test_the_gate_reruns_when_its_mlflow_tag_moves_to_another_run(in_ws):
+    """Through Snakemake: a gate on tag:<k>=<v> (or an alias) reruns when the tag (alias)
+    now names another run, though no file changed; and not when nothing moved."""
+    from mlflow.tracking import MlflowClient
+
+    ws = in_ws
+    client = MlflowClient(tracking_uri=f"sqlite:///{ws}/mlflow.db")
+    exp = client.get_experiment_by_name("engineforge-tests")
+
+    def champion(rows: list[dict]) -> str:
+        """A run of tinycls tagged champion=moving with ``rows`` as its drift matrix; the
+        tag is taken off every earlier holder."""
+        for old in client.search_runs([exp.experiment_id], "tags.`champion` = 'moving'"):
+            client.delete_tag(old.info.run_id, "champion")
+        run = client.create_run(exp.experiment_id, tags={"engineforge.model": "tinycls",
+                                                         "engineforge.kind": "model",
+                                                         "champion": "moving"})
+        client.log_text(run.info.run_id, json.dumps({"model": "tinycls", "rows": rows}),
+                        "audit/drift.json")
+        client.set_terminated(run.info.run_id)
+        return run.info.run_id
+
+    gate_json = ws / "artifacts/tinycls/audit/gate.json"
+    first = champion(better(current_rows(ws)))
+    write_config(ws, raw_config({"baseline": "tag:champion=moving",
+                                 "margin": {"snr_db": None}}))
+    snakemake(ws)
+    g = read_json(gate_json)
+    assert g["status"] == "regressed" and first in g["baseline"]["label"]
+    # nothing moved: the gate is not run again
+    stamp = gate_json.stat().st_mtime_ns
+    snakemake(ws)
+    assert gate_json.stat().st_mtime_ns == stamp
+    # the tag moves to a run with this run's own rows: the gate reruns and passes
+    second = champion(current_rows(ws))
+    snakemake(ws)
+    g = read_json(gate_json)
+    assert second in g["baseline"]["label"] and g["status"] == "pass", g["baseline"]

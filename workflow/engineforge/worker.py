@@ -153,13 +153,6 @@ def stop(reason: str = "interrupted") -> None:
         _IDLE.clear()
 
 
-def warm_import(module: str) -> None:
-    """Import ``module`` in a background thread of this process (a job that needs it
-    waits on Python's import lock instead of importing from scratch)."""
-    threading.Thread(target=importlib.import_module, args=(module,), daemon=True,
-                     name=f"engineforge-import-{module}").start()
-
-
 def _die_with_parent() -> None:
     """Exit when the process that started this job is gone (Ctrl-C, kill of the run)."""
     parent = multiprocessing.parent_process()

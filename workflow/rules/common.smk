@@ -1,6 +1,7 @@
 # Config validation, the artifact layout, input functions and params.
 # Nothing heavy is imported here (no torch, no ONNX Runtime, no binaries run):
 # parsing the workflow must stay fast. Backends and stages come from their registries.
+import importlib
 import sys
 from pathlib import Path
 
@@ -262,14 +263,17 @@ def summary_settings():
 def start_workers():
     """Jobs are about to run: record the run as this directory's owner; failures of
     earlier runs are cleared (this run lists its own); warm the worker fork server (its
-    own output: <artifacts>/logs/worker.log) and the MLflow client (cache lookups,
-    tracking) in the background while Snakemake schedules."""
+    own output: <artifacts>/logs/worker.log) in the background, and import the MLflow
+    client (cache lookups, gate, tracking) now, in this thread: in-process jobs import it
+    from their own threads, and two threads importing mlflow at once can hit Python's import
+    deadlock detection (a gate job failed so: `_DeadlockError` on mlflow.protos, beside a
+    background import). ~1.2 s, while the fork server starts."""
     efrunlock.claim()
     effailures.clear_all(A)
     eftracking.install_log_redaction()  # no credential in any message of this process
     eftracking.create_local_store()  # before jobs in other processes race to migrate it
     efworker.start(log_path=f"{A}/logs/worker.log")
-    efworker.warm_import("mlflow.tracking")
+    importlib.import_module("mlflow.tracking")
 
 
 def print_summary():

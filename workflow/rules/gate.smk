@@ -18,6 +18,10 @@ rule gate:
         L.log("gate"),
     params:
         settings=settings_param("gate", experiment=EF["experiment"]),
+        # the run an MLflow alias or tag resolves to now: when it moves, the gate reruns
+        baseline_run=lambda w: efgate.baseline_identity(
+            MODELS[w.model], w.model, EF["experiment"]
+        ),
     run:
         run_stage("gate", wildcards, input, output, params, log)
 

@@ -69,6 +69,26 @@ def rule_inputs(m: dict, model: str, drift: str, artifacts: str) -> dict:
         {"baseline": str(path)} if path and path.is_file() else {})
 
 
+def baseline_identity(m: dict, model: str, experiment: str) -> str:
+    """The run an MLflow baseline resolves to now, as a params value of the gate rule: when
+    an alias or a tag moves to another run, the gate reruns. '' for file baselines (the file
+    is an input) and ``runs:/`` ones (fixed). An MLflow that cannot be read now gives a value
+    no run id has, so the gate reruns and says why in one line."""
+    source = source_of(m["gate"], model)
+    if not source.startswith(("models:/", "tag:")):
+        return ""
+    try:
+        from mlflow.tracking import MlflowClient
+
+        from engineforge import tracking
+
+        tracking.quick_failing_http()
+        return _resolve_run(MlflowClient(tracking_uri=tracking.tracking_uri()), source,
+                            model, experiment)[0]
+    except Exception as err:  # noqa: BLE001 - the gate job reports it
+        return f"unresolved: {type(err).__name__}"
+
+
 # -- reading a baseline -------------------------------------------------------------------------
 def _fail(model: str, message: str, fix: str) -> GateError:
     return GateError(message, model=model, key=key(model), fix=fix)
