@@ -61,20 +61,26 @@ class Net(torch.nn.Module):
         return self.up(y + z)
 
 
-def _exported(batch_max: int = 8):
+def _exported(batch_max: int = 8, core_aten: bool = False):
+    """The net, an input, its exported module (``core_aten``: decomposed to core ATen, where
+    BatchNorm is ``_native_batch_norm_legit_no_training`` + getitem) and dynamic shapes."""
     net = Net().eval()
     x = torch.randn(2, 3, 12, 12)
     dyn = ({0: torch.export.Dim("batch", min=1, max=batch_max)},)
-    return net, x, torch.export.export(net, (x,), dynamic_shapes=dyn).module(), dyn
+    program = torch.export.export(net, (x,), dynamic_shapes=dyn)
+    if core_aten:
+        program = program.run_decompositions()
+    return net, x, program.module(), dyn
 
 
 def _ops(gm) -> Counter:
     return Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
 
 
-def test_rewrites_what_cudnn_can_fuse_and_leaves_the_rest(cpu_kernels):
+@pytest.mark.parametrize("core_aten", [False, True])
+def test_rewrites_what_cudnn_can_fuse_and_leaves_the_rest(cpu_kernels, core_aten):
     # setup
-    net, x, gm, _ = _exported()
+    net, x, gm, _ = _exported(core_aten=core_aten)
     with torch.no_grad():
         ref = net(x)
     # execute
@@ -86,9 +92,12 @@ def test_rewrites_what_cudnn_can_fuse_and_leaves_the_rest(cpu_kernels):
     assert ops["aten.cudnn_convolution_relu.default"] == 2
     assert ops["aten.cudnn_convolution_add_relu.default"] == 2
     assert not any("batch_norm" in op for op in ops)
-    # left plain: 'twice' and the folded downsample (the residual z of the in-place add)
-    assert ops["aten.convolution.default"] + ops["aten.conv2d.default"] == 2
-    assert ops["aten.conv_transpose2d.input"] == 1
+    # left plain: 'twice' and the folded downsample (the residual z of the in-place add),
+    # and the transposed convolution (core ATen writes it as a transposed `convolution`)
+    transposed = [n for n in gm.graph.nodes if n.target is torch.ops.aten.convolution.default
+                  and n.args[6]]
+    assert ops["aten.convolution.default"] + ops["aten.conv2d.default"] - len(transposed) == 2
+    assert ops["aten.conv_transpose2d.input"] + len(transposed) == 1
     # the same function (BN statistics included), at another batch too
     with torch.no_grad():
         torch.testing.assert_close(gm(x), ref, rtol=1e-4, atol=1e-5)

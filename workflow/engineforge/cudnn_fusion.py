@@ -108,6 +108,10 @@ def _fold_batch_norms(gm) -> int:
         if any(p is not None and getattr(p, "op", None) != "get_attr" for p in params) or \
                 any(p is None for p in params[4:]):
             continue
+        out = bn if bn.target == aten.batch_norm.default else _only_user(bn)
+        if out is not bn and (out is None or out.target is not operator.getitem
+                              or out.args[1] != 0):
+            continue  # the tuple form's statistics outputs are read too
         w, b, gamma, beta, mean, var = (_attr(gm, p) for p in params)
         fw, fb = fuse_conv_bn_weights(w, b, mean, var, a["eps"], gamma, beta)
         names = []
@@ -119,11 +123,6 @@ def _fold_batch_norms(gm) -> int:
             wn, bnode = (gm.graph.get_attr(n) for n in names)
         wn.meta["val"], bnode.meta["val"] = spec["weight"].meta["val"], None
         new_conv = _rebuild_conv(gm, conv, spec, wn, bnode)
-        out = bn if bn.target == aten.batch_norm.default else _only_user(bn)
-        if out is not bn and (out is None or out.target is not operator.getitem
-                              or out.args[1] != 0):
-            gm.graph.erase_node(new_conv)
-            continue
         out.replace_all_uses_with(new_conv)
         for dead in ([out, bn] if out is not bn else [bn]) + [conv]:
             gm.graph.erase_node(dead)
@@ -218,13 +217,13 @@ def _channels_last_weights(gm) -> int:
     import torch
 
     aten = torch.ops.aten
-    convs = (aten.convolution.default, aten.conv2d.default,
-             aten.cudnn_convolution_relu.default, aten.cudnn_convolution_add_relu.default)
+    fused = (aten.cudnn_convolution_relu.default, aten.cudnn_convolution_add_relu.default)
     done = set()
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in convs:
+        spec = _conv(node, gm)  # a plain 2-D convolution (not transposed)
+        if spec is None and not (node.op == "call_function" and node.target in fused):
             continue
-        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        weight = spec["weight"] if spec else node.args[1]
         if getattr(weight, "op", None) != "get_attr" or weight.target in done:
             continue
         owner, _, leaf = weight.target.rpartition(".")
