@@ -203,7 +203,7 @@ def prepare(name, dt, x32, ref, mode: str | None, channels_last: bool,
         torch._dynamo.reset()  # a fresh cache: no recompile limit across shapes
         fn = torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
         t0 = time.perf_counter()
-        with torch.no_grad(), inductor_config.patch(freezing=freezing, **(options or {})):
+        with torch.no_grad(), inductor_config.patch(freezing=freezing, **options):
             fn(x)
         if DEVICE == "cuda":
             torch.cuda.synchronize()

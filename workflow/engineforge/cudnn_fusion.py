@@ -130,13 +130,14 @@ def _fold_batch_norms(gm) -> int:
     return folded
 
 
+def _owner(gm, target: str):
+    """(the module holding a get_attr target, the attribute's name)."""
+    owner, _, leaf = target.rpartition(".")
+    return gm.get_submodule(owner), leaf
+
+
 def _attr(gm, node):
-    if node is None:
-        return None
-    obj = gm
-    for part in node.target.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return None if node is None else getattr(*_owner(gm, node.target))
 
 
 def _rebuild_conv(gm, old, spec, weight, bias):
@@ -176,7 +177,7 @@ def _fuse_relus(gm) -> tuple[int, int]:
         alpha = src.kwargs.get("alpha", 1)
         for conv, z in ((lhs, rhs), (rhs, lhs)):
             spec = _conv(conv, gm)
-            if spec is None or _only_user(conv) is not src or not hasattr(z, "meta"):
+            if spec is None or _only_user(conv) is not src:
                 continue
             if (conv is rhs and (alpha != 1 or src.target is aten.add_.Tensor)) or \
                     _shape(conv) is None or _shape(conv) != _shape(z):
@@ -226,8 +227,7 @@ def _channels_last_weights(gm) -> int:
         weight = spec["weight"] if spec else node.args[1]
         if getattr(weight, "op", None) != "get_attr" or weight.target in done:
             continue
-        owner, _, leaf = weight.target.rpartition(".")
-        module = gm.get_submodule(owner) if owner else gm
+        module, leaf = _owner(gm, weight.target)
         t = getattr(module, leaf)
         if t.dim() != 4:
             continue

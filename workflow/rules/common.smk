@@ -1,7 +1,6 @@
 # Config validation, the artifact layout, input functions and params.
 # Nothing heavy is imported here (no torch, no ONNX Runtime, no binaries run):
 # parsing the workflow must stay fast. Backends and stages come from their registries.
-import importlib
 import sys
 from pathlib import Path
 
@@ -273,7 +272,7 @@ def start_workers():
     eftracking.install_log_redaction()  # no credential in any message of this process
     eftracking.create_local_store()  # before jobs in other processes race to migrate it
     efworker.start(log_path=f"{A}/logs/worker.log")
-    importlib.import_module("mlflow.tracking")
+    import mlflow.tracking  # noqa: F401 - imported once, here
 
 
 def print_summary():

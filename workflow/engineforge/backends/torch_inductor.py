@@ -297,8 +297,8 @@ def _load(engine: Path, shapes: dict[str, list[int]]) -> Loaded:
     return Loaded(call, "torch.compile", cause, device, io)
 
 
-def _first_line(err: Exception) -> str:
-    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+def _first_line(err: Exception, limit: int = 200) -> str:
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:limit]}"
 
 
 def fuses(settings: dict, precision: str, device: str) -> bool:
@@ -380,9 +380,7 @@ class TorchInductorBackend(Backend):
                     program, package_path=f, inductor_configs={"freezing": True})
         except Exception as err:  # noqa: BLE001 - the compiler's message is the cause
             tmp.unlink(missing_ok=True)
-            lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
-            raise BuildError(f"{self.name} {req.precision}: "
-                             f"{type(err).__name__}: {(lines or [''])[0][:300]}",
+            raise BuildError(f"{self.name} {req.precision}: {_first_line(err, 300)}",
                              model=req.model, key=f"models.{req.model}.backends",
                              fix="drop torch-inductor for this model or this precision "
                                  "(docs/backends.md)") from None

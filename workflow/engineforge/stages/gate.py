@@ -27,9 +27,13 @@ from engineforge.sidecar import read_json, write_json
 ISOLATED = False  # file reads and the MLflow client only
 TOOLS = ()
 LIKELY_FIX = "check gate.baseline (docs/gate.md: baseline sources)"
+
+
 def key(model: str, leaf: str = "baseline") -> str:
     """The config key of a model's gate setting (as merged from defaults)."""
     return f"models.{model}.gate.{leaf}"
+
+
 WORST = "worst"  # the output of a drift-matrix row that holds the worst of every output
 HIGHER_IS_BETTER = ("cosine", "snr_db", "top1_agreement", "top5_agreement", "accuracy")
 ABS_FLOOR = 1e-6  # error growths are relative to max(baseline, this): exact fp32 rows
@@ -78,13 +82,7 @@ def baseline_identity(m: dict, model: str, experiment: str) -> str:
     if not source.startswith(("models:/", "tag:")):
         return ""
     try:
-        from mlflow.tracking import MlflowClient
-
-        from engineforge import tracking
-
-        tracking.quick_failing_http()
-        return _resolve_run(MlflowClient(tracking_uri=tracking.tracking_uri()), source,
-                            model, experiment)[0]
+        return _resolve_run(_client()[0], source, model, experiment)[0]
     except Exception as err:  # noqa: BLE001 - the gate job reports it
         return f"unresolved: {type(err).__name__}"
 
@@ -146,14 +144,11 @@ def from_mlflow(source: str, model: str, experiment: str) -> tuple[list[dict], s
     """(rows, label) from the ``audit/drift.json`` of the model's parent run that ``source``
     resolves to. Any MLflow failure is one line naming the key."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     from engineforge import tracking  # credentials out of MLflow's messages
 
-    tracking.quick_failing_http()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file
-    uri = tracking.tracking_uri()
-    client = MlflowClient(tracking_uri=uri)
+    client, uri = _client()
     try:
         run_id, label = _resolve_run(client, source, model, experiment)
         run = client.get_run(run_id)
@@ -175,6 +170,17 @@ def from_mlflow(source: str, model: str, experiment: str) -> tuple[list[dict], s
                            f"{tracking.redact(uri)}: {first[:200]}.",
                     "check the alias, version, run id or tag, and MLFLOW_TRACKING_URI") from None
     return rows_of(doc, model, f"MLflow run {run_id}"), f"{label}, run {run_id}"
+
+
+def _client():
+    """(an MLflow client that fails fast on an unreachable server, its tracking URI)."""
+    from mlflow.tracking import MlflowClient
+
+    from engineforge import tracking
+
+    tracking.quick_failing_http()
+    uri = tracking.tracking_uri()
+    return MlflowClient(tracking_uri=uri), uri
 
 
 def _resolve_run(client, source: str, model: str, experiment: str) -> tuple[str, str]:
