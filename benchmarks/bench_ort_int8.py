@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -144,6 +145,7 @@ def main() -> None:
                      "speedup_vs_fp32": {b: statistics.median(times["fp32"][b]) / med[b]
                                          for b in batches},
                      "cosine_vs_fp32": cosine(outputs[k], outputs["fp32"])})
+    shutil.rmtree(tmp)
     result = {"model": args.model, "profile": args.profile, "threads": args.threads,
               "runs": args.runs, "iterations": args.iterations, "warmup": args.warmup,
               "batches": batches, "cpu": cpu(), "onnxruntime": ort.__version__,

@@ -29,6 +29,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO = ROOT  # the checkout whose Snakefile runs (--repo)
+KEEP = False  # --keep: leave each measured workspace on disk
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 
 
@@ -51,8 +52,16 @@ def smk(ws: Path, *args: str) -> tuple[float, str]:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ws)
     wall = time.perf_counter() - t0
     if proc.returncode:
-        sys.exit(proc.stderr[-3000:])
+        sys.exit(f"snakemake failed in {ws} (kept):\n{proc.stderr[-3000:]}")
     return wall, proc.stdout + proc.stderr
+
+
+def done_with(ws: Path) -> dict:
+    """Deletes a measured workspace (hundreds of MiB) unless --keep: {"workspace": kept path}."""
+    if KEEP:
+        return {"workspace": str(ws)}
+    shutil.rmtree(ws)
+    return {}
 
 
 def jobs_run(log: str) -> int:
@@ -89,7 +98,7 @@ def resnet_case() -> dict:
     change, log3 = smk(ws)
     return {"cold_s": round(cold, 2), "jobs": jobs_run(log), "noop_rerun_s": round(rerun, 2),
             "int8_change_s": round(change, 2), "int8_change_jobs": jobs_run(log3),
-            "stage_times_s": stage_times(ws, "resnet18"), "workspace": str(ws)}
+            "stage_times_s": stage_times(ws, "resnet18"), **done_with(ws)}
 
 
 def zoo_case() -> dict:
@@ -108,7 +117,7 @@ def zoo_case() -> dict:
     return {"engines_and_ort_builds": variants, "full_build_s": round(full, 2),
             "full_jobs": jobs_run(log), "noop_decision_s": [round(t, 2) for t in noop],
             "int8_change_s": round(change, 2), "int8_change_jobs": jobs_run(log3),
-            "workspace": str(ws)}
+            **done_with(ws)}
 
 
 def median(values):
@@ -116,14 +125,15 @@ def median(values):
 
 
 def main() -> None:
-    global REPO
+    global REPO, KEEP
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--skip-zoo", action="store_true")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--repo", type=Path, default=ROOT)
     ap.add_argument("--label", default="")
+    ap.add_argument("--keep", action="store_true", help="keep the workspaces (printed)")
     args = ap.parse_args()
-    REPO = args.repo.resolve()
+    REPO, KEEP = args.repo.resolve(), args.keep
     runs = [resnet_case() for _ in range(args.runs)]
     results = {"repo": str(REPO), "resnet18_fp32_fp16_int8": {
         "runs": runs, **{f"median_{k}": median([r[k] for r in runs])

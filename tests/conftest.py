@@ -2,6 +2,7 @@
 
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,18 @@ FIXTURES = ROOT / "tests" / "fixtures"
 for p in (ROOT / "workflow", ROOT, FIXTURES):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temp_files_under_basetemp(tmp_path_factory):
+    """Every temp file of the run, the child processes' too (inductor's cache, AOTInductor's
+    unpacked packages), goes under pytest's base dir, which pytest prunes to the last 3 runs:
+    left in /tmp, they had filled a CI machine's disk."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmp", numbered=False)))
+    mp.setattr(tempfile, "tempdir", None)
+    yield
+    mp.undo()
 
 
 def tiny_raw_config(precisions=("fp32",), backends=("onnxruntime",)) -> dict:
