@@ -113,6 +113,52 @@ def test_classifier_reference_includes_labelled_evaluation(tiny_models, tiny_wor
     assert len(evals) == 1 and ref[evals[0]].shape == (32, 5)
 
 
+SHUFFLE = '''
+import torch
+
+
+class Net(torch.nn.Module):
+    """ShuffleNet's unit in small: channel split (chunk), bias-free conv + BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 2, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(2)
+
+    def forward(self, img):
+        a, b = img.chunk(2, dim=1)
+        return torch.cat([a, torch.relu(self.bn(self.conv(b)))], 1)
+'''
+
+
+def test_export_folds_sequences_and_batchnorm(tiny_models, tiny_workspace):
+    """The dynamo exporter writes chunk as SplitToSequence/SequenceAt (ModelOpt's AutoCast
+    failed on ShuffleNet's: 'dtype is unsupported for objects of type: list') and a missing
+    conv bias as CastLike/Expand of the input, which stops BatchNorm folding; onnxsim folds
+    neither. The exporter's optimizer folds both."""
+    # setup
+    (tiny_workspace / "shuffle.py").write_text(SHUFFLE)
+    m = {k: v for k, v in tiny_models["tinyfcn"].items() if k != "calibration"}
+    m |= {"inputs": {"img": {"shape": ["batch", 4, "h", "w"]}},
+          "checkpoint": {"kind": "state_dict", "arch": "shuffle:Net", "seed": 1}}
+    m["profiles"] = {"p": {"img": {"min": [1, 4, 8, 8], "opt": [1, 4, 16, 16],
+                                   "max": [2, 4, 16, 16]}}}
+    # execute
+    side = _run({"tinyfcn": m}, "tinyfcn", tiny_workspace)
+    # assert: exported with dynamo, nothing left that only runtimes fold
+    assert side["result"]["exporter"] == "dynamo"
+    onnx_path = tiny_workspace / "out/model.onnx"
+    ops = {n.op_type for n in onnx.load(str(onnx_path)).graph.node}
+    assert "Conv" in ops and "Split" in ops
+    assert not ops & {"SplitToSequence", "SequenceAt", "CastLike", "BatchNormalization"}
+    # assert: AutoCast makes its fp16 variant
+    fp16 = run_stage("precision", {"tinyfcn": m}, "tinyfcn", {"onnx": onnx_path},
+                     {"onnx": tiny_workspace / "fp16/model.onnx",
+                      "sidecar": tiny_workspace / "fp16/precision.json"}, tiny_workspace,
+                     precision="fp16")
+    assert fp16["result"]["precision"] == "fp16"
+
+
 def test_fallback_to_torchscript_is_recorded(tiny_models, tiny_workspace):
     # setup: a model the dynamo exporter rejects (a data-dependent branch)
     (tiny_workspace / "branchy.py").write_text(BRANCHY)

@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from engineforge.errors import first_line
 from engineforge.sidecar import atomic_path, read_json, scratch_prefix, sha256_file, write_json
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def lookup(group: str, fingerprint: str) -> str | None:
         return find_holder(client, group, fingerprint,
                            [e.experiment_id for e in client.search_experiments()])
     except Exception as err:  # noqa: BLE001 - the cache is an optimisation, never a failure
-        _unreachable[tracking_uri()] = str(err).splitlines()[0][:200]
+        _unreachable[tracking_uri()] = first_line(err, 200, typed=False)
         log.warning("cache lookup for %s failed; no more lookups in this run: %s", group,
                     _unreachable[tracking_uri()])
         return None
@@ -87,7 +88,7 @@ def restore(group: str, fingerprint: str, outputs: dict[str, Path], sidecar_path
             write_json(sidecar_path, side)
     except Exception as err:  # noqa: BLE001
         log.warning("cache hit for %s in run %s unusable, rebuilding: %s", group, run_id,
-                    str(err).splitlines()[0][:200])
+                    first_line(err, 200, typed=False))
         return False
     log.info("cache hit: %s restored from MLflow run %s (fingerprint %s)", group, run_id,
              fingerprint[:12])

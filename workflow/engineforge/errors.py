@@ -39,6 +39,13 @@ def _rebuild(cls, message, model, key, fix):
     return cls(message, model=model, key=key, fix=fix)
 
 
+def first_line(err: BaseException, limit: int = 300, typed: bool = True) -> str:
+    """An exception's first non-empty line, cut to ``limit`` characters, after its type
+    name (``typed``): a recorded cause (the log keeps the whole text)."""
+    line = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")[:limit]
+    return f"{type(err).__name__}: {line}" if typed else line
+
+
 class ConfigError(EngineforgeError):
     stage = "config"
 

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from urllib.parse import parse_qsl, quote, unquote, urlsplit, urlunsplit
 
+from engineforge.errors import first_line
 from engineforge.settings import Section
 from engineforge.sidecar import canonical_json, read_json, sha256_file, write_json
 
@@ -72,7 +73,7 @@ def create_local_store() -> None:
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - tracking never fails the build
         log.warning("could not create the MLflow store %s: %s", redact(uri),
-                    str(err).splitlines()[0][:200])
+                    first_line(err, 200, typed=False))
 
 
 def tracking_uri() -> str:

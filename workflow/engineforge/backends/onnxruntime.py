@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from engineforge.backends.base import Availability, Backend, BuildRequest
-from engineforge.errors import BenchError
+from engineforge.errors import BenchError, first_line
 from engineforge.sidecar import atomic_path
 
 OPT_LEVEL = "ORT_ENABLE_EXTENDED"
@@ -158,7 +158,7 @@ class OnnxRuntimeBackend(Backend):
                 shutil.copyfile(req.onnx_path, tmp)
                 status = "not_runnable"
                 reason = ("not runnable on onnxruntime (CPUExecutionProvider): "
-                          f"{str(err).strip().splitlines()[0][:300]}")
+                          f"{first_line(err, typed=False)}")
                 requested = ran = []
         return {"status": status, "reason": reason,
                 "requested_providers": requested, "providers": ran,
@@ -180,7 +180,7 @@ class OnnxRuntimeBackend(Backend):
             sess = session(engine_path, threads=settings["threads"], optimize=False,
                            use=requested)
         except Exception as err:  # noqa: BLE001
-            raise BenchError(f"{str(err).strip().splitlines()[0][:300]}") from None
+            raise BenchError(first_line(err, typed=False)) from None
         check_providers(requested, sess.get_providers())
         feed = _feed_for(sess, shapes)
         names = [o.name for o in sess.get_outputs()]

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engineforge.backends.base import Availability, Backend, BuildRequest, gpu_device
-from engineforge.errors import BenchError, BuildError
+from engineforge.errors import BenchError, BuildError, first_line
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 IO_FILE = "engineforge.json"    # in the export's model.pt2: input/output names, dims, dtypes
@@ -297,10 +297,6 @@ def _load(engine: Path, shapes: dict[str, list[int]]) -> Loaded:
     return Loaded(call, "torch.compile", cause, device, io)
 
 
-def _first_line(err: Exception, limit: int = 200) -> str:
-    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:limit]}"
-
-
 def fuses(settings: dict, precision: str, device: str) -> bool:
     """Whether a build fuses conv epilogues into cuDNN: on a GPU, fp16/bf16 engines only.
     fp32 engines stay unfused and run without TF32 (:func:`_load`): on the H100,
@@ -322,7 +318,7 @@ def _export_cast(req: BuildRequest, device: str, args: tuple, dyn: tuple, fusion
     except Exception as err:  # noqa: BLE001 - retried without the layout, else raised
         if not (fused and fused["channels_last_weights"]):
             raise
-        cause = _first_line(err)
+        cause = first_line(err, 200)
     module, fused = cast_module(req.program, req.precision, device, cudnn_fusion=fusion,
                                 channels_last=False)
     return torch.export.export(module, args, dynamic_shapes=dyn), {
@@ -380,7 +376,7 @@ class TorchInductorBackend(Backend):
                     program, package_path=f, inductor_configs={"freezing": True})
         except Exception as err:  # noqa: BLE001 - the compiler's message is the cause
             tmp.unlink(missing_ok=True)
-            raise BuildError(f"{self.name} {req.precision}: {_first_line(err, 300)}",
+            raise BuildError(f"{self.name} {req.precision}: {first_line(err)}",
                              model=req.model, key=f"models.{req.model}.backends",
                              fix="drop torch-inductor for this model or this precision "
                                  "(docs/backends.md)") from None
@@ -441,7 +437,7 @@ def _gpu_bench(loaded: Loaded, args: list, settings: dict, batch: int, mode: str
         try:
             timed[True] = time_on_gpu(lambda: loaded.call(*args), settings, batch, graph=True)
         except Exception as err:  # noqa: BLE001 - a capture that fails is a finding
-            cause = _first_line(err)
+            cause = first_line(err, 200)
             if mode == "on":
                 raise BenchError(f"CUDA graph capture failed ({cause})") from None
             extra["cuda_graphs_error"] = cause
@@ -480,7 +476,7 @@ def compute_rate(engine: Path, args: list, p50_ms: float) -> dict:
         eager = _eager_on_gpu(str(program), program.stat().st_mtime_ns)
         flops = gpubench.count_flops(eager, tuple(a.float() for a in args))
     except Exception as err:  # noqa: BLE001
-        return {"flops_error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+        return {"flops_error": first_line(err, 200)}
     peak = _peak(precision_of(engine))
     tflops = flops / (p50_ms * 1e-3) / 1e12
     return {"gflop": flops / 1e9, "tflops": tflops, "pct_of_peak": 100 * tflops / peak.tflops,

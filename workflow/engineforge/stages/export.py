@@ -46,7 +46,6 @@ class Settings(Section):
     profiles: dict | None
     opset: int
     export: ExportSettings
-    optimize: bool          # optimize in the exporter (only when onnxsim does not run next)
     reference_shapes: dict[str, list[int]]
     task: str
     labels: str | None      # labels array: save reference outputs on the evaluation set too
@@ -60,7 +59,7 @@ def settings(m: dict, w: dict) -> Settings:
     return Settings(checkpoint=m["checkpoint"], inputs=m["inputs"], opset=m["opset"],
                     profiles=m["profiles"] if m["checkpoint"]["kind"] == "exported_program"
                     else None,
-                    export=m["export"], optimize=not m["simplify"]["enabled"],
+                    export=m["export"],
                     reference_shapes={i: s["opt"] for i, s in first.items()},
                     task=m["task"], labels=modelio.labels_key(m),
                     samples=modelio.whole_batches(m["audit"]["samples"], batch), batch=batch)
@@ -247,9 +246,11 @@ def _export(net, model: str, m: Settings, example: tuple, tmp: Path) -> dict:
                 shapes = tuple({a: dims[d] for a, d in dyn[n].items()} or None for n in names)
                 program = torch.onnx.export(net, example, dynamo=True, input_names=names,
                                             dynamic_shapes=shapes, opset_version=m.opset,
-                                            # onnxsim folds and fuses next; optimize only
-                                            # when it is off (saves ~1 s on resnet18)
-                                            optimize=m.optimize,
+                                            # the exporter's optimizer folds what onnxsim
+                                            # cannot: conv bias chains built from the input
+                                            # (CastLike/Expand; then BatchNorm folds into
+                                            # the conv), SplitToSequence/SequenceAt
+                                            optimize=True,
                                             verbose=False)
                 out_names, n_out = _output_names(_traced_outputs(program))
                 for value, name in zip(program.model.graph.outputs, out_names or []):

@@ -20,7 +20,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from engineforge.errors import GateError
+from engineforge.errors import GateError, first_line
 from engineforge.settings import GateSettings, Section
 from engineforge.sidecar import read_json, write_json
 
@@ -110,7 +110,7 @@ def _read_document(path: Path, model: str) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError, tarfile.TarError, EOFError) as err:
         raise _fail(model, f"baseline '{path}' cannot be read: "
-                           f"{str(err).splitlines()[0][:200]}.",
+                           f"{first_line(err, 200, typed=False)}.",
                     "point gate.baseline at a readable JSON file or release bundle") from None
 
 

@@ -9,14 +9,13 @@ first ``calib_size`` samples of the model's calibration data (the same
 ``quantizers = {"int8": "onnxruntime"}`` build from it (``Layout.quantized``); the TensorRT
 backends keep ModelOpt's graph, and each backend's audit covers the graph it built.
 
-Before quantizing, the graph is folded by ``onnxscript.optimizer.optimize`` (the dynamo
-exporter's ``CastLike``/``Expand`` bias chains are folded, so BatchNormalization folds into
-the convolutions) and prepared by ORT's ``quant_pre_process`` (shape inference + ORT's basic
-graph optimizations). fp8 has no ORT counterpart: ORT's CPU provider has no fp8 kernels.
+Before quantizing, the graph (already folded by the exporter's optimizer: BatchNormalization
+in the convolutions) is prepared by ORT's ``quant_pre_process`` (shape inference + ORT's
+basic graph optimizations). fp8 has no ORT counterpart: ORT's CPU provider has no fp8 kernels.
 
 ``int8-repaired`` (the repair stage's variant, for these backends): the same quantizer, with
 the nodes the repair kept in high precision (its record, ``extra.repair.excluded_nodes``,
-named in the fp32 graph) left unquantized. Their names are found in the folded graph (by
+named in the fp32 graph) left unquantized. Their names are found in the prepared graph (by
 name, else the node now computing their output: a BatchNormalization folded into its Conv).
 In ORT's QDQ format a tensor is quantized at its producer's output, so leaving a node's
 inputs in float also leaves unquantized the chain producing them up to the node that
@@ -28,18 +27,21 @@ activation, fails the job.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Literal
 
-from engineforge.errors import PrecisionError
+from engineforge.errors import PrecisionError, first_line
 from engineforge.results import PrecisionResult
 from engineforge.settings import QuantizeSettings, Section, base_precision, is_repaired
 from engineforge.sidecar import read_json, scratch_prefix
 
-TOOLS = ("onnx", "onnxruntime-gpu", "onnxruntime", "onnxscript")
+log = logging.getLogger(__name__)
+
+TOOLS = ("onnx", "onnxruntime-gpu", "onnxruntime")
 LIKELY_FIX = ("exclude the failing nodes or op types (models.<m>.precision.int8."
               "nodes_to_exclude / op_types_to_exclude), or drop onnxruntime for this model")
 
@@ -190,20 +192,32 @@ class Unmapped(Exception):
     """A node to keep in high precision has no counterpart in the folded graph."""
 
 
+def prepare(fp32: Path, prepared: Path) -> list[str]:
+    """ORT's ``quant_pre_process``; where its symbolic shape inference fails (it does on
+    torchvision's ViT), again without it (ONNX's shape inference still runs). The steps run."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(fp32), str(prepared))
+        return ["quant_pre_process"]
+    except Exception as err:  # noqa: BLE001 - recorded; the retry's failure is the job's
+        log.warning("symbolic shape inference failed (%s); quant_pre_process again without it",
+                    first_line(err))
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+        return [f"quant_pre_process(skip_symbolic_shape=True): symbolic shape inference "
+                f"failed: {first_line(err)}"]
+
+
 def _quantize(s: Settings, fp32: Path, out: Path, data: dict, scratch: Path,
               keep: list[str] = ()) -> dict:
     """Quantize ``fp32`` to ``out``; ``keep``: fp32 node names to leave unquantized. Returns
-    where ``keep`` went ({} without)."""
+    the preprocessing steps and where ``keep`` went."""
     import onnx
-    import onnxscript.optimizer
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     q = s.quantize
-    proto = onnxscript.optimizer.optimize(onnx.load(str(fp32)))
-    folded, prepared = scratch / "folded.onnx", scratch / "prepared.onnx"
-    onnx.save(proto, str(folded))
-    quant_pre_process(str(folded), str(prepared))
+    prepared = scratch / "prepared.onnx"
+    steps = prepare(fp32, prepared)
     graph = onnx.load(str(prepared), load_external_data=False).graph
     op_types = None
     if q.op_types_to_exclude:
@@ -226,11 +240,11 @@ def _quantize(s: Settings, fp32: Path, out: Path, data: dict, scratch: Path,
         op_types_to_quantize=op_types,
         nodes_to_exclude=sorted(set(q.nodes_to_exclude) | exclude) or None)
     if not keep:
-        return {}
+        return {"preprocess": steps}
     quantized = onnx.load(str(out))
     unquantize_inputs(quantized, float_in)
     onnx.save(quantized, str(out))
-    return {"nodes": kept, "unquantized": sorted(exclude),
+    return {"preprocess": steps, "nodes": kept, "unquantized": sorted(exclude),
             "still_quantized": still_quantized(quantized, float_in, graph)}
 
 
@@ -288,7 +302,7 @@ def run(job) -> PrecisionResult:
                              model=job.model, key=key,
                              fix="check op_types_to_exclude / nodes_to_exclude")
     extra = {"quantizer": describe(s), "calibration_samples": len(next(iter(data.values()))),
-             "preprocess": ["onnxscript.optimizer.optimize", "quant_pre_process"]}
+             "preprocess": kept["preprocess"]}
     if is_repaired(s.precision):  # the repair's nodes, as found in ORT's graph
         extra["kept_in_float"] = {"repair": status, "excluded_nodes": keep,
                                   "ort_nodes": kept.get("nodes", {}),
