@@ -313,12 +313,49 @@ def test_no_program_is_a_result_not_a_crash(built, tmp_path):
     assert r.status == "not_runnable" and "kept no torch.export program" in r.reason
 
 
+class MaskedMean(torch.nn.Module):
+    """A text model's pooling: an int mask cast with ``.to(h.dtype)`` (traced as float32)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = torch.nn.Embedding(50, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, tokens, mask):
+        h = self.emb(tokens)
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return self.head((h * m).sum(1) / m.sum(1).clamp(min=1))
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_cast_program_computes_in_its_precision_with_traced_float32_casts(tmp_path, precision):
+    # setup: the exported program holds _to_copy(dtype=float32) for the mask
+    torch.manual_seed(0)
+    tokens, mask = torch.randint(0, 50, (2, 6)), torch.ones(2, 6, dtype=torch.int64)
+    program = tmp_path / "model.pt2"
+    torch.export.save(torch.export.export(MaskedMean(), (tokens, mask)), program)
+    # run
+    module, _ = ti.cast_module(program, precision, "cpu")
+    out = module(tokens, mask)
+    # assert: no float32 left in the graph, fp32 out, close to the fp32 program
+    nodes = list(module.inner.graph.nodes)
+    assert not [n for n in nodes if torch.float32 in (*n.args, *n.kwargs.values())]
+    dtype = getattr(torch, ti.DTYPES[precision])
+    assert any(dtype in (*n.args, *n.kwargs.values()) for n in nodes)  # retyped, not dropped
+    ref = torch.export.load(program).module()(tokens, mask)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=0.05, rtol=0.05)
+
+
 def test_backend_facts():
     be = get_backend(BACKEND)
     assert be.availability().ok and be.precisions == ("fp32", "fp16", "bf16")
     assert be.runnable("fp16") == (True, "")
     assert be.runnable("int8")[0] is False
     assert be.device() != "gpu:unknown"
+    # the summary's note beside a CPU fp16 figure; none on a GPU or for bf16
+    assert "not a speedup" in be.note("fp16", {"device": "cpu"})
+    assert be.note("fp16", {"device": "cuda"}) is None
+    assert be.note("bf16", {"device": "cpu"}) is None
 
 
 def test_workflow_runs_it_beside_onnxruntime(tmp_path):

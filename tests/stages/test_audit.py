@@ -324,6 +324,28 @@ def test_nan_outputs_fail_with_reason_in_the_drift_matrix(tiny_workspace):
     assert "| fp32 | onnxruntime | fail [1] | nan |" in md and f"1. {r.reason}" in md
 
 
+def test_a_constant_reference_fails_the_audit(tiny_workspace):
+    """A seeded torchvision ViT's head starts at zero: every variant, int8 or not, "agrees"
+    with its all-zero outputs. No pass on a reference that cannot tell drift."""
+    # setup / execute
+    models = _data_nets_models(tiny_workspace, "ZeroHeadClassifier", samples=8)
+    side = _pipeline(models, tiny_workspace)
+    # assert: the metrics are perfect, the verdict is not
+    r = AuditResult.model_validate(side["result"])
+    (out,) = r.outputs
+    assert r.outputs[out].max_abs == 0 and r.outputs[out].top1_agreement == 1.0
+    assert r.status == "fail"
+    assert f"the PyTorch reference is constant ('{out}' is 0.0 everywhere)" in r.reason
+
+
+def test_compare_flags_a_constant_reference_only_when_every_output_is():
+    ref = {"a": np.zeros((4, 3), np.float32), "b": np.arange(12, dtype=np.float32)}
+    _, failures = audit.compare(ref, dict(ref), "regression")
+    assert failures == []  # 'b' varies: the audit can tell drift
+    _, failures = audit.compare({"a": ref["a"]}, {"a": ref["a"]}, "regression")
+    assert len(failures) == 1 and "'a' is 0.0 everywhere" in failures[0]
+
+
 def test_inf_in_the_variant_only_fails(exported):
     # setup: the last layer's bias set to +Inf: every variant logit is Inf, the reference not
     models, tmp = exported

@@ -6,6 +6,8 @@ config key and the fix. ``str(err)`` is the one line printed without traceback.
 
 from __future__ import annotations
 
+import re
+
 
 class EngineforgeError(Exception):
     """Root of every error engineforge raises on purpose."""
@@ -44,6 +46,22 @@ def first_line(err: BaseException, limit: int = 300, typed: bool = True) -> str:
     name (``typed``): a recorded cause (the log keeps the whole text)."""
     line = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")[:limit]
     return f"{type(err).__name__}: {line}" if typed else line
+
+
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): \S")
+_BOILERPLATE = re.compile(r"^(frame #\d+|Exception raised from|Traceback |File \"|<omitting|"
+                          r"Set TORCHDYNAMO_VERBOSE|For even more developer context|from user "
+                          r"code:|You can suppress this exception)")
+
+
+def key_line(text: str, limit: int = 300) -> str:
+    """The line of an error text (a message, a child's stderr) that names the error: the
+    last ``SomeError: ...`` line (a C++ exception's frames, torch's "Set TORCHDYNAMO_VERBOSE"
+    footer and traceback lines come after or around it), else the last other line."""
+    lines = [ln.strip() for ln in text.splitlines()
+             if ln.strip() and not _BOILERPLATE.match(ln.strip())]
+    named = [ln for ln in lines if _EXCEPTION_LINE.match(ln)]
+    return ((named or lines or ["no message"])[-1])[:limit]
 
 
 class ConfigError(EngineforgeError):

@@ -93,6 +93,12 @@ class Backend:
         """A Polygraphy runner for the audit."""
         raise NotImplementedError
 
+    @staticmethod
+    def note(precision: str, ran: dict) -> str | None:
+        """What a reader must know about a bench figure, shown beside it in the summary
+        (e.g. a CPU without fast fp16 kernels); ``ran``: the bench point's ``extra``."""
+        return None
+
     def device(self) -> str:
         """The device class an engine is specific to (part of the build fingerprint)."""
         from engineforge.sidecar import cpu_device

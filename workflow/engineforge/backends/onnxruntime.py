@@ -190,9 +190,11 @@ class OnnxRuntimeBackend(Backend):
         return stats
 
     @staticmethod
-    def note(precision: str, provider: str | None) -> str | None:
-        """What a reader must know about a figure (the summary shows it)."""
-        if provider == "CPUExecutionProvider" and precision in ("fp16", "bf16"):
+    def note(precision: str, ran: dict) -> str | None:
+        """What a reader must know about a figure (the summary shows it); ``ran``: the bench
+        point's ``extra``."""
+        if (ran.get("providers") or [None])[0] == "CPUExecutionProvider" and \
+                precision in ("fp16", "bf16"):
             return (f"ORT CPU has no fast {precision} kernels (ops without one run in fp32 "
                     "between inserted casts): slower than fp32 expected, not a speedup")
         return None

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engineforge.backends.base import Availability, Backend, BuildRequest, gpu_device
-from engineforge.errors import BenchError, BuildError, first_line
+from engineforge.errors import BenchError, BuildError, first_line, key_line
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 IO_FILE = "engineforge.json"    # in the export's model.pt2: input/output names, dims, dtypes
@@ -129,6 +129,8 @@ def cast_module(program: Path, precision: str, device: str, cudnn_fusion: bool =
 
         fused = fusion.fuse(inner, channels_last=channels_last)
     inner = inner.to(dtype)
+    if dtype != torch.float32:
+        retype_float32(inner, dtype)
 
     class IOCast(torch.nn.Module):
         def __init__(self):
@@ -141,6 +143,27 @@ def cast_module(program: Path, precision: str, device: str, cudnn_fusion: bool =
                             and o.is_floating_point() else o, out)
 
     return IOCast(), fused  # no .eval(): an exported module has no train mode (it is fixed)
+
+
+def retype_float32(gm, dtype) -> int:
+    """The graph's explicit float32 dtypes (``mask.to(h.dtype)`` traced as ``_to_copy(dtype=
+    float32)``, ``zeros_like(..., dtype=float32)``) become ``dtype``, as the weights did: left
+    float32, they mix into the cast program (a Linear then gets Float and Half). Returns the
+    number of nodes changed."""
+    import torch
+
+    changed = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        args = tuple(dtype if a is torch.float32 else a for a in node.args)
+        kwargs = {k: dtype if v is torch.float32 else v for k, v in node.kwargs.items()}
+        if args != node.args or kwargs != node.kwargs:
+            node.args, node.kwargs = args, kwargs
+            changed += 1
+    if changed:
+        gm.recompile()
+    return changed
 
 
 def dynamic_shapes(io: dict, profile: dict) -> tuple[tuple, tuple]:
@@ -207,9 +230,8 @@ def _probe(engine: Path, shapes: dict, dtypes: dict, device: str) -> str | None:
         sig = signal.Signals(-proc.returncode).name
         return (f"aoti_load_package crashed the child process (exit {proc.returncode}, "
                 f"{sig})")
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     return (f"aoti_load_package failed in the child process (exit {proc.returncode}): "
-            f"{lines[-1][:300] if lines else 'no message'}")
+            f"{key_line(proc.stderr)}")
 
 
 @dataclass
@@ -397,6 +419,13 @@ class TorchInductorBackend(Backend):
 
     def runner(self, engine_path: Path):
         return runner_class()(engine_path)
+
+    @staticmethod
+    def note(precision: str, ran: dict) -> str | None:
+        if ran.get("device") == "cpu" and precision == "fp16":
+            return ("fp16 on the CPU is slow (oneDNN's fast fp16 kernels need AVX512-FP16 or "
+                    "AMX-FP16): slower than fp32 expected, not a speedup")
+        return None
 
     def bench(self, engine_path: Path, shapes: dict[str, list[int]], settings: dict,
               work_dir: Path) -> dict:

@@ -21,7 +21,7 @@ import numpy as np
 
 from engineforge import modelio
 from engineforge.backends import get_backend, onnx_reference
-from engineforge.errors import AuditError
+from engineforge.errors import AuditError, key_line
 from engineforge.results import AuditResult, Measurement
 from engineforge.settings import Section, Tolerance, base_precision
 
@@ -119,9 +119,13 @@ def error_histogram(a: np.ndarray, b: np.ndarray) -> dict:
             "counts": counts[first:last].tolist(), **out}
 
 
-def _last_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return (text[-1] if text else type(err).__name__)[:300]
+def _constant(a) -> bool:
+    a = np.asarray(a)
+    return a.size > 0 and bool((a == a.flat[0]).all())
+
+
+def _cause(err: BaseException) -> str:
+    return key_line(str(err)) if str(err).strip() else type(err).__name__
 
 
 def non_finite(outputs: dict, who: str, names, where: str = "") -> list[str]:
@@ -143,7 +147,7 @@ def infer_all(runner, feed: dict, batch: int, model: str, engine: Path) -> dict:
     try:
         runner.activate()
     except Exception as err:  # noqa: BLE001 - the runtime rejects the variant: a result
-        raise NotRunnable(_last_line(err)) from None
+        raise NotRunnable(_cause(err)) from None
     try:
         takes = list(runner.get_input_metadata(use_numpy_dtypes=False))
         if set(takes) != set(feed):
@@ -156,7 +160,7 @@ def infer_all(runner, feed: dict, batch: int, model: str, engine: Path) -> dict:
         try:
             return modelio.run_batched(runner.infer, feed, batch)
         except Exception as err:  # noqa: BLE001
-            raise NotRunnable(_last_line(err)) from None
+            raise NotRunnable(_cause(err)) from None
     finally:
         runner.deactivate()
 
@@ -174,6 +178,13 @@ def compare(reference: dict, produced: dict, task: str) -> tuple[dict, list[str]
     common = [n for n in reference if n in produced]
     if not common:
         return {}, failures
+    if all(_constant(reference[n]) for n in common):  # any variant would "agree" with it
+        failures.append(
+            "the PyTorch reference is constant (" + ", ".join(
+                f"'{n}' is {np.asarray(reference[n]).flat[0].item()!r} everywhere" for n in common)
+            + "): no drift can be measured against it; audit the model with its trained "
+            "weights, or inputs (calibration / evaluation data, inputs.<name>.range) that "
+            "drive its outputs")
     actual = {n: np.asarray(produced[n], dtype=np.float32) for n in common}
     runs = RunResults()
     runs.append((REFERENCE, [IterationResult(outputs={n: reference[n] for n in common},

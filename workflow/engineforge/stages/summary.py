@@ -102,8 +102,7 @@ def collect(layout: Layout, s: Settings, failures: list[dict] | None = None) -> 
                         ran = opt.extra.get("providers")
                         if ran:  # the provider that actually ran (ONNX Runtime)
                             row["provider"] = ran[0].removesuffix("ExecutionProvider")
-                        note = getattr(cls, "note", None)
-                        why = note and note(base_precision(precision), ran[0] if ran else None)
+                        why = cls.note(base_precision(precision), opt.extra)
                         if why:
                             row["speedup_note"] = why
                     elif r.reason:
