@@ -346,6 +346,38 @@ def test_cast_program_computes_in_its_precision_with_traced_float32_casts(tmp_pa
     torch.testing.assert_close(out, ref, atol=0.05, rtol=0.05)
 
 
+def test_a_dim_the_retrace_fixes_names_the_dim_and_the_profile_key(tmp_path, monkeypatch):
+    """A GRU's time dim exports dynamic, but re-tracing the program for the engine fixes it:
+    one line naming the dim, the profile key and the fix (not torch's 'Constraints violated')."""
+    import shutil
+
+    from engineforge.runner import StageFailed
+
+    # setup
+    write_tiny_workspace(tmp_path)
+    shutil.copy(ROOT / "tests/fixtures/data_nets.py", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    raw = tiny_raw_config(precisions=("fp32",), backends=(BACKEND,))
+    raw["models"] = {MODEL: {
+        "checkpoint": {"kind": "state_dict", "arch": "data_nets:SeqGRU", "seed": 0},
+        "inputs": {"x": {"shape": ["batch", "time", 6]}},
+        "profiles": {PROFILE: {"x": {"min": [1, 4, 6], "opt": [2, 8, 6], "max": [4, 8, 6]}}}}}
+    models = config.resolve(raw, tmp_path)["models"]
+    L = Layout(str(tmp_path / "artifacts"))
+    run_stage("export", models, MODEL, {},
+              {"onnx": L.export("model.onnx", MODEL), "program": L.export("model.pt2", MODEL),
+               "reference": L.export("reference.npz", MODEL),
+               "sidecar": L.export("export.json", MODEL)}, tmp_path)
+    # run / assert
+    with pytest.raises(StageFailed) as err:
+        _build(models, tmp_path, "fp32")
+    assert str(err.value).startswith(
+        f"[model={MODEL} stage=build key=models.{MODEL}.profiles] torch-inductor fp32: "
+        "torch.export fixes dim 'time' at 8 when it re-traces the program")
+    assert "give 'time' one size in the profile" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
 def test_backend_facts():
     be = get_backend(BACKEND)
     assert be.availability().ok and be.precisions == ("fp32", "fp16", "bf16")

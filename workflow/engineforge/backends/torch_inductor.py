@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -46,6 +47,9 @@ from engineforge.backends.base import Availability, Backend, BuildRequest, gpu_d
 from engineforge.errors import BenchError, BuildError, first_line, key_line
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# torch.export's message for a dim the program cannot vary (group 1: its name, 2: its size)
+SPECIALIZED = re.compile(r"You marked (\w+) as dynamic but your code specialized it to be a "
+                         r"constant \((\d+)\)")
 IO_FILE = "engineforge.json"    # in the export's model.pt2: input/output names, dims, dtypes
 PROBE_TIMEOUT_S = 600
 # Load and run a package once, in a fresh interpreter (argv: package, shapes, dtypes, device,
@@ -398,6 +402,14 @@ class TorchInductorBackend(Backend):
                     program, package_path=f, inductor_configs={"freezing": True})
         except Exception as err:  # noqa: BLE001 - the compiler's message is the cause
             tmp.unlink(missing_ok=True)
+            fixed = SPECIALIZED.search(str(err))
+            if fixed:  # e.g. a GRU's time dim: re-tracing the program fixes it
+                raise BuildError(
+                    f"{self.name} {req.precision}: torch.export fixes dim '{fixed[1]}' at "
+                    f"{fixed[2]} when it re-traces the program; the profile lets it vary",
+                    model=req.model, key=f"models.{req.model}.profiles",
+                    fix=f"give '{fixed[1]}' one size in the profile (min = opt = max), or "
+                        "drop torch-inductor for this model") from None
             raise BuildError(f"{self.name} {req.precision}: {first_line(err)}",
                              model=req.model, key=f"models.{req.model}.backends",
                              fix="drop torch-inductor for this model or this precision "
