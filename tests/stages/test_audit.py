@@ -336,6 +336,17 @@ def test_a_constant_reference_fails_the_audit(tiny_workspace):
     assert r.outputs[out].max_abs == 0 and r.outputs[out].top1_agreement == 1.0
     assert r.status == "fail"
     assert f"the PyTorch reference is constant ('{out}' is 0.0 everywhere)" in r.reason
+    # and the localisation does not rank nodes for a drift nobody measured
+    job = stage_job("localise", models, "net",
+                    {"fp32": tiny_workspace / "e/model.onnx",
+                     "variant": tiny_workspace / "e/model.onnx",
+                     "reference": tiny_workspace / "e/reference.npz"},
+                    {"sidecar": tiny_workspace / "l/fp16.json"}, tiny_workspace,
+                    precision="fp16")
+    run_job(replace(job, extra_inputs=[tiny_workspace / "a/fp32.json"]))
+    loc = read_json(tiny_workspace / "l/fp16.json")["result"]
+    assert loc["status"] == "not_localisable" and "constant" in loc["reason"]
+    assert loc["first"] is None and loc["worst"] == []
 
 
 def test_compare_flags_a_constant_reference_only_when_every_output_is():

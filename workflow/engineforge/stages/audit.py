@@ -49,6 +49,7 @@ def settings(m: dict, w: dict) -> Settings:
 
 
 REFERENCE = "pytorch"
+CONSTANT_REFERENCE = "the PyTorch reference is constant"  # a failure no node causes
 
 
 class NotRunnable(Exception):
@@ -180,7 +181,7 @@ def compare(reference: dict, produced: dict, task: str) -> tuple[dict, list[str]
         return {}, failures
     if all(_constant(reference[n]) for n in common):  # any variant would "agree" with it
         failures.append(
-            "the PyTorch reference is constant (" + ", ".join(
+            f"{CONSTANT_REFERENCE} (" + ", ".join(
                 f"'{n}' is {np.asarray(reference[n]).flat[0].item()!r} everywhere" for n in common)
             + "): no drift can be measured against it; audit the model with its trained "
             "weights, or inputs (calibration / evaluation data, inputs.<name>.range) that "

@@ -19,6 +19,7 @@ from engineforge import modelio
 from engineforge.results import AuditResult, Localisation, Measurement
 from engineforge.settings import LocaliseSettings, Section
 from engineforge.sidecar import read_json
+from engineforge.stages.audit import CONSTANT_REFERENCE
 
 TOOLS = ("onnx", "onnxruntime-gpu", "onnxruntime")
 LIKELY_FIX = ("the variant or the fp32 ONNX cannot be run node by node on ONNX Runtime CPU; "
@@ -70,6 +71,10 @@ def run(job) -> Localisation:
         return Localisation(status="not_localisable", precision=s.precision, audits=audits,
                             reason="no audit measured this variant "
                                    f"({', '.join(sorted(audits))})")
+    if any(CONSTANT_REFERENCE in t for t in trigger):
+        return Localisation(status="not_localisable", precision=s.precision, audits=audits,
+                            trigger=trigger, reason="the PyTorch reference is constant: no "
+                            "variant's drift can be measured, so none can be localised")
     feed = {k[3:]: v for k, v in modelio.load_npz(job.inputs["reference"]).items()
             if k.startswith("in:")}
     limit = job.limits.get("emulated_audit", 300)
