@@ -240,3 +240,15 @@ def test_export_example_never_has_a_dynamic_dim_of_size_one():
     np.testing.assert_array_equal(ex["x"][:1], feed["x"])
     assert ex["y"] is feed["y"]                 # nothing to change: the same array
 
+
+
+def test_exporter_cause_keeps_a_summary_that_spans_lines():
+    """torch.onnx's "## Exception summary" can put the message on the lines after the class
+    (a Conv1d stride on a dynamic length did: the recorded cause was 'NotImplementedError:')."""
+    err = RuntimeError("Failed to export the model with torch.export.\n## Exception summary\n\n"
+                       "<class 'NotImplementedError'>: \nThe inequality, Eq((((x/16)//4)) - 62,"
+                       " 0), cannot be solved using\nsolve_univariate_inequality.\n\n(Refer to "
+                       "the full stack trace above for more information.)\n")
+    assert export._exporter_cause(err) == (
+        "NotImplementedError: The inequality, Eq((((x/16)//4)) - 62, 0), cannot be solved "
+        "using solve_univariate_inequality.")

@@ -316,9 +316,10 @@ def _save_program(path: Path | None, program, m: Settings, out_names: list[str],
 def _exporter_cause(err: Exception) -> str:
     """One line: the dynamo exporter's exception summary, else the error's first line."""
     text = _ANSI.sub("", str(err))
-    summary = re.search(r"## Exception summary\s+(.+)", text)
-    if summary:
-        return re.sub(r"^<class '(?:\w+\.)*(\w+)'>", r"\1", summary.group(1).strip())[:300]
+    summary = re.search(r"## Exception summary\s+(.+?)(?:\(Refer to the full|\Z)", text, re.S)
+    if summary:  # it can span lines: "<class 'E'>: \nThe message ...\n(Refer to the full ..."
+        line = " ".join(summary.group(1).split())
+        return re.sub(r"^<class '(?:\w+\.)*(\w+)'>", r"\1", line)[:300]
     return _first_line(err)
 
 
