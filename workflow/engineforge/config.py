@@ -113,10 +113,17 @@ def _check_model(name: str, m: dict, root: Path) -> None:
     """Cross-field checks JSON schema cannot express."""
     ckpt = m["checkpoint"]
     if ckpt.get("path") and not (root / ckpt["path"]).is_file():
-        raise ConfigError(f"checkpoint file '{ckpt['path']}' does not exist.", model=name,
+        what = "is a directory" if (root / ckpt["path"]).is_dir() else "does not exist"
+        raise ConfigError(f"checkpoint file '{ckpt['path']}' {what}.", model=name,
                           key=f"models.{name}.checkpoint.path",
                           fix="point it at an existing file (paths are relative to the "
                               "config's directory)")
+    for iname, spec in m["inputs"].items():
+        lo, hi = spec.get("range") or (0, 1)
+        if lo > hi:  # equal: a constant input (integers are drawn from [low, high])
+            raise ConfigError(f"input '{iname}' has range [{lo}, {hi}]: low is above high.",
+                              model=name, key=f"models.{name}.inputs.{iname}.range",
+                              fix="give [low, high] with low <= high")
     for section in ("calibration", "evaluation"):
         if section in m and not (root / m[section]["path"]).is_file():
             raise ConfigError(f"{section} data '{m[section]['path']}' does not exist.",
