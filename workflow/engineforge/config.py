@@ -117,7 +117,7 @@ def _check_model(name: str, m: dict, root: Path) -> None:
         raise ConfigError(f"checkpoint file '{ckpt['path']}' {what}.", model=name,
                           key=f"models.{name}.checkpoint.path",
                           fix="point it at an existing file (paths are relative to the "
-                              "config's directory)")
+                              "directory the pipeline runs in)")
     for iname, spec in m["inputs"].items():
         lo, hi = spec.get("range") or (0, 1)
         if lo > hi:  # equal: a constant input (integers are drawn from [low, high])
