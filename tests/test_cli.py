@@ -89,6 +89,21 @@ def test_verify_exits_1_and_lists_the_mismatch(ws, tmp_path):
     assert {ln.split("sha256 mismatch ")[1].split(":")[0] for ln in mismatches} == plans
 
 
+def test_a_target_after_configfile_is_named_as_such(ws):
+    """Snakemake's --configfile takes every name after it: a target there is not a config."""
+    # execute
+    target = "artifacts/tinycls/bench/nosuch.json"  # a file the run would make
+    late = cli("run", "--configfile", "config.yaml", target, cwd=ws)
+    control = cli("run", "--dry-run", "artifacts/summary.md", "--configfile", "config.yaml",
+                  cwd=ws)
+    # assert
+    assert one_error_line(late) == (
+        f"engineforge: [stage=config] '{target}' follows --configfile, which takes "
+        "every name after it as a config file. Fix: put targets before --configfile (or "
+        "write --configfile=FILE)")
+    assert control.returncode == 0, control.stderr[-2000:]
+
+
 @pytest.mark.parametrize("case", ["duplicate", "empty", "no-config", "bad-bundle", "alias"])
 def test_errors_are_one_line_with_exit_code_2(ws, tmp_path, case):
     # setup

@@ -13,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from engineforge.errors import EngineforgeError, TrackingError
+from engineforge.errors import ConfigError, EngineforgeError, TrackingError
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout holding Snakefile
 PROFILE = "profiles/default"  # the workflow profile, next to the Snakefile
@@ -26,7 +26,12 @@ def cmd_run(args) -> int:
     # flags win). Absolute paths: it also works outside the checkout.
     from engineforge import config
 
-    for path in _configfiles(args.snakemake_args):  # our one line, not Snakemake's
+    for path, after_another in _configfiles(args.snakemake_args):  # our line, not Snakemake's
+        if after_another and not Path(path).exists():  # most likely a target
+            raise ConfigError(f"'{path}' follows --configfile, which takes every name after "
+                              "it as a config file.",
+                              fix="put targets before --configfile (or write "
+                                  "--configfile=FILE)")
         config.read(path)
     exe = Path(sys.executable).with_name("snakemake")
     exe = str(exe) if exe.exists() else shutil.which("snakemake") or "snakemake"
@@ -40,19 +45,21 @@ def cmd_run(args) -> int:
     return 0  # not reached
 
 
-def _configfiles(argv: list[str]) -> list[str]:
-    """The files given with --configfile/--configfiles (several may follow one flag)."""
-    files, taking = [], False
+def _configfiles(argv: list[str]) -> list[tuple[str, bool]]:
+    """The files given with --configfile/--configfiles (several may follow one flag), each
+    with whether it follows another name after the same flag."""
+    files, taking = [], 0
     for arg in argv:
         if arg in ("--configfile", "--configfiles"):
-            taking = True
+            taking = 1
         elif arg.startswith(("--configfile=", "--configfiles=")):
-            files.append(arg.split("=", 1)[1])
-            taking = False
+            files.append((arg.split("=", 1)[1], False))
+            taking = 0
         elif taking and not arg.startswith("-"):
-            files.append(arg)
+            files.append((arg, taking > 1))
+            taking += 1
         else:
-            taking = False
+            taking = 0
     return files
 
 
