@@ -179,10 +179,11 @@ def test_profile_shape_the_model_cannot_take(ws):
     # execute
     msg = _profile_fails(ws, models, "wide")
     fits = profiles.run(_profile_check(ws, models, "fits"))  # control: the first one runs
-    # assert
-    assert msg.startswith("profile 'wide' max shape fails in ONNX Runtime (img=[1, 1, 16, 32]: "
-                          "batch=1, h=16, w=32): Reshape node ")
-    assert "onnxruntime_src" not in msg and "[ONNXRuntimeError]" not in msg
+    # assert: the exporter's optimizer folded the reshape to [-1, 512], so the wide shape
+    # runs, with a batch of 2 for 1: the output contradicts the graph's own 'batch'
+    assert msg == ("profile 'wide' max shape (img=[1, 1, 16, 32]: batch=1, h=16, w=32) runs, "
+                   "but output 'linear' dim 0 ('batch') is 2, not the input's 1: the graph "
+                   "only holds for the export's shapes (a reshape to hard-coded sizes?)")
     assert fits.checked == ["min", "max"]  # opt equals min: run once
 
 
@@ -559,7 +560,7 @@ def test_failed_profile_check_publishes_nothing(ws):
         "min": [1, 1, 16, 16], "opt": [1, 1, 16, 16], "max": [1, 1, 16, 32]}}})
     job = _profile_check(ws, models, "wide")
     # execute
-    with pytest.raises(StageFailed, match=r"profile 'wide' max shape fails in ONNX Runtime"):
+    with pytest.raises(StageFailed, match=r"profile 'wide' max shape \(img="):
         run_job(job)
     # assert: no sidecar vouches for the profile; the export's own outputs stay published
     assert not job.outputs["sidecar"].exists()

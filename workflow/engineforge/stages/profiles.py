@@ -69,7 +69,7 @@ def run(job) -> ProfileCheckResult:
             continue
         feed = modelio.sample_inputs(s.inputs, shapes, seed=s.seed)
         try:
-            sess.run(None, feed)
+            produced = sess.run(None, feed)
         except Exception as err:  # noqa: BLE001 - the model cannot take this shape
             log.info("profile '%s' %s shape %s failed in ONNX Runtime:\n%s", s.profile,
                      which, shapes, err)
@@ -78,9 +78,32 @@ def run(job) -> ProfileCheckResult:
                 f"({shape_story(s.inputs, shapes)}): {ort_cause(err)}", model=job.model,
                 key=key, fix="keep the profile to shapes the model takes (or declare the dim "
                              "static in inputs:), or make the model accept them") from None
+        wrong = broken_signature(sess, s.inputs, shapes, produced)
+        if wrong:
+            raise ProfileError(
+                f"profile '{s.profile}' {which} shape ({shape_story(s.inputs, shapes)}) runs, "
+                f"but {wrong}: the graph only holds for the export's shapes (a reshape to "
+                "hard-coded sizes?)", model=job.model, key=key,
+                fix="keep the profile to shapes the model takes (or declare the dim static "
+                    "in inputs:), or make the model accept them")
         checked.append((which, shapes))
     return ProfileCheckResult(profile=s.profile, checked=[w for w, _ in checked],
                               time_s=round(time.perf_counter() - t0, 3))
+
+
+def broken_signature(sess, inputs: dict, shapes: dict, produced: list) -> str | None:
+    """Where an output contradicts the graph's own signature: a dim it names after an input's
+    named dim ('batch') whose size differs from that input's. The exporter's optimizer can
+    fold a reshape to [-1, 512], valid only at the export's shapes: another shape then runs
+    and silently changes the batch."""
+    sizes = {d: v for name, shape in shapes.items()
+             for d, v in zip(inputs[name]["shape"], shape) if isinstance(d, str)}
+    for meta, out in zip(sess.get_outputs(), produced):
+        for axis, (dim, got) in enumerate(zip(meta.shape, getattr(out, "shape", ()))):
+            if isinstance(dim, str) and dim in sizes and got != sizes[dim]:
+                return (f"output '{meta.name}' dim {axis} ('{dim}') is {got}, not the input's "
+                        f"{sizes[dim]}")
+    return None
 
 
 def shape_story(inputs: dict, shapes: dict) -> str:
