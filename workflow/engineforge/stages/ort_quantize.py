@@ -193,8 +193,10 @@ class Unmapped(Exception):
 
 
 def prepare(fp32: Path, prepared: Path) -> list[str]:
-    """ORT's ``quant_pre_process``; where its symbolic shape inference fails (it does on
-    torchvision's ViT), again without it (ONNX's shape inference still runs). The steps run."""
+    """ORT's ``quant_pre_process``; where its symbolic shape inference fails (a Constant
+    written with ``value_ints`` crashes it, in onnxruntime 1.24 and 1.31; onnxruntime 1.24 also
+    on torchvision's ViT), again without it (ONNX's shape inference still runs). The steps
+    run."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     try:
