@@ -149,25 +149,17 @@ def cast_module(program: Path, precision: str, device: str, cudnn_fusion: bool =
     return IOCast(), fused  # no .eval(): an exported module has no train mode (it is fixed)
 
 
-def retype_float32(gm, dtype) -> int:
+def retype_float32(gm, dtype) -> None:
     """The graph's explicit float32 dtypes (``mask.to(h.dtype)`` traced as ``_to_copy(dtype=
     float32)``, ``zeros_like(..., dtype=float32)``) become ``dtype``, as the weights did: left
-    float32, they mix into the cast program (a Linear then gets Float and Half). Returns the
-    number of nodes changed."""
+    float32, they mix into the cast program (a Linear then gets Float and Half)."""
     import torch
 
-    changed = 0
     for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        args = tuple(dtype if a is torch.float32 else a for a in node.args)
-        kwargs = {k: dtype if v is torch.float32 else v for k, v in node.kwargs.items()}
-        if args != node.args or kwargs != node.kwargs:
-            node.args, node.kwargs = args, kwargs
-            changed += 1
-    if changed:
-        gm.recompile()
-    return changed
+        if node.op == "call_function":
+            node.args = tuple(dtype if a is torch.float32 else a for a in node.args)
+            node.kwargs = {k: dtype if v is torch.float32 else v for k, v in node.kwargs.items()}
+    gm.recompile()
 
 
 def dynamic_shapes(io: dict, profile: dict) -> tuple[tuple, tuple]:

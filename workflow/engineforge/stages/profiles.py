@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 TOOLS = ()  # an ONNX Runtime upgrade need not rerun every build of every profile
 LIKELY_FIX = "keep the profile to shapes the model takes (declare fixed dims static)"
+SHAPE_FIX = ("keep the profile to shapes the model takes (or declare the dim static in "
+             "inputs:), or make the model accept them")
 
 
 class Settings(Section):
@@ -76,16 +78,13 @@ def run(job) -> ProfileCheckResult:
             raise ProfileError(
                 f"profile '{s.profile}' {which} shape fails in ONNX Runtime "
                 f"({shape_story(s.inputs, shapes)}): {ort_cause(err)}", model=job.model,
-                key=key, fix="keep the profile to shapes the model takes (or declare the dim "
-                             "static in inputs:), or make the model accept them") from None
+                key=key, fix=SHAPE_FIX) from None
         wrong = broken_signature(sess, s.inputs, shapes, produced)
         if wrong:
             raise ProfileError(
                 f"profile '{s.profile}' {which} shape ({shape_story(s.inputs, shapes)}) runs, "
                 f"but {wrong}: the graph only holds for the export's shapes (a reshape to "
-                "hard-coded sizes?)", model=job.model, key=key,
-                fix="keep the profile to shapes the model takes (or declare the dim static "
-                    "in inputs:), or make the model accept them")
+                "hard-coded sizes?)", model=job.model, key=key, fix=SHAPE_FIX)
         checked.append((which, shapes))
     return ProfileCheckResult(profile=s.profile, checked=[w for w, _ in checked],
                               time_s=round(time.perf_counter() - t0, 3))
