@@ -168,6 +168,28 @@ def bench_model(name: str, args, peaks: dict) -> None:
             torch.cuda.empty_cache()
 
 
+def PaddedStem(net, channels: int):  # noqa: N802 - a module factory
+    """A torchvision ResNet whose 3-channel stem input is zero-padded to ``channels`` (its
+    weight too): the same function."""
+    import torch
+
+    class Padded(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            conv = net.conv1
+            wide = torch.nn.Conv2d(channels, conv.out_channels, conv.kernel_size, conv.stride,
+                                   conv.padding, bias=False).to(conv.weight.device)
+            with torch.no_grad():
+                wide.weight.zero_()
+                wide.weight[:, :conv.in_channels] = conv.weight
+            net.conv1, self.net, self.pad = wide, net, channels - conv.in_channels
+
+        def forward(self, x):
+            return self.net(torch.nn.functional.pad(x, (0, 0, 0, 0, 0, self.pad)))
+
+    return Padded().eval()
+
+
 def prepare(name, dt, x32, ref, mode: str | None, channels_last: bool,
             freezing: bool = False, options: dict | None = None):
     """The model in `dt` on the GPU, eager (`mode` None) or torch.compile'd with `mode`
@@ -179,17 +201,20 @@ def prepare(name, dt, x32, ref, mode: str | None, channels_last: bool,
 
     options = dict(options or {})
     cudnn_fused = options.pop("cudnn_fusion", False)
+    min_kernel = options.pop("cudnn_min_kernel", 1)
     options.pop("profile", None)
     if "cudnn_benchmark_limit" in options:  # 0: cuDNN tries every algorithm
         torch.backends.cudnn.benchmark_limit = options.pop("cudnn_benchmark_limit")
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model(name)[0].to(DEVICE)
+    if options.get("stem_pad"):
+        model = PaddedStem(model, options.pop("stem_pad")).to(DEVICE)
     extra = {"channels_last": channels_last, "freezing": freezing, **options}
     if cudnn_fused:  # the torch-inductor backend's rewrite, on the exported fp32 program
         from engineforge import cudnn_fusion
 
         model = torch.export.export(model, (x32.to(DEVICE),)).module()
-        extra["cudnn_fusion"] = cudnn_fusion.fuse(model)
+        extra["cudnn_fusion"] = cudnn_fusion.fuse(model, min_kernel=min_kernel)
     model = model.to(DEVICE, dt).to(memory_format=layout)
     x = x32.to(DEVICE, dt).contiguous(memory_format=layout)
     fn = model
@@ -244,6 +269,18 @@ ABLATION = (  # variant, compile mode (None: eager), channels_last, our CUDA gra
      {"cudnn_fusion": True, "cudnn_benchmark_limit": 0}),
     ("compile-freezing-cudnn-fused-profile", "default", True, False, True,
      {"cudnn_fusion": True, "profile": True}),
+    # the stem's 3 input channels zero-padded to 4 (cuDNN's first-layer kernel reads 4; it
+    # pads the input itself otherwise)
+    ("compile-freezing-cudnn-fused-stem4-graph", "default", True, True, True,
+     {"cudnn_fusion": True, "stem_pad": 4}),
+    # cuDNN-fused 3x3/7x7 convolutions, 1x1 ones as matmuls with inductor's epilogues
+    ("compile-freezing-cudnn-fused-3x3-1x1mm-graph", "default", True, True, True,
+     {"cudnn_fusion": True, "cudnn_min_kernel": 2, **MM_1X1}),
+    ("compile-freezing-cudnn-fused-3x3-1x1mm-autotune-mm-graph", "default", True, True, True,
+     {"cudnn_fusion": True, "cudnn_min_kernel": 2, **AUTOTUNE_MM}),
+    ("compile-freezing-cudnn-fused-3x3-1x1mm-autotune-triton-mm-graph", "default", True, True,
+     True, {"cudnn_fusion": True, "cudnn_min_kernel": 2, **AUTOTUNE_MM,
+            "max_autotune_gemm_backends": "TRITON"}),
 )
 
 
@@ -294,7 +331,7 @@ def ablation(args, peaks: dict) -> None:
                 torch.cuda.empty_cache()
 
 
-def kernel_profile(fn, x, top: int = 15) -> dict:
+def kernel_profile(fn, x, top: int = 30) -> dict:
     """GPU time per kernel over 20 calls (torch.profiler): the top ones and the total."""
     import torch
     from torch.profiler import ProfilerActivity, profile

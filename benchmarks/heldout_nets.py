@@ -6,7 +6,6 @@ artifacts-heldout/calib/*.npz; seeded)."""
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 

@@ -9,6 +9,9 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
+# onnxruntime-gpu unpacked in a directory of its own (too large to travel as one wheel:
+# docs/benchmarks.md); ahead of the machine's CPU-only onnxruntime
+[ -n "${ORT_GPU_SITE:-}" ] && export PYTHONPATH=$ORT_GPU_SITE:${PYTHONPATH:-}
 export PYTHONPATH=$PWD/workflow:${PYTHONPATH:-} PYTHONUNBUFFERED=1 ENGINEFORGE_CACHE=0
 # the fork server imports torch: no CUDA initialisation before its children fork
 export PYTORCH_NVML_BASED_CUDA_CHECK=1
@@ -17,7 +20,8 @@ mkdir -p "$OUT" artifacts-h100/checkpoints
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv \
   > "$OUT/gpu.csv" 2>&1
 python3 -c "import torch, onnx, onnxruntime as o; print('torch', torch.__version__, 'cuda', \
-torch.version.cuda, 'onnx', onnx.__version__, 'onnxruntime', o.__version__)" > "$OUT/versions.txt"
+torch.version.cuda, 'onnx', onnx.__version__, 'onnxruntime', o.__version__, \
+o.get_available_providers())" > "$OUT/versions.txt"
 # mobilenet_v3_small's checkpoint: seeded random weights, BatchNorm statistics calibrated
 [ -s artifacts-h100/checkpoints/mobilenet_v3_small.safetensors ] || python3 -c "import sys; sys.path[:0] = ['.', 'workflow']
 from benchmarks.bench_gpu import _torchvision_state; from safetensors.torch import save_file

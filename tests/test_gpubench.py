@@ -120,3 +120,46 @@ def test_cuda_timing_without_cuda_is_one_clear_error():
     assert "Fix:" in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(GpuBenchError, match="CUDA graphs need"):
         gpubench.time_callable(lambda: None, device="cpu", cuda_graph=True)
+
+
+def _point(p50: float) -> dict:
+    return {"p50_ms": p50, "cv": 0.01}
+
+
+def _failing_capture() -> dict:
+    raise RuntimeError("operation not permitted when stream is capturing\nframe 1")
+
+
+@pytest.mark.parametrize(("mode", "plain_ms", "graphed_ms", "reported_ms", "picked"), [
+    ("auto", 2.0, 0.5, 0.5, True), ("auto", 0.5, 2.0, 0.5, False),
+    ("on", 0.5, 2.0, 2.0, True), ("off", 2.0, 0.5, 2.0, False)])
+def test_cuda_graph_setting_picks_the_reported_timing_and_keeps_the_other(
+        mode, plain_ms, graphed_ms, reported_ms, picked):
+    # setup: timings as a backend's bench point function returns them
+    calls = []
+
+    def graphed():
+        calls.append("graphed")
+        return _point(graphed_ms)
+
+    # run
+    point, facts = gpubench.with_cuda_graphs(mode, lambda: _point(plain_ms), graphed)
+    # assert
+    assert point["p50_ms"] == reported_ms and facts["cuda_graphs"] is picked
+    if mode == "off":
+        assert calls == [] and "with_cuda_graphs" not in facts
+    else:
+        other = facts["without_cuda_graphs" if picked else "with_cuda_graphs"]
+        assert other["p50_ms"] == (plain_ms if picked else graphed_ms)
+
+
+def test_a_failed_graph_is_a_finding_under_auto_and_one_line_under_on():
+    # run
+    point, facts = gpubench.with_cuda_graphs("auto", lambda: _point(1.0), _failing_capture)
+    # assert: the plain timing stands, the cause is kept (first line only)
+    assert point["p50_ms"] == 1.0 and facts["cuda_graphs"] is False
+    assert facts["cuda_graphs_error"].startswith("RuntimeError: operation not permitted")
+    assert "\n" not in facts["cuda_graphs_error"]
+    with pytest.raises(gpubench.BenchError, match="CUDA graph capture failed") as err:
+        gpubench.with_cuda_graphs("on", lambda: _point(1.0), _failing_capture)
+    assert "\n" not in err.value.message

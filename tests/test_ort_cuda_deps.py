@@ -78,3 +78,19 @@ def test_bench_asking_for_cuda_without_a_gpu_is_not_a_cpu_figure(tmp_path, monke
         backend.bench(tmp_path / "m.onnx", {"x": [1, 3, 8, 8]}, knobs, tmp_path)
     assert "\n" not in err.value.message
     assert np.isfinite(stats["p50_ms"])
+
+
+@pytest.mark.parametrize(("precision", "options"), [
+    ("fp32", {"use_tf32": "0"}), ("fp32-repaired", {"use_tf32": "0"}), ("fp16", {}),
+    ("int8", {})])
+def test_only_fp32_engines_turn_tf32_off(precision, options):
+    """ORT's use_tf32=0 also takes the tensor cores from fp16 convolutions (measured on the
+    H100): only an engine whose layout place says fp32 gets it. No GPU needed: the options
+    are what a session on the CUDA provider would be given."""
+    from engineforge.layout import Layout
+
+    # setup: the engine path the workflow gives the build
+    engine = Layout("artifacts").engine("onnxruntime", "m", precision, "bs1-8")
+    # run / assert (the build writes a temporary file beside the engine first)
+    assert ortb.engine_cuda_options(engine) == options
+    assert ortb.engine_cuda_options(Path(engine).with_name(".engine.onnx.1.tmp")) == options

@@ -86,6 +86,7 @@ def test_bench_ort_and_pytorch_baseline_at_each_profile_point(tiny_models, tiny_
         assert p.min_ms <= p.p50_ms <= p.p90_ms <= p.p95_ms <= p.p99_ms
         assert p.throughput_per_s == pytest.approx(1e3 / p.mean_ms)
         assert "CPUExecutionProvider" in p.extra["providers"]
+        assert p.extra["device"] == "cpu"  # the summary compares with the CPU baseline
     assert typed.device["cores"] >= 1 and typed.device["device"].startswith("cpu:")
     assert set(side["inputs"]) == {"engine", "build"}
     assert side["config"]["shapes"] == tiny_models["tinyfcn"]["profiles"]["large"]
@@ -158,3 +159,20 @@ def test_baseline_failure_is_a_bench_error(tiny_models, tiny_workspace):
     assert text.startswith("[model=tinycls stage=bench key=models.tinycls.profiles.b1-8] "
                            "eager PyTorch failed at min shapes {'x': [1, 4, 8, 8]}")
     assert "\n" not in text and not outputs["sidecar"].exists()
+
+
+def test_a_bench_only_setting_changes_the_bench_not_the_build(tiny_models):
+    """Changing how an engine is timed (cuda_graphs) re-runs its bench, never its build."""
+    from engineforge.stages import build
+
+    # setup: the same model with the timing knob flipped, for both GPU-capable backends
+    for backend, section in (("onnxruntime", "onnxruntime"), ("torch-inductor",
+                                                               "torch_inductor")):
+        m = tiny_models["tinyfcn"]
+        flipped = copy.deepcopy(m)
+        flipped[section]["cuda_graphs"] = "off"
+        w = {"model": "tinyfcn", "backend": backend, "precision": "fp16", "profile": "large"}
+        # run / assert
+        assert m[section]["cuda_graphs"] == "auto"
+        assert build.settings(flipped, w) == build.settings(m, w)
+        assert bench.settings(flipped, w) != bench.settings(m, w)

@@ -61,8 +61,9 @@ def _args(node, gm) -> dict | None:
     return dict(norm.kwargs) if norm else None
 
 
-def _conv(node, gm) -> dict | None:
-    """The convolution's arguments when it is one this pass can fuse, else None."""
+def _conv(node, gm, min_kernel: int = 1) -> dict | None:
+    """The convolution's arguments when it is one this pass can fuse (a kernel of at least
+    ``min_kernel`` in some spatial dim), else None."""
     import torch
 
     aten = torch.ops.aten
@@ -73,7 +74,7 @@ def _conv(node, gm) -> dict | None:
     if a is None or a.get("transposed") or any(a.get("output_padding") or []):
         return None
     w = a["weight"].meta.get("val") if hasattr(a["weight"], "meta") else None
-    if w is None or w.dim() != 4:
+    if w is None or w.dim() != 4 or max(w.shape[2:]) < min_kernel:
         return None
     return {"input": a["input"], "weight": a["weight"], "bias": a.get("bias"),
             "stride": list(a.get("stride", [1, 1])), "padding": list(a.get("padding", [0, 0])),
@@ -85,7 +86,7 @@ def _only_user(node):
     return users[0] if len(users) == 1 else None
 
 
-def _fold_batch_norms(gm) -> int:
+def _fold_batch_norms(gm, min_kernel: int) -> int:
     """Fold each inference BatchNorm whose input is a fusable convolution read by it alone."""
     import torch
     from torch.nn.utils.fusion import fuse_conv_bn_weights
@@ -100,7 +101,7 @@ def _fold_batch_norms(gm) -> int:
         if a is None or a.get("training"):
             continue
         conv = a["input"]
-        spec = _conv(conv, gm)
+        spec = _conv(conv, gm, min_kernel)
         if spec is None or _only_user(conv) is not bn:
             continue
         params = [spec["weight"], spec["bias"], a["weight"], a["bias"], a["running_mean"],
@@ -151,7 +152,7 @@ def _rebuild_conv(gm, old, spec, weight, bias):
     return new
 
 
-def _fuse_relus(gm) -> tuple[int, int]:
+def _fuse_relus(gm, min_kernel: int) -> tuple[int, int]:
     """conv → relu and conv → add → relu into the cuDNN ops; (conv+relu, conv+add+relu)."""
     import torch
 
@@ -163,7 +164,7 @@ def _fuse_relus(gm) -> tuple[int, int]:
         if relu.op != "call_function" or relu.target not in relu_ops:
             continue
         src = relu.args[0]
-        spec = _conv(src, gm)
+        spec = _conv(src, gm, min_kernel)
         if spec is not None and _only_user(src) is relu:
             new = _call(gm, relu, FUSED_RELU, (spec["input"], spec["weight"], spec["bias"],
                                                spec["stride"], spec["padding"],
@@ -176,7 +177,7 @@ def _fuse_relus(gm) -> tuple[int, int]:
         lhs, rhs = src.args[:2]
         alpha = src.kwargs.get("alpha", 1)
         for conv, z in ((lhs, rhs), (rhs, lhs)):
-            spec = _conv(conv, gm)
+            spec = _conv(conv, gm, min_kernel)
             if spec is None or _only_user(conv) is not src:
                 continue
             if (conv is rhs and (alpha != 1 or src.target is aten.add_.Tensor)) or \
@@ -239,14 +240,16 @@ def _channels_last_weights(gm) -> int:
     return len(done)
 
 
-def fuse(gm, channels_last: bool = True) -> dict:
+def fuse(gm, channels_last: bool = True, min_kernel: int = 1) -> dict:
     """Rewrite ``gm`` (an exported program's ``.module()``) in place; returns the counts
     {batch_norms_folded, conv_relu, conv_add_relu, channels_last_weights}. Tensors then
     really are channels_last: a ``view`` of a convolution's output that needs NCHW strides
-    fails when the module is traced again (the caller retries with ``channels_last=False``)."""
+    fails when the module is traced again (the caller retries with ``channels_last=False``).
+    ``min_kernel``: fuse only convolutions with a kernel that large (2: leave 1x1 ones to
+    inductor, e.g. as matmuls with its own epilogues)."""
     register_fake_kernels()
-    folded = _fold_batch_norms(gm)
-    conv_relu, conv_add_relu = _fuse_relus(gm)
+    folded = _fold_batch_norms(gm, min_kernel)
+    conv_relu, conv_add_relu = _fuse_relus(gm, min_kernel)
     channels_last = _channels_last_weights(gm) if channels_last else 0
     gm.graph.eliminate_dead_code()
     gm.graph.lint()

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from .errors import BenchError
+from .errors import BenchError, first_line
 
 # Dense (no sparsity) tensor-core peaks from NVIDIA's datasheets, TFLOP/s.
 # fp32 = plain FP32 (CUDA cores); tf32 = TF32 tensor cores. Matched on the device name.
@@ -317,6 +317,42 @@ def report(timing: Timing, *, batch: int, flops: int | None = None,
     if baseline_p50_ms:
         row["speedup"] = baseline_p50_ms / p50
     return row
+
+
+def bench_point(fn: Callable[[], object], *, warmup: int, batch: int,
+                cuda_graph: bool = False) -> dict:
+    """A backend's bench point (BenchPoint fields less shapes) of ``fn`` timed on the GPU."""
+    timing = time_callable(fn, device="cuda", warmup=warmup, cuda_graph=cuda_graph)
+    s = timing.stats
+    return {**{k: s[k] for k in ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms", "min_ms")},
+            "cv": timing.cv, "throughput_per_s": batch * 1e3 / s["p50_ms"],
+            "iterations": len(timing.samples_ms), "warmup": warmup, "batch": batch,
+            "extra": {"timer": timing.timer, "stable": timing.stable,
+                      "sample_cv": s.get("sample_cv")}}
+
+
+def with_cuda_graphs(mode: str, plain: Callable[[], dict],
+                     graphed: Callable[[], dict]) -> tuple[dict, dict]:
+    """A GPU backend's ``cuda_graphs`` setting (auto | on | off) applied to two timings, each
+    a callable returning a :func:`bench_point`: ``plain`` always; ``graphed`` unless off.
+    Returns (the reported point, facts for its ``extra``): ``on`` reports the graphed one,
+    ``auto`` the faster; the other is kept (``with_cuda_graphs`` / ``without_cuda_graphs``).
+    A graph that fails is a finding (``cuda_graphs_error``), fatal only under ``on``."""
+    facts: dict = {}
+    timed = {False: plain()}
+    if mode != "off":
+        try:
+            timed[True] = graphed()
+        except Exception as err:  # noqa: BLE001
+            if mode == "on":
+                raise BenchError(f"CUDA graph capture failed ({first_line(err, 200)})") from None
+            facts["cuda_graphs_error"] = first_line(err, 200)
+    pick = mode == "on" or (mode == "auto" and True in timed
+                            and timed[True]["p50_ms"] < timed[False]["p50_ms"])
+    facts["cuda_graphs"] = pick
+    if len(timed) == 2:
+        facts["without_cuda_graphs" if pick else "with_cuda_graphs"] = timed[not pick]
+    return timed[pick], facts
 
 
 def eager_baselines(model, example: tuple, *, dtypes=("fp32", "fp16"), device: str = "cuda",

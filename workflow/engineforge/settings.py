@@ -269,13 +269,26 @@ class GateSettings(Section):
                                             "is recorded, summarised and tracked.")
 
 
+BENCH_ONLY = {"bench_only": True}  # a backend key that changes how it is timed, not the engine
+CudaGraphs = Literal["auto", "on", "off"]
+CUDA_GRAPHS = ("GPU only. auto: bench with and without CUDA graphs, report the faster; on: "
+               "report with CUDA graphs (without kept too); off: without only. CUDA graphs "
+               "help launch-bound (small) models.")
+
+
+class OnnxRuntimeSettings(Section):
+    """The onnxruntime backend."""
+
+    cuda_graphs: CudaGraphs = Field("auto", description=CUDA_GRAPHS + " ONNX Runtime's own "
+                                    "(CUDA provider option enable_cuda_graph).",
+                                    json_schema_extra=BENCH_ONLY)
+
+
 class TorchInductorSettings(Section):
     """The torch-inductor backend (AOTInductor packages; torch.compile fallback)."""
 
-    cuda_graphs: Literal["auto", "on", "off"] = Field(
-        "auto", description="GPU only. auto: bench with and without CUDA graphs, report the "
-                            "faster; on: report with CUDA graphs (without kept too); off: "
-                            "without only. CUDA graphs help launch-bound (small) models.")
+    cuda_graphs: CudaGraphs = Field("auto", description=CUDA_GRAPHS,
+                                    json_schema_extra=BENCH_ONLY)
     cudnn_fusion: bool = Field(
         True, description="GPU, fp16/bf16 engines. Fold BatchNorm into convolutions and run "
                           "conv + bias (+ residual add) + ReLU as one cuDNN kernel, weights "
@@ -310,8 +323,18 @@ class Settings(Section):
     bench: BenchSettings = Field(BenchSettings(), description="Latency benchmark.")
     tensorrt: TensorRTSettings = Field(TensorRTSettings(), description="TensorRT builders.")
     gate: GateSettings | None = Field(None, description="Baseline gate (off when null).")
+    onnxruntime: OnnxRuntimeSettings = Field(OnnxRuntimeSettings(),
+                                             description="onnxruntime backend.")
     torch_inductor: TorchInductorSettings = Field(TorchInductorSettings(),
                                                   description="torch-inductor backend.")
+
+
+def build_settings(section: str, values: dict) -> dict:
+    """A backend section's values less its bench-only keys: changing how an engine is timed
+    never rebuilds it."""
+    fields = Settings.model_fields[section].annotation.model_fields
+    return {k: v for k, v in values.items()
+            if not (fields[k].json_schema_extra or {}).get("bench_only")}
 
 
 def builtin_defaults() -> dict:

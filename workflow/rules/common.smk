@@ -2,6 +2,7 @@
 # Nothing heavy is imported here (no torch, no ONNX Runtime, no binaries run):
 # parsing the workflow must stay fast. Backends and stages come from their registries.
 import sys
+import importlib.util
 from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
@@ -272,7 +273,8 @@ def start_workers():
     eftracking.install_log_redaction()  # no credential in any message of this process
     eftracking.create_local_store()  # before jobs in other processes race to migrate it
     efworker.start(log_path=f"{A}/logs/worker.log")
-    import mlflow.tracking  # noqa: F401 - imported once, here
+    if importlib.util.find_spec("mlflow"):  # absent: each track job says so
+        import mlflow.tracking  # noqa: F401 - imported once, here
 
 
 def print_summary():

@@ -12,11 +12,15 @@ keeps ModelOpt's graph (ORT's CPU provider has no fp8 kernels).
 The provider that actually ran is recorded (``session.get_providers()`` after creation):
 a requested CUDA provider that ORT silently replaced by the CPU one fails the bench with
 the reason (the CUDA libraries that do not resolve), never a CPU figure under a GPU label.
+On the CUDA provider the bench feeds device-resident inputs through an I/O binding (no host
+copies in the timing) and times with the GPU harness (engineforge.gpubench), with and
+without ONNX Runtime's own CUDA graphs (``onnxruntime.cuda_graphs``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import io
 import os
@@ -27,6 +31,7 @@ from pathlib import Path
 
 from engineforge.backends.base import Availability, Backend, BuildRequest
 from engineforge.errors import BenchError, first_line
+from engineforge.settings import base_precision
 from engineforge.sidecar import atomic_path
 
 OPT_LEVEL = "ORT_ENABLE_EXTENDED"
@@ -43,15 +48,29 @@ def _version() -> str:
     return "unknown"
 
 
+CUDA = "CUDAExecutionProvider"
+
+
 def providers() -> list[str]:
     """CPU always; CUDA where onnxruntime-gpu finds a usable GPU."""
     import onnxruntime as ort
 
     avail = ort.get_available_providers()
     use = ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in avail and _cuda_device_present():
-        use.insert(0, "CUDAExecutionProvider")
+    if CUDA in avail and _cuda_device_present():
+        _preload_cuda_libraries()
+        use.insert(0, CUDA)
     return use
+
+
+@functools.cache
+def _preload_cuda_libraries() -> None:
+    """ORT's loader of the nvidia-* wheels' CUDA and cuDNN libraries (the ones torch uses),
+    so the CUDA provider finds them whatever was imported first."""
+    import onnxruntime as ort
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints what it could not load
+        ort.preload_dlls()
 
 
 def _cuda_device_present() -> bool:
@@ -63,9 +82,19 @@ def _cuda_device_present() -> bool:
         return False
 
 
+def engine_cuda_options(path: str | Path) -> dict:
+    """The CUDA provider's options for an engine. ORT lets cuDNN/cuBLAS run fp32 in TF32 by
+    default: an fp32 engine (its place in the layout says which) computes in fp32, as the
+    audit's fp32 limit assumes (mobilenet_v3_small fp32 on the H100: SNR 57.0 dB with TF32,
+    below the 60 dB limit). Other engines keep ORT's default: its switch also takes the tensor
+    cores from fp16 convolutions (resnet50 fp16 b32 on the H100: 4.59 -> 11.0 ms)."""
+    return {"use_tf32": "0"} if base_precision(Path(path).parents[1].name) == "fp32" else {}
+
+
 def session(path: str | Path, threads: int | None = None, optimize: bool = False,
-            use: list[str] | None = None):
-    """An inference session on ``use`` (default: :func:`providers`)."""
+            use: list[str] | None = None, cuda_options: dict | None = None):
+    """An inference session on ``use`` (default: :func:`providers`); the CUDA provider
+    with :func:`engine_cuda_options` and ``cuda_options``."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -75,7 +104,9 @@ def session(path: str | Path, threads: int | None = None, optimize: bool = False
         opts.inter_op_num_threads = 1
     opts.graph_optimization_level = (getattr(ort.GraphOptimizationLevel, OPT_LEVEL) if optimize
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    return ort.InferenceSession(str(path), opts, providers=use or providers())
+    return ort.InferenceSession(str(path), opts, providers=[
+        (p, {**engine_cuda_options(path), **(cuda_options or {})}) if p == CUDA else p
+        for p in use or providers()])
 
 
 def check_providers(requested: list[str], ran: list[str]) -> None:
@@ -85,7 +116,7 @@ def check_providers(requested: list[str], ran: list[str]) -> None:
     if not dropped:
         return
     cause = ""
-    if "CUDAExecutionProvider" in dropped:
+    if CUDA in dropped:
         missing = cuda_provider_missing()
         cause = (f": libonnxruntime_providers_cuda.so needs {', '.join(missing)}, not found "
                  "(docs/backends.md, ONNX Runtime on GPU)" if missing else "")
@@ -111,10 +142,8 @@ def cuda_provider_missing() -> list[str]:
 
 def unresolved_libraries(lib: Path) -> list[str]:
     """What ``ldd lib`` cannot find after ``onnxruntime.preload_dlls()`` (see above)."""
-    import onnxruntime as ort
 
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints what it could not load
-        ort.preload_dlls()
+    _preload_cuda_libraries()
     dirs = sorted({str(Path(line.split()[-1]).parent)
                    for line in Path("/proc/self/maps").read_text().splitlines()
                    if ".so" in line.rsplit("/", 1)[-1]})
@@ -129,7 +158,8 @@ def unresolved_libraries(lib: Path) -> list[str]:
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
     artifact = "engine.onnx"
-    device_class = "cpu"
+    device_class = "cpu"  # the saved model is portable (ORT_ENABLE_EXTENDED); CUDA at runtime
+    settings_section = "onnxruntime"
     tools = ("onnxruntime-gpu", "onnxruntime")
     quantizers = {"int8": "onnxruntime"}   # stages/ort_quantize.py: QDQ u8/s8 per-channel
 
@@ -182,11 +212,19 @@ class OnnxRuntimeBackend(Backend):
         except Exception as err:  # noqa: BLE001
             raise BenchError(first_line(err, typed=False)) from None
         check_providers(requested, sess.get_providers())
-        feed = _feed_for(sess, shapes)
-        names = [o.name for o in sess.get_outputs()]
-        stats = time_callable(lambda: sess.run(names, feed), settings["warmup"],
-                              settings["iterations"], batch=next(iter(shapes.values()))[0])
-        stats["extra"] = {"providers": sess.get_providers(), "requested_providers": requested}
+        feed = feed_for(sess, shapes)
+        batch = next(iter(shapes.values()))[0]
+        on_cuda = sess.get_providers()[0] == CUDA
+        ran = {"providers": sess.get_providers(), "requested_providers": requested,
+               "device": "cuda" if on_cuda else "cpu"}  # the summary's eager baseline
+        if on_cuda:
+            stats, facts = bench_cuda(sess, engine_path, feed, settings, batch)
+            ran |= facts
+        else:
+            names = [o.name for o in sess.get_outputs()]
+            stats = time_callable(lambda: sess.run(names, feed), settings["warmup"],
+                                  settings["iterations"], batch=batch)
+        stats["extra"] = {**stats.get("extra", {}), **ran}
         return stats
 
     @staticmethod
@@ -205,7 +243,54 @@ class OnnxRuntimeBackend(Backend):
         return OnnxrtRunner(lambda: session(engine_path, optimize=False))
 
 
-def _feed_for(sess, shapes: dict[str, list[int]]) -> dict:
+def bench_cuda(sess, engine_path: Path, feed: dict, settings: dict, batch: int,
+                cuda_options: dict | None = None) -> tuple[dict, dict]:
+    """Time on the CUDA provider: inputs and outputs bound on the device (no host copies in
+    the timing), GPU harness, with and without ORT's CUDA graphs (``cuda_graphs``)."""
+    import onnxruntime as ort
+
+    from engineforge import gpubench
+
+    def on_device(s, outputs: dict | None):
+        binding = s.io_binding()
+        for name, value in feed.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
+        for o in s.get_outputs():
+            if outputs is None:
+                binding.bind_output(o.name, "cuda")
+            else:  # a graph replays fixed addresses: outputs allocated once, before capture
+                binding.bind_ortvalue_output(o.name, ort.OrtValue.ortvalue_from_shape_and_type(
+                    *outputs[o.name], "cuda", 0))
+        return binding
+
+    plain = on_device(sess, None)
+    sess.run_with_iobinding(plain)
+    outputs = {o.name: (v.shape(), _tensor_type(v.data_type()))
+               for o, v in zip(sess.get_outputs(), plain.get_outputs())}
+
+    def timed_graphed() -> dict:
+        graphed = session(engine_path, use=[CUDA, "CPUExecutionProvider"],
+                          cuda_options={**(cuda_options or {}), "enable_cuda_graph": "1"})
+        binding = on_device(graphed, outputs)
+        graphed.run_with_iobinding(binding)  # the first run captures the graph
+        return gpubench.bench_point(lambda: graphed.run_with_iobinding(binding),
+                                    warmup=settings["warmup"], batch=batch)
+
+    return gpubench.with_cuda_graphs(
+        settings.get("cuda_graphs", "auto"),
+        lambda: gpubench.bench_point(lambda: sess.run_with_iobinding(plain),
+                                     warmup=settings["warmup"], batch=batch),
+        timed_graphed)
+
+
+def _tensor_type(ort_type: str) -> int:
+    """``tensor(float16)`` -> onnx.TensorProto.FLOAT16 (what OrtValue allocation takes)."""
+    import onnx
+
+    return getattr(onnx.TensorProto, ort_type.removeprefix("tensor(").removesuffix(")").upper())
+
+
+def feed_for(sess, shapes: dict[str, list[int]]) -> dict:
     import numpy as np
 
     types = {"tensor(float)": np.float32, "tensor(float16)": np.float16,

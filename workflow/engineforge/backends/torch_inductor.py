@@ -455,46 +455,18 @@ class TorchInductorBackend(Backend):
                                       settings["iterations"], batch=batch)
                 extra["cuda_graphs"] = "n/a (cpu)"
             else:
-                stats = _gpu_bench(loaded, args, settings, batch, mode, extra)
+                from engineforge import gpubench
+
+                def timed(graph: bool) -> dict:
+                    return gpubench.bench_point(lambda: loaded.call(*args), batch=batch,
+                                                warmup=settings["warmup"], cuda_graph=graph)
+
+                stats, facts = gpubench.with_cuda_graphs(mode, lambda: timed(False),
+                                                         lambda: timed(True))
+                extra |= facts
                 extra |= compute_rate(engine_path, args, stats["p50_ms"])
         stats["extra"] = {**stats.get("extra", {}), **extra}
         return stats
-
-
-def _gpu_bench(loaded: Loaded, args: list, settings: dict, batch: int, mode: str,
-               extra: dict) -> dict:
-    """Without and (mode auto/on) with CUDA graphs; the headline is the graphed one for
-    ``on``, the faster for ``auto``; the other is kept in ``extra``."""
-    timed = {False: time_on_gpu(lambda: loaded.call(*args), settings, batch, graph=False)}
-    if mode != "off":
-        try:
-            timed[True] = time_on_gpu(lambda: loaded.call(*args), settings, batch, graph=True)
-        except Exception as err:  # noqa: BLE001 - a capture that fails is a finding
-            cause = first_line(err, 200)
-            if mode == "on":
-                raise BenchError(f"CUDA graph capture failed ({cause})") from None
-            extra["cuda_graphs_error"] = cause
-    pick = (mode == "on" or (mode == "auto" and True in timed
-                             and timed[True]["p50_ms"] < timed[False]["p50_ms"]))
-    extra["cuda_graphs"] = pick
-    if len(timed) == 2:
-        extra["with_cuda_graphs" if not pick else "without_cuda_graphs"] = timed[not pick]
-    return timed[pick]
-
-
-def time_on_gpu(fn: Callable, settings: dict, batch: int, graph: bool) -> dict:
-    """The one GPU timing call of this backend (engineforge.gpubench): BenchPoint fields,
-    less shapes."""
-    from engineforge import gpubench
-
-    timing = gpubench.time_callable(fn, device="cuda", warmup=settings["warmup"],
-                                    cuda_graph=graph)
-    s = timing.stats
-    return {**{k: s[k] for k in ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms", "min_ms")},
-            "cv": timing.cv, "throughput_per_s": batch * 1e3 / s["p50_ms"],
-            "iterations": len(timing.samples_ms), "warmup": settings["warmup"],
-            "batch": batch, "extra": {"timer": timing.timer, "stable": timing.stable,
-                                      "sample_cv": s.get("sample_cv")}}
 
 
 def compute_rate(engine: Path, args: list, p50_ms: float) -> dict:

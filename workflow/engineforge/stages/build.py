@@ -15,7 +15,7 @@ from engineforge.backends import BuildRequest, backend_class, get_backend
 from engineforge.errors import BuildError, EngineforgeError
 from engineforge.layout import ALL_PROFILES, Layout
 from engineforge.results import BuildResult
-from engineforge.settings import Section, base_precision
+from engineforge.settings import Section, base_precision, build_settings
 
 TOOLS = ()  # the backend's own tools and version are added (see tools())
 LIKELY_FIX = ("the backend rejected the graph: check its op support for this precision "
@@ -45,7 +45,7 @@ def settings(m: dict, w: dict) -> Settings:
     return Settings(backend=w["backend"], precision=w["precision"], profile=w["profile"],
                     profiles=profiles_for(m, w["profile"]),
                     precision_mode="flags" if flags_mode(m, w["backend"]) else "graph",
-                    backend_settings=m[section] if section else None)
+                    backend_settings=build_settings(section, m[section]) if section else None)
 
 
 def cache_group(job) -> str:
