@@ -18,7 +18,7 @@ from engineforge import config, tracking
 from engineforge.backends import backend_class
 from engineforge.layout import Layout
 from engineforge.sidecar import read_json
-from test_release import built_workspace, job_stats, rewrite
+from test_release import built_workspace, job_stats, members, rewrite
 from workflow_helpers import ROOT
 
 pytestmark = pytest.mark.e2e
@@ -219,3 +219,27 @@ def test_run_hands_over_to_snakemake_with_the_workflow_profile(ws):
                               "drift_matrix": 2, "report_model": 2, "report_html": 1,
                               "track": 2, "summary": 1, "all": 1}
     assert "This was a dry-run" in out and "Nothing to be done" not in out
+
+
+def test_release_of_a_run_whose_config_sits_elsewhere(ws, tmp_path):
+    """`engineforge run --configfile conf/c.yaml` resolves the config's paths and artifacts
+    in the directory it runs in, not beside the config: --directory names that directory."""
+    # setup: the same config, moved to a sub-directory of another place
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    shutil.copy(ws / "config.yaml", conf / "c.yaml")
+    out = tmp_path / "rel"
+    args = ("release", "4.0.0", "--config", str(conf / "c.yaml"), "--no-register", "--out",
+            str(out), "--select", "tinycls/fp32/*/onnxruntime")
+    # execute
+    beside = cli(*args, cwd=tmp_path)  # the default: paths resolve beside the config
+    made = cli(*args, "--directory", str(ws), cwd=tmp_path)
+    # assert: without it, one line that names the option; with it, the run's engines
+    assert "--directory" in one_error_line(beside)
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.startswith(f"wrote {out / 'engineforge-4.0.0.tar.gz'} (1 engine(s)")
+    manifest = json.loads(members(out / "engineforge-4.0.0.tar.gz")[
+        "engineforge-4.0.0/manifest.json"])
+    rebuild = manifest["engines"][0]["rebuild"][2]  # the snakemake command, in that directory
+    assert f"--configfile {(conf / 'c.yaml').resolve()}" in rebuild
+    assert f"--directory {ws.resolve()}" in rebuild

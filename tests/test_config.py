@@ -74,12 +74,10 @@ def test_schema_errors_name_the_key(raw, mutate, model, key, words):
     (lambda m: m["checkpoint"].update(path="models/missing.safetensors"),
      "models.digits_cnn.checkpoint.path",
      "checkpoint file 'models/missing.safetensors' does not exist.",
-     "point it at an existing file (paths are relative to the directory the pipeline "
-     "runs in)"),
+     f"point it at an existing file ({config.RELATIVE_PATHS})"),
     (lambda m: m["checkpoint"].update(path="models"), "models.digits_cnn.checkpoint.path",
      "checkpoint file 'models' is a directory.",
-     "point it at an existing file (paths are relative to the directory the pipeline "
-     "runs in)"),
+     f"point it at an existing file ({config.RELATIVE_PATHS})"),
     (lambda m: m["inputs"]["image"].update(range=[1.0, -1.0]),
      "models.digits_cnn.inputs.image.range", "input 'image' has range [1.0, -1.0]: low is "
      "above high.", "give [low, high] with low <= high"),

@@ -92,7 +92,7 @@ def cmd_release(args) -> int:
     out = release.release(
         args.version, config_path=args.config, artifacts=args.artifacts, out=args.out,
         patterns=args.select, alias=args.alias, register_models=not args.no_register,
-        allow_failed=args.allow_failed, force=args.force)
+        allow_failed=args.allow_failed, force=args.force, workdir=args.directory)
     engines = out["manifest"]["engines"]
     size = out["bundle"].stat().st_size / 2**20
     print(f"wrote {out['bundle']} ({len(engines)} engine(s), {size:.2f} MiB)")
@@ -165,6 +165,9 @@ def parser() -> argparse.ArgumentParser:
                      help="model/precision/profile/backend with shell wildcards "
                           "(repeatable; default */*/*/*)")
     rel.add_argument("--config", default="config.yaml", help="config file (default config.yaml)")
+    rel.add_argument("--directory", help="where the run was started (Snakemake's "
+                     "--directory): the config's paths and artifacts resolve there (default: "
+                     "the config's directory)")
     rel.add_argument("--artifacts", help="artifacts directory (default: the config's)")
     rel.add_argument("--out", help="output directory (default <artifacts>/releases)")
     rel.add_argument("--alias", help="registry alias (default release-<version>)")

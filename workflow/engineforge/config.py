@@ -109,6 +109,10 @@ def resolve(raw: dict, root: str | os.PathLike = ".") -> dict:
     }
 
 
+RELATIVE_PATHS = ("paths are relative to the directory the pipeline runs in: the current one, "
+                  "or --directory")
+
+
 def _check_model(name: str, m: dict, root: Path) -> None:
     """Cross-field checks JSON schema cannot express."""
     ckpt = m["checkpoint"]
@@ -116,8 +120,7 @@ def _check_model(name: str, m: dict, root: Path) -> None:
         what = "is a directory" if (root / ckpt["path"]).is_dir() else "does not exist"
         raise ConfigError(f"checkpoint file '{ckpt['path']}' {what}.", model=name,
                           key=f"models.{name}.checkpoint.path",
-                          fix="point it at an existing file (paths are relative to the "
-                              "directory the pipeline runs in)")
+                          fix=f"point it at an existing file ({RELATIVE_PATHS})")
     for iname, spec in m["inputs"].items():
         lo, hi = spec.get("range") or (0, 1)
         if lo > hi:  # equal: a constant input (integers are drawn from [low, high])
@@ -128,7 +131,7 @@ def _check_model(name: str, m: dict, root: Path) -> None:
         if section in m and not (root / m[section]["path"]).is_file():
             raise ConfigError(f"{section} data '{m[section]['path']}' does not exist.",
                               model=name, key=f"models.{name}.{section}.path",
-                              fix="create the .npz or remove the section")
+                              fix=f"create the .npz or remove the section ({RELATIVE_PATHS})")
     needs_calib = [p for p in m["precisions"] if p in QUANTIZED]
     if needs_calib and "calibration" not in m:
         raise ConfigError(f"precisions {needs_calib} need calibration data.", model=name,
@@ -194,10 +197,11 @@ def read(path: str | os.PathLike) -> dict:
     return raw
 
 
-def load(path: str | os.PathLike) -> dict:
-    """Read and resolve a config file (paths resolve relative to its directory)."""
+def load(path: str | os.PathLike, root: str | os.PathLike | None = None) -> dict:
+    """Read and resolve a config file; its paths resolve in ``root`` (the directory the
+    workflow runs in), default the config's own directory."""
     path = Path(path)
-    return resolve(read(path), path.parent)
+    return resolve(read(path), path.parent if root is None else root)
 
 
 def check_artifacts(path: str | os.PathLike) -> None:

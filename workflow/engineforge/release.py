@@ -302,15 +302,18 @@ def _add(tar: tarfile.TarFile, arcname: str, data: bytes, mtime: int) -> None:
 def release(version: str, *, config_path: str | Path = "config.yaml",
             artifacts: str | Path | None = None, out: str | Path | None = None,
             patterns: list[str] | None = None, alias: str | None = None, register_models=True,
-            allow_failed=False, force=False, say=print) -> dict:
-    """Cut a release; returns {"bundle": path, "manifest": dict}."""
+            allow_failed=False, force=False, say=print,
+            workdir: str | Path | None = None) -> dict:
+    """Cut a release; returns {"bundle": path, "manifest": dict}. ``workdir``: the directory
+    the workflow ran in, where the config's paths and artifacts resolve (Snakemake's
+    ``--directory``); default: the config's directory."""
     if not VERSION_RE.match(version):
         raise ReleaseError(f"version '{version}' is not a file-name-safe string.", key="version",
                            fix="use letters, digits and . _ + - (e.g. 1.2.0)")
     alias = alias_name(alias or f"release-{version}")
     config_path = Path(config_path)
-    cfg = efconfig.load(config_path)
-    workdir = config_path.parent  # Snakemake runs where the config's paths resolve
+    workdir = config_path.parent if workdir is None else Path(workdir)
+    cfg = efconfig.load(config_path, root=workdir)
     artifacts = Path(artifacts) if artifacts else workdir / cfg["artifacts"]
     bundle = Path(out or artifacts / "releases") / f"{bundle_name(version)}.tar.gz"
     if bundle.exists() and not force:
@@ -323,8 +326,9 @@ def release(version: str, *, config_path: str | Path = "config.yaml",
     if not chosen:
         raise ReleaseError(f"no built engine under {artifacts} matches {' '.join(patterns)}"
                            f" ({len(excluded)} excluded).", key="--select",
-                           fix="check the pattern (model/precision/profile/backend) or build "
-                               "first: `engineforge run`")
+                           fix="check the pattern (model/precision/profile/backend), build "
+                               "first (`engineforge run`), or pass --directory: where the run "
+                               "was started (default: the config's directory)")
     commit = _git("rev-parse", "HEAD")
     dirty = bool(_git("status", "--porcelain", "--untracked-files=no")) if commit else None
     entries, files = [], {}
