@@ -161,18 +161,25 @@ def test_baseline_failure_is_a_bench_error(tiny_models, tiny_workspace):
     assert "\n" not in text and not outputs["sidecar"].exists()
 
 
-def test_a_bench_only_setting_changes_the_bench_not_the_build(tiny_models):
-    """Changing how an engine is timed (cuda_graphs) re-runs its bench, never its build."""
+@pytest.mark.parametrize(("backend", "section", "key", "value", "rebuilds"), [
+    ("onnxruntime", "onnxruntime", "cuda_graphs", "off", False),
+    ("torch-inductor", "torch_inductor", "cuda_graphs", "off", False),
+    ("tensorrt-rtx", "tensorrt", "use_cuda_graph", True, False),
+    ("trtexec", "tensorrt", "avg_runs", 3, False),
+    # controls: keys that do change the engine
+    ("torch-inductor", "torch_inductor", "cudnn_fusion", False, True),
+    ("tensorrt-rtx", "tensorrt", "builder_optimization_level", 5, True)])
+def test_a_bench_only_setting_changes_the_bench_not_the_build(tiny_models, backend, section,
+                                                              key, value, rebuilds):
+    """Changing how an engine is timed re-runs its bench, never its build."""
     from engineforge.stages import build
 
-    # setup: the same model with the timing knob flipped, for both GPU-capable backends
-    for backend, section in (("onnxruntime", "onnxruntime"), ("torch-inductor",
-                                                               "torch_inductor")):
-        m = tiny_models["tinyfcn"]
-        flipped = copy.deepcopy(m)
-        flipped[section]["cuda_graphs"] = "off"
-        w = {"model": "tinyfcn", "backend": backend, "precision": "fp16", "profile": "large"}
-        # run / assert
-        assert m[section]["cuda_graphs"] == "auto"
-        assert build.settings(flipped, w) == build.settings(m, w)
-        assert bench.settings(flipped, w) != bench.settings(m, w)
+    # setup: the same model with one backend key changed
+    m = tiny_models["tinyfcn"]
+    changed = copy.deepcopy(m)
+    assert changed[section][key] != value
+    changed[section][key] = value
+    w = {"model": "tinyfcn", "backend": backend, "precision": "fp16", "profile": "large"}
+    # run / assert
+    assert (build.settings(changed, w) != build.settings(m, w)) is rebuilds
+    assert bench.settings(changed, w) != bench.settings(m, w)

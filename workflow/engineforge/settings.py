@@ -208,6 +208,9 @@ class BenchSettings(Section):
         "Which shapes of each profile are timed.")] = ["min", "opt", "max"]
 
 
+BENCH_ONLY = {"bench_only": True}  # a backend key that changes how it is timed, not the engine
+
+
 class TensorRTSettings(Section):
     """TensorRT-family builders (tensorrt, tensorrt-rtx, trtexec)."""
 
@@ -220,12 +223,18 @@ class TensorRTSettings(Section):
                                                                        "optimization level.")
     multi_profile_engine: bool = Field(False, description="Also build one engine holding "
                                                           "every profile of the model.")
-    use_cuda_graph: bool = Field(False, description="Bench with CUDA graphs.")
-    no_data_transfers: bool = Field(False, description="Bench without host<->device copies.")
-    use_spin_wait: bool = Field(False, description="trtexec --useSpinWait.")
-    warmup_ms: float = Field(200, ge=0, description="trtexec --warmUp (ms).")
-    duration_s: float = Field(3, ge=0, description="trtexec --duration (s).")
-    avg_runs: int = Field(10, ge=1, description="trtexec --avgRuns.")
+    use_cuda_graph: bool = Field(False, description="Bench with CUDA graphs.",
+                                 json_schema_extra=BENCH_ONLY)
+    no_data_transfers: bool = Field(False, description="Bench without host<->device copies.",
+                                    json_schema_extra=BENCH_ONLY)
+    use_spin_wait: bool = Field(False, description="trtexec --useSpinWait.",
+                                json_schema_extra=BENCH_ONLY)
+    warmup_ms: float = Field(200, ge=0, description="trtexec --warmUp (ms).",
+                             json_schema_extra=BENCH_ONLY)
+    duration_s: float = Field(3, ge=0, description="trtexec --duration (s).",
+                              json_schema_extra=BENCH_ONLY)
+    avg_runs: int = Field(10, ge=1, description="trtexec --avgRuns.",
+                          json_schema_extra=BENCH_ONLY)
     compute_capabilities: list[Annotated[list[int], Field(min_length=2, max_length=2)]] | None = (
         Field(None, description="TensorRT-RTX target GPUs, e.g. [[8, 6], [8, 9]]; default "
                                 "all."))
@@ -269,7 +278,6 @@ class GateSettings(Section):
                                             "is recorded, summarised and tracked.")
 
 
-BENCH_ONLY = {"bench_only": True}  # a backend key that changes how it is timed, not the engine
 CudaGraphs = Literal["auto", "on", "off"]
 CUDA_GRAPHS = ("GPU only. auto: bench with and without CUDA graphs, report the faster; on: "
                "report with CUDA graphs (without kept too); off: without only. CUDA graphs "

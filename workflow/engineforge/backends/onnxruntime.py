@@ -142,7 +142,6 @@ def cuda_provider_missing() -> list[str]:
 
 def unresolved_libraries(lib: Path) -> list[str]:
     """What ``ldd lib`` cannot find after ``onnxruntime.preload_dlls()`` (see above)."""
-
     _preload_cuda_libraries()
     dirs = sorted({str(Path(line.split()[-1]).parent)
                    for line in Path("/proc/self/maps").read_text().splitlines()
@@ -245,8 +244,9 @@ class OnnxRuntimeBackend(Backend):
 
 def bench_cuda(sess, engine_path: Path, feed: dict, settings: dict, batch: int,
                 cuda_options: dict | None = None) -> tuple[dict, dict]:
-    """Time on the CUDA provider: inputs and outputs bound on the device (no host copies in
-    the timing), GPU harness, with and without ORT's CUDA graphs (``cuda_graphs``)."""
+    """Time ``sess`` (on the CUDA provider, made with ``cuda_options``): inputs and outputs
+    bound on the device (no host copies in the timing), GPU harness, with and without ORT's
+    CUDA graphs (``cuda_graphs``; the graphed session gets the same options)."""
     import onnxruntime as ort
 
     from engineforge import gpubench
