@@ -210,3 +210,26 @@ def test_summary_says_why_an_audit_failed(artifacts, tmp_path):
     assert f"1. {reason}" in md
     # control: the tree as built says pass, with no note
     assert "| onnxruntime | pass |" in summary.markdown(summary.collect(lay, s))
+
+
+def test_a_variant_slower_than_fp32_on_its_backend_is_noted():
+    """ORT's int8 loses to fp32 on CPU for some models (googlenet, squeezenet, shufflenet):
+    the summary says so beside the figure, once, unless the backend explained it already."""
+    # setup: rows as collect() makes them
+    rows = [{"model": "m", "precision": "fp32", "backend": "onnxruntime", "p50_ms": 2.0},
+            {"model": "m", "precision": "int8", "backend": "onnxruntime", "p50_ms": 3.0,
+             "speedup": 0.5},
+            {"model": "m", "precision": "fp16", "backend": "onnxruntime", "p50_ms": 4.0,
+             "speedup_note": "ORT CPU has no fast fp16 kernels"},
+            {"model": "m", "precision": "bf16", "backend": "onnxruntime", "p50_ms": 2.1},
+            {"model": "m", "precision": "int8", "backend": "tensorrt-rtx", "p50_ms": 9.0},
+            {"model": "n", "precision": "int8", "backend": "onnxruntime", "p50_ms": 1.0}]
+    # run
+    summary._note_slower_than_fp32(rows)
+    md = summary.markdown({"rows": rows, "skipped_backends": {}})
+    # assert: only the int8 row 1.5x slower than its own backend's fp32 is noted
+    noted = [(r["precision"], r["backend"]) for r in rows
+             if r.get("speedup_note") == summary.SLOWER_NOTE]
+    assert noted == [("int8", "onnxruntime")]
+    assert rows[2]["speedup_note"] == "ORT CPU has no fast fp16 kernels"  # kept
+    assert "| 0.50 [1] |" in md and f"1. {summary.SLOWER_NOTE}" in md

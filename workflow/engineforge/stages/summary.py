@@ -112,11 +112,30 @@ def collect(layout: Layout, s: Settings, failures: list[dict] | None = None) -> 
                 if failed:
                     row["failed"] = ", ".join(failed)
                 rows.append(row)
+    _note_slower_than_fp32(rows)
     gates = {model: read_json(p) for model, m in s.models.items()
              if m.get("gate") and (p := Path(layout.gate("gate.json", model))).exists()}
     return {"rows": rows, "gates": gates, "skipped_backends": dict(s.skipped_backends),
             "complete": failures is None, "failures": list(failures or []),
             "localisations": localisations(layout, s), "repairs": repairs(layout, s)}
+
+
+SLOWER = 1.10  # a variant this much slower than fp32 (beyond bench noise) gets a note
+SLOWER_NOTE = ("slower than the model's fp32 on the same backend (p50 column): no speedup "
+               "from this variant on this model and device")
+
+
+def _note_slower_than_fp32(rows: list[dict]) -> None:
+    """A variant at least ``SLOWER`` times its model's fp32 latency on the same backend gets
+    a note, unless its backend said why already (ORT's int8 loses to fp32 on CPU for
+    googlenet, squeezenet and shufflenet: the Q/DQ work outweighs the int8 kernels)."""
+    fp32 = {(r["model"], r["backend"]): r["p50_ms"] for r in rows
+            if r["precision"] == "fp32" and r.get("p50_ms")}
+    for r in rows:
+        base = fp32.get((r["model"], r["backend"]))
+        if (r["precision"] != "fp32" and base and r.get("p50_ms")
+                and r["p50_ms"] >= SLOWER * base and not r.get("speedup_note")):
+            r["speedup_note"] = SLOWER_NOTE
 
 
 def _node(d) -> dict:
