@@ -24,6 +24,7 @@ import functools
 import importlib.util
 import io
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -168,9 +169,14 @@ class OnnxRuntimeBackend(Backend):
         return Availability(True, version=_version())
 
     def build(self, req: BuildRequest) -> dict:
+        """The model optimized offline on the CPU provider (portable), then loaded on the
+        providers the bench will use. A graph the CPU provider cannot load (e.g. bf16 Conv)
+        is kept unoptimized: the CUDA provider may still run it; if nothing can, that is
+        the result, with the reason."""
         import onnxruntime as ort
 
         t0 = time.perf_counter()
+        requested = providers()
         with atomic_path(req.engine_path) as tmp:
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
@@ -179,21 +185,23 @@ class OnnxRuntimeBackend(Backend):
             try:
                 ort.InferenceSession(str(req.onnx_path), opts,
                                      providers=["CPUExecutionProvider"])
-                status, reason = "ok", None
-                requested = providers()
-                ran = session(tmp, use=requested).get_providers()  # what the bench gets
+                optimized, why = True, None
             except Exception as err:  # noqa: BLE001 - e.g. no bf16 kernels on the CPU EP
-                # A result, not an error: keep the variant as is, and say why it cannot run.
                 shutil.copyfile(req.onnx_path, tmp)
-                status = "not_runnable"
-                reason = ("not runnable on onnxruntime (CPUExecutionProvider): "
-                          f"{first_line(err, typed=False)}")
-                requested = ran = []
+                optimized, why = False, err
+            try:
+                ran = session(tmp, use=requested).get_providers()  # what the bench gets
+                status, reason = "ok", None
+            except Exception as err:  # noqa: BLE001 - a result, not an error
+                status, ran = "not_runnable", []
+                reason = (f"not runnable on onnxruntime ({', '.join(requested)}): "
+                          f"{runtime_error(err)}")
         return {"status": status, "reason": reason,
                 "requested_providers": requested, "providers": ran,
                 "build_time_s": round(time.perf_counter() - t0, 3),
                 "engine_bytes": req.engine_path.stat().st_size,
-                "graph_optimization_level": OPT_LEVEL if status == "ok" else None,
+                "graph_optimization_level": OPT_LEVEL if optimized else None,
+                "offline_optimization_error": None if optimized else runtime_error(why),
                 "version": ort.__version__}
 
     def runnable(self, precision: str) -> tuple[bool, str]:
@@ -209,7 +217,7 @@ class OnnxRuntimeBackend(Backend):
             sess = session(engine_path, threads=settings["threads"], optimize=False,
                            use=requested)
         except Exception as err:  # noqa: BLE001
-            raise BenchError(first_line(err, typed=False)) from None
+            raise BenchError(runtime_error(err)) from None
         check_providers(requested, sess.get_providers())
         feed = feed_for(sess, shapes)
         batch = next(iter(shapes.values()))[0]
@@ -239,7 +247,28 @@ class OnnxRuntimeBackend(Backend):
     def runner(self, engine_path: Path):
         from polygraphy.backend.onnxrt import OnnxrtRunner
 
-        return OnnxrtRunner(lambda: session(engine_path, optimize=False))
+        return OnnxrtRunner(lambda: _loaded(engine_path))
+
+
+NO_PROVIDER = re.compile(r"Provider type for (\w+) node with name '([^']*)' is not set")
+
+
+def runtime_error(err: BaseException) -> str:
+    """ORT's error as one readable line. A node no provider took is named: ORT reports it from
+    inside its memcpy transformer, as a C++ assertion with a source path."""
+    found = NO_PROVIDER.search(str(err))
+    if found:
+        return (f"no provider here runs its {found[1]} node '{found[2]}' (no kernel for that "
+                "op in this graph's data type)")
+    return first_line(err, typed=False)
+
+
+def _loaded(engine_path: Path):
+    """A session for the audit's runner; a model ORT cannot load fails in one line."""
+    try:
+        return session(engine_path, optimize=False)
+    except Exception as err:  # noqa: BLE001
+        raise RuntimeError(runtime_error(err)) from None
 
 
 def bench_cuda(sess, engine_path: Path, feed: dict, settings: dict, batch: int,
