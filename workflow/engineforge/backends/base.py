@@ -108,6 +108,12 @@ class Backend:
         return gpu_device() if self.device_class == "gpu" else self.device_class
 
 
+def precision_of(engine: Path | str) -> str:
+    """An engine's precision variant, from its place in the layout
+    (``<model>/build/<backend>/<precision>/<profile>/<artifact>``)."""
+    return Path(engine).parents[1].name
+
+
 def gpu_device() -> str:
     """``<GPU name>:sm<cc>`` of the first CUDA GPU, ``gpu:unknown`` without one."""
     import importlib.util

@@ -30,7 +30,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from engineforge.backends.base import Availability, Backend, BuildRequest
+from engineforge.backends.base import Availability, Backend, BuildRequest, precision_of
 from engineforge.errors import BenchError, first_line
 from engineforge.settings import base_precision
 from engineforge.sidecar import atomic_path
@@ -89,7 +89,7 @@ def engine_cuda_options(path: str | Path) -> dict:
     audit's fp32 limit assumes (mobilenet_v3_small fp32 on the H100: SNR 57.0 dB with TF32,
     below the 60 dB limit). Other engines keep ORT's default: its switch also takes the tensor
     cores from fp16 convolutions (resnet50 fp16 b32 on the H100: 4.59 -> 11.0 ms)."""
-    return {"use_tf32": "0"} if base_precision(Path(path).parents[1].name) == "fp32" else {}
+    return {"use_tf32": "0"} if base_precision(precision_of(path)) == "fp32" else {}
 
 
 def session(path: str | Path, threads: int | None = None, optimize: bool = False,

@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from engineforge.backends.base import Availability, Backend, BuildRequest, gpu_device
+from engineforge.backends.base import Availability, Backend, BuildRequest, gpu_device, precision_of
 from engineforge.errors import BenchError, BuildError, first_line, key_line
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -94,10 +94,6 @@ def program_of(engine: Path) -> Path:
     """The export's program an engine was built from (``<root>/<model>/export/model.pt2``;
     the engine is ``<root>/<model>/build/<backend>/<precision>/<profile>/<artifact>``)."""
     return Path(engine).parents[4] / "export" / "model.pt2"
-
-
-def precision_of(engine: Path) -> str:
-    return Path(engine).parents[1].name
 
 
 def read_io(program: Path) -> dict:

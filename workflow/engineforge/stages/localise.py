@@ -73,8 +73,8 @@ def run(job) -> Localisation:
                                    f"({', '.join(sorted(audits))})")
     if any(CONSTANT_REFERENCE in t for t in trigger):
         return Localisation(status="not_localisable", precision=s.precision, audits=audits,
-                            trigger=trigger, reason="the PyTorch reference is constant: no "
-                            "variant's drift can be measured, so none can be localised")
+                            trigger=trigger, reason=f"{CONSTANT_REFERENCE}: no variant's "
+                            "drift can be measured, so none can be localised")
     feed = {k[3:]: v for k, v in modelio.load_npz(job.inputs["reference"]).items()
             if k.startswith("in:")}
     limit = job.limits.get("emulated_audit", 300)
