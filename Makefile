@@ -8,7 +8,7 @@ CORES ?= all
 # profiles/default (content checksums, keep-going, mlflow=1) is picked up by snakemake itself,
 # so `make run` and a plain `snakemake` behave the same.
 
-.PHONY: run test lint fmt dry-run mlflow-ui bench clean env
+.PHONY: run test cluster-test stack-up stack-down lint fmt dry-run mlflow-ui bench clean env
 
 env: $(STAMP)
 
@@ -25,8 +25,22 @@ run: $(STAMP)  ## run the default pipeline on the demo zoo
 dry-run: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --dry-run --quiet rules
 
-test: $(STAMP)  ## the whole test suite (what CI runs)
-	$(BIN)/python -m pytest -q tests
+# The team stack (docs/scale-out.md): single-node Slurm + slurmdbd/MariaDB, PostgreSQL, Ceph
+# radosgw and an MLflow server, all on 127.0.0.1, installed and started by the project's own
+# script (root on Debian; state in $$ENGINEFORGE_STACK_DIR, default /tmp/engineforge-stack).
+STACK := bash workflow/stack/stack.sh
+
+stack-up: $(STAMP)  ## start the team stack (installs its Debian packages the first time)
+	$(STACK) up
+
+stack-down:
+	$(STACK) down
+
+test: $(STAMP) stack-up  ## the whole test suite, the team-scale tests included (what CI runs)
+	$(BIN)/python -m pytest -q --durations=25 tests
+
+cluster-test: $(STAMP) stack-up  ## only the team-scale tests (tests/cluster)
+	$(BIN)/python -m pytest -q --durations=10 tests/cluster
 
 lint: $(STAMP)
 	$(BIN)/ruff check workflow tests models calib benchmarks

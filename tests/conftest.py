@@ -25,6 +25,11 @@ def temp_files_under_basetemp(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmp", numbered=False)))
     mp.setattr(tempfile, "tempdir", None)
+    from engineforge import signing  # the run's own signing key, not ~/.config's
+
+    key = tmp_path_factory.mktemp("keys") / "signing.key"
+    signing.generate(key)
+    mp.setenv(signing.ENV_KEY_FILE, str(key))
     yield
     mp.undo()
 

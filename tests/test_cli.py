@@ -14,10 +14,11 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from engineforge import config, tracking
+from engineforge import config, signing
 from engineforge.backends import backend_class
 from engineforge.layout import Layout
 from engineforge.sidecar import read_json
+from engineforge.stages import track
 from test_release import built_workspace, job_stats, members, rewrite
 from workflow_helpers import ROOT
 
@@ -46,12 +47,12 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def track_settings(cfg: dict, model: str) -> tracking.Settings:
+def track_settings(cfg: dict, model: str) -> track.Settings:
     """The track stage's settings as `rule track` makes them: every configured backend is
     usable here and builds each profile of the model."""
     m = cfg["models"][model]
     builds = {b: list(m["profiles"]) for b in m["backends"]}
-    return tracking.settings(m, {"model": model}, cfg["experiment"], builds)
+    return track.settings(m, {"model": model}, cfg["experiment"], builds)
 
 
 def test_release_then_verify(ws, tmp_path):
@@ -87,6 +88,37 @@ def test_verify_exits_1_and_lists_the_mismatch(ws, tmp_path):
     plans = {Path(Layout("artifacts").engine("tensorrt-rtx", "tinyfcn", p, "small"))
              .relative_to("artifacts").as_posix() for p in ("fp32", "int8")}  # in the bundle
     assert {ln.split("sha256 mismatch ")[1].split(":")[0] for ln in mismatches} == plans
+
+
+def test_verify_trusts_keys_from_the_flag_and_the_config(ws, tmp_path):
+    """A bundle another builder signed: refused in one line, accepted once its key is
+    trusted by --trusted-key or by a config's trust section."""
+    # setup
+    key = tmp_path / "ci.key"
+    signing.generate(key)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(signing.ENV_KEY_FILE, str(key))
+        public = signing.signing_key().public_key
+    made = cli("release", "1.2.0", "--config", str(ws / "config.yaml"), "--no-register",
+               "--select", "tinycls/fp32", "--out", str(tmp_path), cwd=tmp_path,
+               env={signing.ENV_KEY_FILE: str(key)})
+    assert made.returncode == 0, made.stderr
+    bundle = tmp_path / "engineforge-1.2.0.tar.gz"
+    conf = tmp_path / "trusting.yaml"
+    conf.write_text(f"trust:\n  trusted_keys: ['{public}']\n")
+    # execute
+    refused = cli("verify", str(bundle), cwd=tmp_path)
+    by_flag = cli("verify", str(bundle), "--trusted-key", public, cwd=tmp_path)
+    by_config = cli("verify", str(bundle), "--configfile", str(conf), cwd=tmp_path)
+    bad_flag = cli("verify", str(bundle), "--trusted-key", "ed25519:AAAA", cwd=tmp_path)
+    # assert
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.stderr.splitlines() == [
+        f"FAILED: {bundle}: manifest.json signed by untrusted key {signing.key_id(public)}: "
+        "pass --trusted-key ed25519:... or add it to trust.trusted_keys (--configfile)"]
+    assert (by_flag.returncode, by_flag.stdout) == (0, "OK: 2 engines verified\n")
+    assert (by_config.returncode, by_config.stdout) == (0, "OK: 2 engines verified\n")
+    assert one_error_line(bad_flag).startswith("engineforge: [stage=config key=--trusted-key]")
 
 
 def test_a_target_after_configfile_is_named_as_such(ws):
@@ -138,9 +170,9 @@ def test_sync_uploads_a_pending_record_and_release_finds_its_runs(ws, tmp_path, 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     cfg = config.load(ws / "config.yaml")
     s = track_settings(cfg, "tinycls")
-    record = tracking.build_record("tinycls", s.model, s.experiment,
-                                   tracking.model_outputs(Layout(cfg["artifacts"]), "tinycls", s))
-    status = tracking.track(record, layout.track("tinycls"), arts)
+    record = track.build_record("tinycls", s.model, s.experiment,
+                                track.model_outputs(Layout(cfg["artifacts"]), "tinycls", s))
+    status = track.track(record, layout.track("tinycls"), arts)
     assert status["status"] == "pending"
     assert len(list(pending.glob("*.json"))) == 1
     down = cli("sync", "--artifacts", str(arts), cwd=ws, uri="http://127.0.0.1:9")

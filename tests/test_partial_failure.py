@@ -19,10 +19,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from conftest import tiny_raw_config, write_tiny_workspace
-from engineforge import failures, tracking
+from engineforge import failures
 from engineforge.job import Job
 from engineforge.layout import Layout
 from engineforge.sidecar import read_json
+from engineforge.stages import track
 from workflow_helpers import ROOT, planned_outputs, snakemake, write_config
 
 L = Layout()
@@ -272,8 +273,8 @@ def test_a_failed_build_is_a_failed_child_of_the_partial_record(tmp_path):
     m = {"checkpoint": {}, "opset": 17, "precisions": ["fp32"], "backends": ["onnxruntime"],
          "task": "classification", "profiles": {"p": {}}}
     # execute
-    complete = tracking.build_record("m", m, "e", outs, None)
-    partial = tracking.build_record("m", m, "e", outs, [fail])
+    complete = track.build_record("m", m, "e", outs, None)
+    partial = track.build_record("m", m, "e", outs, [fail])
     # assert
     assert "status" not in complete["parent"] and complete["children"] == []
     assert partial["parent"]["status"] == "FAILED" and partial["id"] != complete["id"]

@@ -8,16 +8,18 @@ workspace's sqlite MLflow.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import shutil
+import socket
 import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
 from conftest import ROOT, tiny_raw_config, write_tiny_workspace
-from engineforge import release
+from engineforge import release, signing
 from engineforge.backends import backend_class
 from engineforge.errors import ReleaseError
 from engineforge.layout import Layout
@@ -67,10 +69,13 @@ def members(bundle: Path) -> dict[str, bytes]:
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
 
 
-def rewrite(bundle: Path, change=lambda name, data: (name, data), extra=()) -> None:
-    """Rewrite the tar: each member's (name, bytes) through ``change``, then ``extra``."""
+def rewrite(bundle: Path, change=lambda name, data: (name, data), extra=(),
+            keep=lambda name: True) -> None:
+    """Rewrite the tar: each member's (name, bytes) through ``change`` (those ``keep``
+    keeps), then ``extra``."""
     with tarfile.open(bundle, "r:gz") as tar:
-        items = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+        items = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()
+                 if keep(m.name)]
     with gzip.open(bundle, "wb") as gz, tarfile.open(fileobj=gz, mode="w") as tar:
         for name, data in [change(n, d) for n, d in items] + list(extra):
             info = tarfile.TarInfo(name)
@@ -175,7 +180,8 @@ def test_archive_members_are_deterministic(ws, tmp_path):
         m1, m2 = t1.getmembers(), t2.getmembers()
     names1 = [m.name.split("/", 1)[1] for m in m1]
     assert names1 == [m.name.split("/", 1)[1] for m in m2]
-    assert names1[0] == "manifest.json" and names1[1:] == sorted(names1[1:])
+    assert names1[:2] == ["manifest.json", "manifest.sig.json"]
+    assert names1[2:] == sorted(names1[2:])
     assert {(m.uid, m.gid, m.uname, m.mode) for m in m1} == {(0, 0, "", 0o644)}
     assert len({m.mtime for m in m1}) == 1
     # the archive is written under a temporary name (the glob sees it), then renamed away
@@ -401,3 +407,134 @@ def test_alias_rules():
             release.alias_name(reserved)
     assert release.registered_name("m:x", "fp32", "p/1", "tensorrt-rtx") == (
         "engineforge.m_x.fp32.p_1.tensorrt-rtx")
+
+
+# -- signatures and provenance ----------------------------------------------------------------
+def resign(bundle: Path, edit, key: signing.SigningKey | None = None) -> None:
+    """Edit the manifest (``edit(manifest)`` in place) and sign it again with ``key`` (default
+    this builder's: a trusted signer of a wrong manifest)."""
+    key = key or signing.signing_key()
+    name = next(n for n in members(bundle) if n.endswith("/manifest.json"))
+    manifest = json.loads(members(bundle)[name])
+    edit(manifest)
+    data = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    sig = json.dumps({"signed": "manifest.json", "sha256": hashlib.sha256(data).hexdigest(),
+                      **key.sign(data)}).encode()
+    rewrite(bundle, lambda n, d: (n, data if n == name else sig if n.endswith(
+        "/manifest.sig.json") else d))
+
+
+def stranger_key(tmp_path: Path) -> tuple[Path, signing.SigningKey]:
+    path = tmp_path / "stranger.key"
+    signing.generate(path)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(signing.ENV_KEY_FILE, str(path))
+        return path, signing.signing_key()
+
+
+def test_bundle_is_signed_and_carries_provenance(ws, tmp_path):
+    # setup
+    key = signing.signing_key()
+    a = ws / "artifacts"
+    # execute
+    res, _ = cut(ws, tmp_path, "10.0.0", ["tinycls/fp32", "tinyfcn/int8/large"])
+    # assert: manifest.sig.json signs manifest.json's exact bytes
+    files = members(res["bundle"])
+    data = files["engineforge-10.0.0/manifest.json"]
+    sig = json.loads(files["engineforge-10.0.0/manifest.sig.json"])
+    assert signing.verify(data, sig, {key.public_key}) == key.key_id
+    assert sig["signed"] == "manifest.json" and sig["sha256"] == hashlib.sha256(data).hexdigest()
+    prov = res["manifest"]["provenance"]
+    assert prov["builder"] == {"key_id": key.key_id, "public_key": key.public_key}
+    assert set(prov["engines"]) == {e["name"] for e in res["manifest"]["engines"]} and len(
+        prov["engines"]) == 4
+    for e in res["manifest"]["engines"]:
+        p = prov["engines"][e["name"]]
+        assert p["fingerprints"] == e["fingerprints"]
+        assert set(p["ran"]) == set(p["tools"]) == {"export", "simplify", "precision", "build"}
+        for stage, where in p["ran"].items():
+            ran = read_json(a / e["sidecars"][stage])["ran"]
+            assert where == {"host": ran["host"], "slurm_job_id": ran["slurm_job_id"]}
+            assert where["host"] == socket.gethostname()
+        assert p["tools"]["build"] == e["tools"]
+    assert "PRIVATE" not in data.decode()
+
+
+def test_verify_refuses_an_unsigned_bundle(ws, tmp_path):
+    # setup
+    res, _ = cut(ws, tmp_path, "10.1.0", ["tinycls/fp32"])
+    assert release.verify(res["bundle"]) == (2, [])  # control
+    rewrite(res["bundle"], keep=lambda name: not name.endswith("/manifest.sig.json"))
+    # execute
+    n, problems = release.verify(res["bundle"], extract_to=tmp_path / "x")
+    # assert
+    assert (n, problems) == (0, ["unsigned bundle: no manifest.sig.json"])
+    assert not (tmp_path / "x").exists()
+
+
+def test_verify_refuses_an_untrusted_signer(ws, tmp_path):
+    # setup: a bundle cut with another builder's key
+    path, stranger = stranger_key(tmp_path)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(signing.ENV_KEY_FILE, str(path))
+        res, _ = cut(ws, tmp_path, "10.2.0", ["tinycls/fp32"])
+    # execute
+    n, problems = release.verify(res["bundle"], extract_to=tmp_path / "x")
+    # assert
+    assert (n, problems) == (0, [f"manifest.json signed by untrusted key {stranger.key_id}: "
+                                 "pass --trusted-key ed25519:... or add it to "
+                                 "trust.trusted_keys (--configfile)"])
+    assert not (tmp_path / "x").exists()
+    # positive control: trusted explicitly, the same bundle verifies
+    assert release.verify(res["bundle"], trusted_keys={stranger.public_key}) == (2, [])
+
+
+def test_verify_refuses_a_manifest_edited_after_signing(ws, tmp_path):
+    # setup: one engine's verdict changed in the manifest, hashes untouched
+    res, _ = cut(ws, tmp_path, "10.3.0", ["tinycls/fp32"])
+
+    def edit(name, data):
+        if name.endswith("/manifest.json"):
+            data = data.replace(b'"verdict": "pass"', b'"verdict": "PASS"', 1)
+            assert b"PASS" in data
+        return name, data
+
+    rewrite(res["bundle"], edit)
+    # execute
+    n, problems = release.verify(res["bundle"], extract_to=tmp_path / "x")
+    # assert
+    assert (n, problems) == (0, ["manifest.json does not match its signature (bad signature):"
+                                 " edited after signing"])
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("case", ["fingerprints", "engine", "provenance", "builder"])
+def test_verify_refuses_edited_or_missing_provenance(ws, tmp_path, case):
+    # setup: a manifest whose provenance disagrees with its engines, signed by a trusted key
+    res, _ = cut(ws, tmp_path, "10.4.0", ["tinycls/fp32/b1-8/onnxruntime"])
+    name = "tinycls/fp32/b1-8/onnxruntime"
+
+    def edit(manifest):
+        prov = manifest["provenance"]
+        if case == "fingerprints":
+            prov["engines"][name]["fingerprints"]["build"] = "0" * 64
+        elif case == "engine":
+            del prov["engines"][name]
+        elif case == "provenance":
+            del manifest["provenance"]
+        else:
+            prov["builder"]["public_key"] = stranger_key(tmp_path)[1].public_key
+
+    resign(res["bundle"], lambda manifest: None)  # control: re-signed unchanged, it verifies
+    assert release.verify(res["bundle"]) == (1, [])
+    resign(res["bundle"], edit)
+    # execute
+    n, problems = release.verify(res["bundle"], extract_to=tmp_path / "x")
+    # assert
+    expect = {"fingerprints": f"provenance of engine {name}: its fingerprints differ from "
+                              "the engine's",
+              "engine": f"provenance missing for engine {name}",
+              "provenance": "provenance missing from the manifest",
+              "builder": "provenance names builder ed25519:"}[case]
+    assert len(problems) == 1 and problems[0].startswith(expect), problems
+    assert not (tmp_path / "x").exists()

@@ -293,7 +293,8 @@ def test_after_failed_jobs_the_report_shows_what_exists(finished, tmp_path):
     """``failures.finalise``'s report step on a copy where one audit failed: the failed
     model's page is written from what exists (and not trusted by the next run), the healthy
     model's page is kept, the whole page lists the failed job."""
-    from engineforge import config, failures, tracking
+    from engineforge import config, failures
+    from engineforge.stages import track
 
     ws, raw = finished
     art = tmp_path / "artifacts"
@@ -304,10 +305,10 @@ def test_after_failed_jobs_the_report_shows_what_exists(finished, tmp_path):
     (art / "report.html").unlink()
     kept = Path(L.report("report.html", "tinyfcn")).stat().st_mtime_ns
     models = config.resolve(raw, ws)["models"]
-    track_settings = {m: tracking.settings(models[m], {"model": m}, raw["experiment"],
+    track_settings = {m: track.settings(models[m], {"model": m}, raw["experiment"],
                                            {"onnxruntime": list(models[m]["profiles"])})
                       for m in models}
-    outputs = {m: tracking.model_outputs(L, m, s) for m, s in track_settings.items()}
+    outputs = {m: track.model_outputs(L, m, s) for m, s in track_settings.items()}
     failed = [{"job": "audit-tinycls-onnxruntime-fp16", "model": "tinycls", "stage": "audit",
                "precision": "fp16", "backend": "onnxruntime", "reason": "a broken runtime"}]
     failures._report(L, outputs, track_settings, failed)

@@ -4,7 +4,7 @@ CPU-only machine) and trtexec (timed by its fake binary, tests/fixtures/trtexec/
 
 One tiny model goes through the real stages and runner into an artifacts tree laid out by
 :class:`~engineforge.layout.Layout`; ``stages.summary.collect`` and
-``tracking.build_record`` then read it as the workflow's summary and track jobs do. The
+``stages.track.build_record`` then read it as the workflow's summary and track jobs do. The
 trtexec binary is the only stand-in (a shell script on PATH: see
 tests/backends/test_trtexec.py); the worker children see the PATH set here because the
 runner hands every child the caller's current environment and directory.
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 from conftest import FIXTURES, run_stage, stage_job, tiny_raw_config, write_tiny_workspace
-from engineforge import config, tracking
+from engineforge import config
 from engineforge.layout import Layout
 from engineforge.results import BenchPoint, BenchResult
 from engineforge.runner import run_job
 from engineforge.sidecar import read_json
-from engineforge.stages import summary
+from engineforge.stages import summary, track
 
 MODEL, PROFILE, PRECISION = "tinycls", "b1-8", "fp32"
 BACKENDS = ("onnxruntime", "tensorrt-rtx", "trtexec")
@@ -158,11 +158,11 @@ def test_tracking_record_reads_every_backend(artifacts):
     # setup
     lay, models = artifacts
     builds = {b: [PROFILE] for b in BACKENDS}
-    s = tracking.settings(models[MODEL], {"model": MODEL}, "engineforge-tests", builds)
-    sidecars = tracking.model_outputs(lay, MODEL, s)
+    s = track.settings(models[MODEL], {"model": MODEL}, "engineforge-tests", builds)
+    sidecars = track.model_outputs(lay, MODEL, s)
     base = _baseline_opt(lay)
     # execute
-    record = tracking.build_record(MODEL, s.model, s.experiment, sidecars)
+    record = track.build_record(MODEL, s.model, s.experiment, sidecars)
     # assert
     children = {c["tags"]["engineforge.backend"]: c for c in record["children"]}
     assert set(children) == set(BACKENDS)

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_raw_config, write_tiny_workspace
-from engineforge import tracking
+from engineforge import mlflow_store, redaction
 from engineforge.layout import Layout
+from engineforge.stages import track
 from workflow_helpers import ROOT, snakemake, write_config
 
 PASSWORD = "S3cretPw0rd"
@@ -69,18 +70,18 @@ def test_redact_removes_credentials_and_tokens_and_keeps_the_rest(clean_env):
     text = (f"GET http://alice:{PASSWORD}@db.example:5000/api?token={TOKEN}&run=7 failed; "
             f"retry /?access_token={TOKEN}/api/2.0 (password {PASSWORD} in a message)")
     # execute
-    out = tracking.redact(text)
+    out = redaction.redact(text)
     # assert: every secret gone, the rest as it was
     assert not any(s in out for s in SECRETS), out
     assert out.startswith("GET http://***@db.example:5000/api?token=***&run=7 failed")
-    assert tracking.redact("http://db.example:5000/api/2.0?run=7") == (
+    assert redaction.redact("http://db.example:5000/api/2.0?run=7") == (
         "http://db.example:5000/api/2.0?run=7")
 
 
 def test_credentials_move_to_mlflow_variables(clean_env):
     clean_env.setenv("MLFLOW_TRACKING_URI", "https://alice:p%40ss-word@db.example:5000/mlflow")
     # execute
-    uri = tracking.tracking_uri()
+    uri = mlflow_store.tracking_uri()
     # assert: MLflow gets the URI without them, and the credentials through its variables
     assert uri == "https://db.example:5000/mlflow" == os.environ["MLFLOW_TRACKING_URI"]
     assert os.environ["MLFLOW_TRACKING_USERNAME"] == "alice"
@@ -89,7 +90,7 @@ def test_credentials_move_to_mlflow_variables(clean_env):
 
 def test_log_records_are_redacted_whatever_writes_them(clean_env, caplog):
     clean_env.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:9/?token={TOKEN}")
-    tracking.install_log_redaction()
+    redaction.install_log_redaction()
     # execute: a library logs the URI, with and without %-args, and an exception
     lib = logging.getLogger("urllib3.connectionpool")
     with caplog.at_level(logging.WARNING):
@@ -132,7 +133,7 @@ def test_mlflow_still_authenticates_but_no_secret_is_written(tmp_path, clean_env
     try:
         # execute
         with caplog.at_level(logging.INFO):
-            status = tracking.track(record, tmp_path / "track.json", tmp_path / "artifacts")
+            status = track.track(record, tmp_path / "track.json", tmp_path / "artifacts")
     finally:
         server.shutdown()
     # assert

@@ -193,12 +193,12 @@ def test_a_package_that_cannot_load_falls_back_to_torch_compile(built, tmp_path,
     md = summary.markdown(summary.collect(Layout(str(tmp_path / "artifacts")), s))
     assert f"| {BACKEND} [1] |" in md and "ran torch.compile instead" in md
     # and the MLflow record tags the engine's run with it
-    from engineforge import tracking
+    from engineforge.stages import track
 
     def note_tag(root: Path):
         outs = Layout(str(root / "artifacts")).model_outputs(MODEL, ["fp32"],
                                                              {BACKEND: [PROFILE]}, [PROFILE])
-        (child,) = tracking.build_record(MODEL, models[MODEL], "e", outs)["children"]
+        (child,) = track.build_record(MODEL, models[MODEL], "e", outs)["children"]
         return child["tags"].get("engineforge.note")
 
     assert "ran torch.compile instead" in note_tag(tmp_path)

@@ -1,5 +1,5 @@
 """The ``engineforge`` command: run the pipeline, sync tracking, cut and verify releases,
-check artifacts against their sidecars, print the config schema.
+check artifacts against their sidecars, make a signing key, print the config schema.
 
 Every :class:`EngineforgeError` becomes one line ``engineforge: <message>`` on stderr and
 exit code 2; a failed ``verify`` or ``check`` exits 1 with one line per problem.
@@ -40,9 +40,18 @@ def cmd_run(args) -> int:
     if not given & {"-s", "--snakefile"} and not any(
             Path(f).is_file() for f in ("Snakefile", "workflow/Snakefile")):
         argv += ["--snakefile", str(REPO / "Snakefile")]
-    argv += args.snakemake_args
+    argv += [_profile_path(a, args.snakemake_args[i - 1] if i else "")
+             for i, a in enumerate(args.snakemake_args)]
     os.execvp(argv[0], argv)
     return 0  # not reached
+
+
+def _profile_path(arg: str, previous: str) -> str:
+    """A ``--workflow-profile`` named as in the docs (``profiles/slurm``) is the checkout's
+    when no such directory is here (engineforge run from another directory)."""
+    if previous == "--workflow-profile" and not Path(arg).exists() and (REPO / arg).is_dir():
+        return str(REPO / arg)
+    return arg
 
 
 def _configfiles(argv: list[str]) -> list[tuple[str, bool]]:
@@ -64,16 +73,17 @@ def _configfiles(argv: list[str]) -> list[tuple[str, bool]]:
 
 
 def cmd_sync(args) -> int:
-    from engineforge import tracking
+    from engineforge import mlflow_store
     from engineforge.layout import Layout
+    from engineforge.redaction import redact
 
     try:
-        results = tracking.sync(args.artifacts)
+        results = mlflow_store.sync(args.artifacts)
     except EngineforgeError:
         raise
     except Exception as err:  # noqa: BLE001 - the server is still unreachable
-        first = tracking.redact((str(err).strip().splitlines() or [type(err).__name__])[0])
-        raise TrackingError(f"upload to {tracking.redact(tracking.tracking_uri())} failed: "
+        first = redact((str(err).strip().splitlines() or [type(err).__name__])[0])
+        raise TrackingError(f"upload to {redact(mlflow_store.tracking_uri())} failed: "
                             f"{first[:300]}; pending records kept.", key="MLFLOW_TRACKING_URI",
                             fix="check that the tracking server is up, then rerun "
                                 "`engineforge sync`") from None
@@ -117,15 +127,50 @@ def cmd_schema(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from engineforge import release
+    from engineforge import config, release, signing
 
-    n, problems = release.verify(args.bundle, extract_to=args.extract)
+    if args.configfile:  # its trust section: trusted keys, this builder's key
+        path = Path(args.configfile)
+        signing.configure(signing.parse_trust(config.read(path).get("trust"), path.parent))
+    extra = set()
+    for line in args.trusted_key:
+        try:
+            extra.add(signing.public_key_line(signing.raw_public_key(line.strip())))
+        except ValueError as err:
+            raise ConfigError(f"--trusted-key {line[:60]!r} is not an Ed25519 public key "
+                              f"line: it {err}.", key="--trusted-key",
+                              fix="pass the `ed25519:...` line `engineforge keygen` printed"
+                              ) from None
+    n, problems = release.verify(args.bundle, extract_to=args.extract,
+                                 trusted_keys=signing.trusted() | extra)
+    if len(problems) == 1:
+        print(f"FAILED: {args.bundle}: {problems[0]}", file=sys.stderr)
+        return 1
     if problems:
         print(f"FAILED: {args.bundle}", file=sys.stderr)
         for p in problems:
             print(f"  - {p}", file=sys.stderr)
         return 1
     print(f"OK: {n} engines verified" + (f", extracted to {args.extract}" if args.extract else ""))
+    return 0
+
+
+def cmd_keygen(args) -> int:
+    from engineforge import signing
+
+    path = Path(args.out).expanduser() if args.out else signing.default_key_path()
+    try:
+        public = signing.generate(path, force=args.force)
+    except FileExistsError:
+        raise ConfigError(f"{path} exists; it is not replaced.", key="--out",
+                          fix="pass --force to replace it (entries it signed then need the "
+                              "old public key to be trusted), or another --out") from None
+    except OSError as err:
+        raise ConfigError(f"cannot write {path}: {err.strerror or err}.", key="--out",
+                          fix="pick a writable --out") from None
+    print(public)
+    print(f"wrote {path} (mode 0600, key id {signing.key_id(public)}); trust it with the line "
+          "above in trust.trusted_keys", file=sys.stderr)
     return 0
 
 
@@ -147,7 +192,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="engineforge",
         description="Run the pipeline, sync tracking, cut and verify releases, check "
-                    "artifacts against their sidecars, print the config schema.")
+                    "artifacts against their sidecars, make a signing key, print the config "
+                    "schema.")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run the Snakemake pipeline (workflow profile, all cores)")
@@ -177,10 +223,22 @@ def parser() -> argparse.ArgumentParser:
     rel.add_argument("--force", action="store_true", help="replace an existing release")
     rel.set_defaults(func=cmd_release)
 
-    v = sub.add_parser("verify", help="re-hash a release bundle against its manifest")
+    v = sub.add_parser("verify", help="check a release bundle's signature, hashes and "
+                                      "provenance")
     v.add_argument("bundle", help="engineforge-<version>.tar.gz")
     v.add_argument("--extract", metavar="DIR", help="extract it there when it verifies")
+    v.add_argument("--trusted-key", action="append", default=[], metavar="ed25519:...",
+                   help="a public key whose signature is accepted (repeatable; this "
+                        "builder's own key always is)")
+    v.add_argument("--configfile", help="a config whose trust section says which keys are "
+                                        "trusted")
     v.set_defaults(func=cmd_verify)
+
+    k = sub.add_parser("keygen", help="make a signing key; prints its public key line")
+    k.add_argument("--out", help="private key file (default ~/.config/engineforge/"
+                                 "signing.key)")
+    k.add_argument("--force", action="store_true", help="replace an existing key file")
+    k.set_defaults(func=cmd_keygen)
 
     c = sub.add_parser("check", help="re-hash every artifact against its sidecar")
     c.add_argument("--artifacts", default="artifacts", help="artifacts directory")

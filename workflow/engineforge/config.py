@@ -91,8 +91,11 @@ def resolve(raw: dict, root: str | os.PathLike = ".") -> dict:
     """Validate ``raw`` and return it with every model's settings fully merged.
 
     The result keeps the config's shape (``models: {name: settings}``) so that
-    Snakemake rules and tests read one structure.
+    Snakemake rules and tests read one structure. ``trust`` (``signing.parse_trust``) is
+    not a model setting: it is in no fingerprint.
     """
+    from engineforge.signing import parse_trust
+
     validate(raw)
     root = Path(root)
     base = deep_merge(builtin_defaults(), raw.get("defaults") or {})
@@ -106,6 +109,7 @@ def resolve(raw: dict, root: str | os.PathLike = ".") -> dict:
         "experiment": raw.get("experiment", "engineforge"),
         "artifacts": raw.get("artifacts", "artifacts"),
         "models": models,
+        "trust": parse_trust(raw.get("trust"), root),
     }
 
 

@@ -38,7 +38,7 @@ def _dir(artifacts) -> Path:
 
 def record(job, reason: str) -> Path:
     """Write the failure record of ``job`` (``reason``: its one-line error)."""
-    from engineforge.tracking import redact
+    from engineforge.redaction import redact
 
     w = job.wildcards
     rec = {"job": job_id(job), "model": job.model, "stage": job.stage,
@@ -47,6 +47,25 @@ def record(job, reason: str) -> Path:
     path = _dir(job.artifacts) / f"{rec['job']}.json"
     write_json(path, rec)
     return path
+
+
+def record_unfinished(job) -> Path:
+    """Written as the job starts and replaced by its outcome: a job killed from outside
+    (``scancel``, a node that died, the OOM killer, ``kill -9``) leaves this line behind, so
+    the end of the run lists it like any other failure."""
+    import socket
+
+    from engineforge.errors import EngineforgeError
+
+    slurm = os.environ.get("SLURM_JOB_ID")
+    where = (f"Slurm job {slurm} on {socket.gethostname()}; `sacct -j {slurm}` says why"
+             if slurm else f"pid {os.getpid()} on {socket.gethostname()}")
+    err = EngineforgeError(f"the job was stopped before it finished ({where}); nothing it "
+                           "wrote is trusted.", model=job.model,
+                           fix="run again; if it recurs, raise its resources (mem_mb, "
+                               "time_limits) or check the node")
+    err.stage = job.stage
+    return record(job, str(err))
 
 
 def clear(job) -> None:
@@ -149,13 +168,13 @@ def _drift(layout: Layout, model: str, audits: dict, failures: list[dict]) -> No
 
 def _track(layout: Layout, model: str, settings, outputs: dict, failures: list[dict],
            try_upload: bool) -> dict:
-    from engineforge import tracking
+    from engineforge.stages import track
 
     mine = [f for f in failures if f.get("model") == model]
-    record = tracking.build_record(model, settings.model, settings.experiment, outputs, mine)
+    record = track.build_record(model, settings.model, settings.experiment, outputs, mine)
     out = layout.track(model)
-    status = tracking.track(record, Path(out), layout.root, try_upload=try_upload,
-                            extra={"complete": False, "failed_jobs": [f["job"] for f in mine]})
+    status = track.track(record, Path(out), layout.root, try_upload=try_upload,
+                         extra={"complete": False, "failed_jobs": [f["job"] for f in mine]})
     _untrusted(out)
     return status
 
@@ -169,7 +188,7 @@ def finalise(artifacts: str, summary_settings, track_settings: dict) -> list[dic
     try:
         _finalise(layout, failures, summary_settings, track_settings)
     except Exception as err:  # noqa: BLE001 - the failures themselves are still listed
-        from engineforge.tracking import redact
+        from engineforge.redaction import redact
 
         first = (str(err).strip().splitlines() or [""])[0][:300]
         print(f"engineforge: could not write the partial summary: {type(err).__name__}: "
@@ -179,10 +198,9 @@ def finalise(artifacts: str, summary_settings, track_settings: dict) -> list[dic
 
 
 def _finalise(layout: Layout, failures, summary_settings, track_settings) -> None:
-    from engineforge import tracking
-    from engineforge.stages import summary
+    from engineforge.stages import summary, track
 
-    outputs = {m: tracking.model_outputs(layout, m, s) for m, s in track_settings.items()}
+    outputs = {m: track.model_outputs(layout, m, s) for m, s in track_settings.items()}
     track_stale = {m: _stale(layout.track(m), files_of(o)) for m, o in outputs.items()}
     summary_inputs = [f for m, o in outputs.items() for f in
                       [layout.drift("json", m), layout.track(m), *files_of(o["bench"]),

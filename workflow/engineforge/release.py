@@ -2,8 +2,11 @@
 
 ``release`` picks built engines from the artifacts tree by ``model/precision/profile/backend``
 patterns, registers each tracked one in the MLflow Model Registry, then writes
-``engineforge-<version>.tar.gz`` (temp file + rename). ``verify`` re-hashes a bundle against
-its manifest without extracting it. Nothing here imports torch or ONNX.
+``engineforge-<version>.tar.gz`` (temp file + rename). The manifest carries each engine's
+provenance (where its stages ran, fingerprints, tool versions) and ``manifest.sig.json``
+signs its exact bytes with the builder's key (``signing``). ``verify`` checks that signature
+against the trusted keys, re-hashes the bundle against its manifest without extracting it,
+and checks the provenance against the engines. Nothing here imports torch or ONNX.
 """
 
 from __future__ import annotations
@@ -25,16 +28,19 @@ from pathlib import Path, PurePosixPath
 from pydantic import ValidationError
 
 from engineforge import config as efconfig
-from engineforge import tracking
+from engineforge import mlflow_store, signing
 from engineforge.backends import backend_class
 from engineforge.backends import names as backend_names
 from engineforge.errors import ReleaseError
 from engineforge.layout import Layout
+from engineforge.redaction import redact
 from engineforge.results import AuditResult, BenchResult
 from engineforge.sidecar import atomic_path, read_json, sha256_file
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout the workflow runs from
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig.json"  # {signed, sha256, key_id, public_key, signature}
+PROVENANCE_STAGES = ("export", "simplify", "precision", "build")
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
@@ -206,6 +212,19 @@ def _repair(precision_sidecar: Path | None) -> dict:
             } if repair else {}
 
 
+def _provenance(artifacts: Path, entry: dict) -> dict:
+    """Where an engine's export, simplify, precision and build ran (host, Slurm job: the
+    sidecars' ``ran``), their fingerprints and tool versions."""
+    ran, tools = {}, {}
+    for stage in PROVENANCE_STAGES:
+        if stage in entry["sidecars"]:
+            side = read_json(Path(artifacts) / entry["sidecars"][stage])
+            where = side.get("ran") or {}
+            ran[stage] = {k: where.get(k) for k in ("host", "slurm_job_id")}
+            tools[stage] = side.get("tools", {})
+    return {"ran": ran, "fingerprints": dict(entry["fingerprints"]), "tools": tools}
+
+
 def _drift_rows(artifacts: Path, model: str) -> list[dict]:
     """Every row of the model's drift matrix (``audit/drift.json``), [] when there is none."""
     path = Path(Layout(Path(artifacts).as_posix()).drift("json", model))
@@ -218,7 +237,7 @@ def _run_ids_by_record(client, experiment: str, record_id: str) -> dict:
     if not exp or not record_id:
         return {}
     runs = client.search_runs([exp.experiment_id],
-                              f"tags.`{tracking.RECORD_TAG}.parent` = '{record_id}'",
+                              f"tags.`{mlflow_store.RECORD_TAG}.parent` = '{record_id}'",
                               max_results=1000)
     return {r.info.run_name: r.info.run_id for r in runs}
 
@@ -227,7 +246,7 @@ def _engine_source(client, run_id: str, engine_file: str, size: int) -> tuple[st
     """(source URI, run holding it): ``runs:/<id>/build`` (engine + build.json), the run an
     ``engineforge.ref.build`` tag points to (unchanged engines are logged once), or, for
     older runs, the engine at the run's root."""
-    ref = client.get_run(run_id).data.tags.get(tracking.REF_TAG + ".build")
+    ref = client.get_run(run_id).data.tags.get(mlflow_store.REF_TAG + ".build")
     if ref:
         run_id = ref.split("/")[1]  # runs:/<id>/build
     for sub in ("build", None):
@@ -248,11 +267,9 @@ def _engine_source(client, run_id: str, engine_file: str, size: int) -> tuple[st
 def register(entries: list[dict], version: str, alias: str, experiment: str, say) -> None:
     """One registered model per engine, a new version from its child run, alias -> version."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    tracking.quick_failing_http()
-    uri = tracking.tracking_uri()
-    client = MlflowClient(tracking_uri=uri)  # the registry follows the tracking URI
+    uri = mlflow_store.tracking_uri()
+    client = mlflow_store.client()  # the registry follows the tracking URI
     name = None
     try:
         for e in entries:
@@ -287,8 +304,8 @@ def register(entries: list[dict], version: str, alias: str, experiment: str, say
     except ReleaseError:
         raise
     except Exception as err:  # noqa: BLE001 - any registry failure fails the release
-        first = tracking.redact((str(err).strip().splitlines() or [type(err).__name__])[0])
-        raise ReleaseError(f"registering {name or 'engines'} at {tracking.redact(uri)} failed: "
+        first = redact((str(err).strip().splitlines() or [type(err).__name__])[0])
+        raise ReleaseError(f"registering {name or 'engines'} at {redact(uri)} failed: "
                            f"{first[:300]}; no archive written.", key="MLFLOW_TRACKING_URI",
                            fix="check the tracking server, or pass --no-register") from None
 
@@ -314,6 +331,8 @@ def release(version: str, *, config_path: str | Path = "config.yaml",
     config_path = Path(config_path)
     workdir = config_path.parent if workdir is None else Path(workdir)
     cfg = efconfig.load(config_path, root=workdir)
+    signing.configure(cfg["trust"])
+    key = signing.signing_key()  # a key problem is one line before anything is registered
     artifacts = Path(artifacts) if artifacts else workdir / cfg["artifacts"]
     bundle = Path(out or artifacts / "releases") / f"{bundle_name(version)}.tar.gz"
     if bundle.exists() and not force:
@@ -343,7 +362,7 @@ def release(version: str, *, config_path: str | Path = "config.yaml",
     manifest = {
         "format": 1, "version": version, "created": created.isoformat().replace("+00:00", "Z"),
         "git": {"commit": commit, "dirty": dirty},
-        "tracking_uri": tracking.redact(tracking.tracking_uri()) if register_models else None,
+        "tracking_uri": redact(mlflow_store.tracking_uri()) if register_models else None,
         "alias": alias if register_models else None,
         "config": {"path": str(config_path), "experiment": cfg["experiment"],
                    "models": {m: cfg["models"][m] for m in used}},
@@ -351,13 +370,18 @@ def release(version: str, *, config_path: str | Path = "config.yaml",
         "drift": {m: _drift_rows(artifacts, m) for m in used},  # what a baseline gate reads
         "files": {p: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
                   for p, f in sorted(files.items())},
+        "provenance": {"builder": {"key_id": key.key_id, "public_key": key.public_key},
+                       "engines": {e["name"]: _provenance(artifacts, e) for e in entries}},
     }
+    data = json.dumps(manifest, indent=2, sort_keys=True, default=str).encode()
+    sig = {"signed": MANIFEST, "sha256": hashlib.sha256(data).hexdigest(), **key.sign(data)}
     root, mtime = bundle_name(version), int(created.timestamp())
     with atomic_path(bundle) as tmp, open(tmp, "wb") as raw, \
             gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz, \
             tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        _add(tar, f"{root}/{MANIFEST}",
-             json.dumps(manifest, indent=2, sort_keys=True, default=str).encode(), mtime)
+        _add(tar, f"{root}/{MANIFEST}", data, mtime)
+        _add(tar, f"{root}/{SIGNATURE}", json.dumps(sig, indent=2, sort_keys=True).encode(),
+             mtime)
         for path in sorted(files):  # deterministic member order
             _add(tar, f"{root}/{path}", files[path].read_bytes(), mtime)
     return {"bundle": bundle, "manifest": manifest}
@@ -368,9 +392,10 @@ def _safe(name: str) -> bool:
     return not p.is_absolute() and ".." not in p.parts and "\\" not in name
 
 
-def _read(tar: tarfile.TarFile, problems: list[str]) -> tuple[dict | None, dict]:
-    """(manifest, {path below the bundle root: (sha256, bytes)}), streaming each member."""
-    manifest, seen = None, {}
+def _read(tar: tarfile.TarFile, problems: list[str]) -> tuple[dict[str, bytes], dict]:
+    """({manifest.json / manifest.sig.json: bytes}, {other path below the bundle root:
+    (sha256, bytes)}), streaming each member."""
+    signed, seen = {}, {}
     for member in tar.getmembers():
         if not _safe(member.name) or not (member.isfile() or member.isdir()):
             problems.append(f"unsafe member {member.name!r} (absolute, '..' or a link)")
@@ -379,22 +404,66 @@ def _read(tar: tarfile.TarFile, problems: list[str]) -> tuple[dict | None, dict]
         rel = "/".join(parts[1:]) or member.name
         if not member.isfile():
             continue
-        if rel == MANIFEST:
-            try:
-                manifest = json.loads(tar.extractfile(member).read())
-            except ValueError as err:
-                problems.append(f"{MANIFEST} is not valid JSON: {err}")
+        if rel in (MANIFEST, SIGNATURE):
+            signed[rel] = tar.extractfile(member).read()
             continue
         if rel in seen:
             problems.append(f"duplicate member {rel}")
         digest = hashlib.file_digest(tar.extractfile(member), "sha256").hexdigest()
         seen[rel] = (digest, member.size)
-    return manifest, seen
+    return signed, seen
 
 
-def verify(bundle: str | Path, extract_to: str | Path | None = None) -> tuple[int, list[str]]:
-    """(engines in the manifest, problems). Nothing is written unless the bundle is clean."""
+def _signer(data: bytes, sig_data: bytes | None, trusted: set[str]) -> tuple[dict | None, str]:
+    """(the signature of manifest.json's bytes if a trusted key made it, else None; the
+    problem, one line)."""
+    if sig_data is None:
+        return None, f"unsigned bundle: no {SIGNATURE}"
+    try:
+        sig = json.loads(sig_data)
+        signing.verify(data, sig, trusted)
+    except ValueError as err:
+        return None, f"{SIGNATURE} is not valid JSON: {err}"
+    except signing.Untrusted as err:
+        if str(err) == "unsigned":
+            return None, f"unsigned bundle: {SIGNATURE} holds no signature"
+        if str(err).startswith("signed by untrusted key"):
+            return None, (f"{MANIFEST} {err}: pass --trusted-key ed25519:... or add it to "
+                          "trust.trusted_keys (--configfile)")
+        return None, f"{MANIFEST} does not match its signature ({err}): edited after signing"
+    if sig.get("sha256") != hashlib.sha256(data).hexdigest():
+        return None, f"{MANIFEST} does not match its signature (sha256): edited after signing"
+    return sig, ""
+
+
+def _provenance_problems(manifest: dict, sig: dict) -> list[str]:
+    """Every engine has provenance with its own fingerprints, under the signer's name."""
+    prov = manifest.get("provenance")
+    if not isinstance(prov, dict):
+        return ["provenance missing from the manifest"]
+    problems = []
+    builder = (prov.get("builder") or {}).get("public_key")
+    if builder != sig["public_key"]:
+        problems.append(f"provenance names builder {str(builder)[:60]}, the bundle is signed by "
+                        f"key {sig['key_id']}")
+    engines = prov.get("engines") or {}
+    for e in manifest.get("engines", []):
+        p = engines.get(e["name"])
+        if not isinstance(p, dict):
+            problems.append(f"provenance missing for engine {e['name']}")
+        elif p.get("fingerprints") != e.get("fingerprints"):
+            problems.append(f"provenance of engine {e['name']}: its fingerprints differ from "
+                            "the engine's")
+    return problems
+
+
+def verify(bundle: str | Path, extract_to: str | Path | None = None,
+           trusted_keys: set[str] | None = None) -> tuple[int, list[str]]:
+    """(engines in the manifest, problems). Checks the signature (``trusted_keys``, default
+    ``signing.trusted()``), then every hash, then the provenance. Nothing is written unless
+    the bundle is clean."""
     problems: list[str] = []
+    trusted = signing.trusted() if trusted_keys is None else set(trusted_keys)
     try:
         tar = tarfile.open(bundle, "r:gz")
     except (OSError, tarfile.TarError) as err:
@@ -402,11 +471,18 @@ def verify(bundle: str | Path, extract_to: str | Path | None = None) -> tuple[in
                            fix="pass an engineforge-<version>.tar.gz") from None
     with tar:
         try:
-            manifest, seen = _read(tar, problems)
+            signed, seen = _read(tar, problems)
         except (OSError, EOFError, tarfile.TarError, zlib.error) as err:
             return 0, problems + [f"corrupt archive: {err}"]
-        if manifest is None:
+        if MANIFEST not in signed:
             return 0, problems + [f"no readable {MANIFEST} in the bundle"]
+        sig, problem = _signer(signed[MANIFEST], signed.get(SIGNATURE), trusted)
+        if sig is None:  # nothing an untrusted manifest says is worth checking
+            return 0, [problem] + problems
+        try:
+            manifest = json.loads(signed[MANIFEST])
+        except ValueError as err:
+            return 0, problems + [f"{MANIFEST} is not valid JSON: {err}"]
         listed = manifest.get("files", {})
         engines = {e["path"]: e for e in manifest.get("engines", [])}
         engine_names = engine_files()
@@ -425,6 +501,7 @@ def verify(bundle: str | Path, extract_to: str | Path | None = None) -> tuple[in
         for rel, e in sorted(engines.items()):
             if listed.get(rel, {}).get("sha256") != e["sha256"]:
                 problems.append(f"engine {e['name']}: its sha256 differs from the files list")
+        problems += _provenance_problems(manifest, sig)
         if extract_to and not problems:
             tar.extractall(extract_to, filter="data")  # the stdlib's safe extraction filter
     return len(engines), problems

@@ -25,8 +25,15 @@ from pathlib import Path
 from engineforge import cache, failures, integrity, worker
 from engineforge.errors import ConfigError, EngineforgeError
 from engineforge.job import Canonical, Job
-from engineforge.sidecar import fingerprint, make_sidecar, scratch_prefix, sha256_file, write_json
-from engineforge.tracking import redact
+from engineforge.redaction import redact
+from engineforge.sidecar import (
+    fingerprint,
+    make_sidecar,
+    scratch_prefix,
+    sha256_file,
+    where_ran,
+    write_json,
+)
 
 DEFAULT_TIMEOUT_S = 3600.0
 
@@ -82,6 +89,7 @@ def run_job(job: Job) -> None:
     job_id = failures.job_id(job)
     job.log.parent.mkdir(parents=True, exist_ok=True)
     job.log.write_text("")
+    failures.record_unfinished(job)  # what a job killed from outside leaves behind
     try:
         _run(job, job_id)
         failures.clear(job)
@@ -153,8 +161,11 @@ def _run(job: Job, job_id: str) -> None:
                 result=result.model_dump(mode="json") if result is not None else {},
                 device=job.device)
             side["wall_s"] = round(time.perf_counter() - t0, 3)
-            # when the work ran (MLflow runs show it, instead of when they were logged)
-            side["started_at"], side["finished_at"] = round(started_at, 3), round(time.time(), 3)
+            # where and when the work ran (MLflow runs show it, instead of when they were
+            # logged; releases carry it as provenance)
+            side["ran"] = where_ran(started_at, time.time())
+            side["started_at"], side["finished_at"] = (side["ran"]["started_at"],
+                                                       side["ran"]["finished_at"])
             side["outputs"] = {k: {**v, "path": str(job.outputs[k])}
                                for k, v in side["outputs"].items()}
             write_json(staging.job.outputs["sidecar"], side)

@@ -200,6 +200,53 @@ class TimeLimits(Section):
     track: float = Field(600, gt=0, description="One MLflow upload.")
 
 
+class StageResources(Section):
+    """What one job of a stage asks its scheduler for."""
+
+    cpus: int = Field(1, ge=1, description="CPU cores (Slurm: --cpus-per-task).")
+    mem_mb: int = Field(4096, ge=64, description="Memory in MiB (Slurm: --mem; cgroups "
+                                                 "enforce it).")
+    exclusive: bool = Field(False, description="Slurm: the job gets its node to itself "
+                                               "(--exclusive): timings with nothing beside "
+                                               "them.")
+
+
+class ResourceSettings(Section):
+    """What each job asks the scheduler for (docs/scale-out.md): Slurm gets cpus, memory, a
+    time limit (the stage's ``time_limits`` plus ``runtime_margin_min``, so our own limit
+    fails the job in one line first), a partition and, for a GPU job, one GPU. A local run
+    applies the same numbers to ``--resources``. Never part of a fingerprint."""
+
+    device: Literal["cpu", "cuda"] = Field(
+        "cpu", description="Where engines of backends that run on either device "
+                           "(onnxruntime, torch-inductor) run. cuda: their build, audit and "
+                           "bench jobs ask for one GPU. tensorrt and trtexec jobs always do; "
+                           "CPU stages never do.")
+    cpu_partition: str | None = Field(None, description="Slurm partition of CPU jobs "
+                                                        "(null: the cluster's default).")
+    gpu_partition: str | None = Field(None, description="Slurm partition of GPU jobs "
+                                                        "(null: the cluster's default).")
+    runtime_margin_min: int = Field(5, ge=1, description="Minutes the scheduler's time limit "
+                                                         "adds to the stage's time limit.")
+    export: StageResources = Field(StageResources(cpus=2, mem_mb=8192),
+                                   description="Export, its profile checks and reference.")
+    simplify: StageResources = Field(StageResources(mem_mb=8192), description="onnxsim.")
+    precision: StageResources = Field(StageResources(cpus=2, mem_mb=8192),
+                                      description="AutoCast, Q/DQ and ORT quantization.")
+    build: StageResources = Field(StageResources(cpus=2, mem_mb=8192),
+                                  description="One engine build.")
+    audit: StageResources = Field(StageResources(), description="One audit.")
+    localise: StageResources = Field(StageResources(mem_mb=8192),
+                                     description="One localisation.")
+    repair: StageResources = Field(StageResources(cpus=2, mem_mb=8192),
+                                   description="One repair.")
+    bench: StageResources = Field(StageResources(cpus=2, exclusive=True),
+                                  description="One latency benchmark (and the eager PyTorch "
+                                              "baseline); cpus at least bench.threads.")
+    other: StageResources = Field(StageResources(mem_mb=2048),
+                                  description="Drift matrix, gate, tracking, report, summary.")
+
+
 class BenchSettings(Section):
     warmup: int = Field(5, ge=0, description="Untimed runs first.")
     iterations: int = Field(30, ge=1, description="Timed runs per shape.")
@@ -328,6 +375,8 @@ class Settings(Section):
                            "keeps the localised nodes in high precision; see "
                            "docs/drift-audit.md.")
     time_limits: TimeLimits = Field(TimeLimits(), description="Per-job time limits (s).")
+    resources: ResourceSettings = Field(ResourceSettings(), description="What each job asks "
+                                                                        "the scheduler for.")
     bench: BenchSettings = Field(BenchSettings(), description="Latency benchmark.")
     tensorrt: TensorRTSettings = Field(TensorRTSettings(), description="TensorRT builders.")
     gate: GateSettings | None = Field(None, description="Baseline gate (off when null).")

@@ -87,6 +87,16 @@ def cpu_device() -> str:
     return f"cpu:{platform.machine()}:{os.cpu_count()}cores"
 
 
+def where_ran(started_at: float, finished_at: float) -> dict:
+    """Where and when a job's work ran: the host, the Slurm job (when the job is one: the
+    executor plugin runs each job inside ``sbatch``), start and end in epoch seconds."""
+    env = os.environ
+    return {"host": socket.gethostname(), "slurm_job_id": env.get("SLURM_JOB_ID"),
+            "slurm_cluster": env.get("SLURM_CLUSTER_NAME"),
+            "slurm_partition": env.get("SLURM_JOB_PARTITION"),
+            "started_at": round(started_at, 3), "finished_at": round(finished_at, 3)}
+
+
 def output_record(path: str | os.PathLike) -> dict:
     st = os.stat(path)
     return {"path": str(path), "sha256": sha256_file(path), "bytes": st.st_size,

@@ -7,6 +7,8 @@ rule audit:
         sidecar=L.audit(),
     log:
         L.log("audit-{backend}-{precision}"),
+    resources:
+        **job_resources("audit"),
     params:
         settings=settings_param("audit"),
         tools=tools_param("audit"),
@@ -25,6 +27,8 @@ rule localise:
         sidecar=L.localise(),
     log:
         L.log("localise-{precision}"),
+    resources:
+        **job_resources("localise"),
     params:
         settings=settings_param("localise"),
         tools=tools_param("localise"),
@@ -40,5 +44,7 @@ rule drift_matrix:
         md=L.drift("md"),
     log:
         L.log("drift"),
+    resources:
+        **job_resources("drift"),
     run:
         run_stage("drift", wildcards, input, output, params, log)

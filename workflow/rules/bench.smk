@@ -10,6 +10,8 @@ rule bench:
     log:
         L.log("bench-{backend}-{precision}-{profile}"),
     threads: workflow.cores
+    resources:
+        **job_resources("bench"),
     params:
         settings=settings_param("bench"),
         tools=tools_param("bench"),
@@ -25,6 +27,8 @@ rule bench_pytorch:
     log:
         L.log("bench-pytorch-{profile}"),
     threads: workflow.cores
+    resources:
+        **job_resources("baseline"),
     params:
         settings=settings_param("baseline"),
         tools=tools_param("baseline"),

@@ -13,6 +13,8 @@ for _backend in efbackends.names():
             sidecar=L.build(_backend),
         log:
             L.log(f"build-{_backend}-{{precision}}-{{profile}}"),
+        resources:
+            **job_resources("build", _backend),
         params:
             backend=_backend,
             settings=settings_param("build", backend=_backend),

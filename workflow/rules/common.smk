@@ -12,10 +12,13 @@ from engineforge import backends as efbackends
 from engineforge import config as efconfig
 from engineforge import failures as effailures
 from engineforge import integrity as efintegrity
+from engineforge import mlflow_store as efmlflow
+from engineforge import redaction as efredaction
+from engineforge import resources as efresources
 from engineforge import runlock as efrunlock
 from engineforge import runner as efrunner
 from engineforge import settings as efsettings
-from engineforge import tracking as eftracking
+from engineforge import signing as efsigning
 from engineforge import worker as efworker
 from engineforge.errors import EngineforgeError
 from engineforge.job import Canonical
@@ -33,6 +36,7 @@ try:
     if not workflow.overwrite_configfiles:
         config.update(efconfig.deep_merge(efconfig.read("config.yaml"), config))
     EF = efconfig.resolve(config, Path("."))
+    efsigning.configure(EF["trust"])  # cache restores and uploads of this process
     if not efworker.JOB_PROCESS:
         efconfig.check_artifacts(EF["artifacts"])
 except EngineforgeError as err:
@@ -74,6 +78,25 @@ def settings_param(stage, **fixed):
     """
     stage_settings = efrunner.stage_module(stage).settings
     return lambda w: Canonical(stage_settings(MODELS[w.model], dict(w.items()) | fixed))
+
+
+PROFILE_PARTITION = efresources.profile_partition(workflow.resource_settings)
+
+
+def job_resources(stage, backend=None):
+    """The rule's resources (cores, memory, time, partition, GPU), one callable per key, from
+    the model's typed settings (engineforge/resources.py): a rule never repeats numbers.
+    ``backend``: fixed by the rule, else the job's ``backend`` wildcard."""
+
+    def value(key):
+        return lambda w: efresources.job_resources(
+            MODELS.get(w.get("model")),
+            stage,
+            backend or w.get("backend"),
+            PROFILE_PARTITION,
+        )[key]
+
+    return {key: value(key) for key in efresources.KEYS}
 
 
 def tools_param(stage, backend=None):
@@ -261,17 +284,23 @@ def summary_settings():
 
 
 def start_workers():
-    """Jobs are about to run: record the run as this directory's owner; failures of
+    """Jobs are about to run: under Slurm, every partition named must exist (one line, not
+    an sbatch error per job); record the run as this directory's owner; failures of
     earlier runs are cleared (this run lists its own); warm the worker fork server (its
     own output: <artifacts>/logs/worker.log) in the background, and import the MLflow
     client (cache lookups, gate, tracking) now, in this thread: in-process jobs import it
     from their own threads, and two threads importing mlflow at once can hit Python's import
     deadlock detection (a gate job failed so: `_DeadlockError` on mlflow.protos, beside a
     background import). ~1.2 s, while the fork server starts."""
+    if getattr(workflow.executor_plugin, "name", None) == "slurm":
+        try:  # the executor is known only now; no job is submitted yet
+            efresources.check_partitions(MODELS, PROFILE_PARTITION)
+        except EngineforgeError as err:
+            efrunner.fail_fast(err)
     efrunlock.claim()
     effailures.clear_all(A)
-    eftracking.install_log_redaction()  # no credential in any message of this process
-    eftracking.create_local_store()  # before jobs in other processes race to migrate it
+    efredaction.install_log_redaction()  # no credential in any message of this process
+    efmlflow.create_local_store()  # before jobs in other processes race to migrate it
     efworker.start(log_path=f"{A}/logs/worker.log")
     if importlib.util.find_spec("mlflow"):  # absent: each track job says so
         import mlflow.tracking  # noqa: F401 - imported once, here

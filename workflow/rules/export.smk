@@ -11,6 +11,8 @@ rule export:
         L.log("export"),
     # the critical path first: every later job waits on it
     priority: 3
+    resources:
+        **job_resources("export"),
     params:
         settings=settings_param("export"),
         tools=tools_param("export"),
@@ -26,6 +28,8 @@ rule profile_check:
     log:
         L.log("profile-check-{profile}"),
     priority: 3
+    resources:
+        **job_resources("profiles"),
     params:
         settings=settings_param("profiles"),
         tools=tools_param("profiles"),

@@ -16,6 +16,8 @@ rule gate:
         json=L.gate("gate.json"),
     log:
         L.log("gate"),
+    resources:
+        **job_resources("gate"),
     params:
         settings=settings_param("gate", experiment=EF["experiment"]),
         # the run an MLflow alias or tag resolves to now: when it moves, the gate reruns
@@ -33,5 +35,7 @@ rule gate_strict:
         ok=L.gate("gate.ok"),
     log:
         L.log("gate-strict"),
+    resources:
+        **job_resources("gate"),
     run:
         run_stage("gate", wildcards, input, output, params, log)

@@ -11,6 +11,8 @@ rule precision:
         precision="|".join(efsettings.PRECISIONS),
     # the critical path first: every later job waits on it
     priority: 2
+    resources:
+        **job_resources("precision"),
     params:
         settings=settings_param("precision"),
         tools=tools_param("precision"),
@@ -33,6 +35,8 @@ rule repair:
         L.log("repair-{precision}"),
     wildcard_constraints:
         precision="|".join(v for v in efsettings.VARIANTS if efsettings.is_repaired(v)),
+    resources:
+        **job_resources("repair"),
     params:
         settings=settings_param("repair"),
         tools=tools_param("repair"),
@@ -56,6 +60,8 @@ rule ort_quantize:
     wildcard_constraints:
         precision="int8|int8-repaired",
     priority: 2
+    resources:
+        **job_resources("ort_quantize"),
     params:
         settings=settings_param("ort_quantize"),
         tools=tools_param("ort_quantize"),

@@ -32,6 +32,8 @@ rule report_model:
         section=L.report("section.html"),
     log:
         L.log("report"),
+    resources:
+        **job_resources("report"),
     params:
         settings=lambda w: Canonical(report_settings(w.model)),
         tools=tools_param("report"),
@@ -50,6 +52,8 @@ rule report_html:
         ),
     log:
         f"{A}/logs/report.log",
+    resources:
+        **job_resources("report"),
     params:
         settings=lambda w: Canonical(report_settings()),
         tools=tools_param("report"),

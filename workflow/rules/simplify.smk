@@ -8,6 +8,8 @@ rule simplify:
         L.log("simplify"),
     # the critical path first: every later job waits on it
     priority: 3
+    resources:
+        **job_resources("simplify"),
     params:
         settings=settings_param("simplify"),
         tools=tools_param("simplify"),

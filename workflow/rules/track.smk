@@ -14,6 +14,7 @@ rule track:
     log:
         L.log("track"),
     resources:
+        **job_resources("track"),
         mlflow=1,
     params:
         settings=lambda w: Canonical(track_settings(w.model)),
@@ -32,6 +33,8 @@ rule summary:
         json=L.summary("json"),
     log:
         f"{A}/logs/summary.log",
+    resources:
+        **job_resources("summary"),
     params:
         # a function: Snakemake would format a plain string value as a wildcard pattern
         settings=lambda w: Canonical(summary_settings()),

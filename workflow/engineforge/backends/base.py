@@ -72,6 +72,12 @@ class Backend:
         ``int8-repaired`` is that quantizer's graph with the repair's exclusions), or None."""
         return cls.quantizers.get(base_precision(variant))
 
+    @classmethod
+    def needs_gpu(cls, stage: str, device: str) -> bool:
+        """Whether its ``stage`` job (build, audit, bench) asks the scheduler for a GPU, for a
+        model whose ``resources.device`` is ``device`` (engineforge/resources.py)."""
+        return True
+
     def availability(self) -> Availability:
         """Cheap: no heavy import, no binary run (it is called while Snakemake parses)."""
         raise NotImplementedError

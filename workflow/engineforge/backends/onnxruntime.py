@@ -163,6 +163,10 @@ class OnnxRuntimeBackend(Backend):
     tools = ("onnxruntime-gpu", "onnxruntime")
     quantizers = {"int8": "onnxruntime"}   # stages/ort_quantize.py: QDQ u8/s8 per-channel
 
+    @classmethod
+    def needs_gpu(cls, stage: str, device: str) -> bool:
+        return device == "cuda"
+
     def availability(self) -> Availability:
         if importlib.util.find_spec("onnxruntime") is None:
             return Availability(False, "onnxruntime is not installed", "make env")

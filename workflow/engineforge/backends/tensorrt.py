@@ -352,6 +352,10 @@ class TensorRTRTXBackend(_PolygraphyTensorRT):
     tools = ("tensorrt_rtx_cu13_bindings", "polygraphy")
     multi_profile = True
 
+    @classmethod
+    def needs_gpu(cls, stage: str, device: str) -> bool:
+        return stage != "build" and device == "cuda"  # builds ahead of time on a CPU
+
     def _absent(self) -> Availability:
         return Availability(False, "tensorrt_rtx_bindings is not installed",
                             "pip install tensorrt_rtx_cu13_libs tensorrt_rtx_cu13_bindings")

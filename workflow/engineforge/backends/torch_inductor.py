@@ -348,6 +348,10 @@ class TorchInductorBackend(Backend):
     settings_section = "torch_inductor"
     tools = ("torch",)
 
+    @classmethod
+    def needs_gpu(cls, stage: str, device: str) -> bool:
+        return device == "cuda"
+
     def availability(self) -> Availability:
         if importlib.util.find_spec("torch") is None:
             return Availability(False, "torch is not installed", "make env")

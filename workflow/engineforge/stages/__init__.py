@@ -21,7 +21,7 @@ STAGES = {
     "build": "engineforge.stages.build",
     "bench": "engineforge.stages.bench",
     "baseline": "engineforge.stages.baseline",
-    "track": "engineforge.tracking",
+    "track": "engineforge.stages.track",
     "summary": "engineforge.stages.summary",
     "report": "engineforge.stages.report",
 }

@@ -145,7 +145,7 @@ def from_mlflow(source: str, model: str, experiment: str) -> tuple[list[dict], s
     resolves to. Any MLflow failure is one line naming the key."""
     from mlflow.exceptions import MlflowException
 
-    from engineforge import tracking  # credentials out of MLflow's messages
+    from engineforge.redaction import redact  # credentials out of MLflow's messages
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file
     client, uri = _client()
@@ -165,22 +165,18 @@ def from_mlflow(source: str, model: str, experiment: str) -> tuple[list[dict], s
     except GateError:
         raise
     except (MlflowException, OSError, ValueError) as err:
-        first = tracking.redact((str(err).strip().splitlines() or [type(err).__name__])[0])
+        first = redact((str(err).strip().splitlines() or [type(err).__name__])[0])
         raise _fail(model, f"baseline '{source}' cannot be read from MLflow at "
-                           f"{tracking.redact(uri)}: {first[:200]}.",
+                           f"{redact(uri)}: {first[:200]}.",
                     "check the alias, version, run id or tag, and MLFLOW_TRACKING_URI") from None
     return rows_of(doc, model, f"MLflow run {run_id}"), f"{label}, run {run_id}"
 
 
 def _client():
     """(an MLflow client that fails fast on an unreachable server, its tracking URI)."""
-    from mlflow.tracking import MlflowClient
+    from engineforge import mlflow_store
 
-    from engineforge import tracking
-
-    tracking.quick_failing_http()
-    uri = tracking.tracking_uri()
-    return MlflowClient(tracking_uri=uri), uri
+    return mlflow_store.client(), mlflow_store.tracking_uri()
 
 
 def _resolve_run(client, source: str, model: str, experiment: str) -> tuple[str, str]:
