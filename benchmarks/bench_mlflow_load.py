@@ -36,7 +36,6 @@ import multiprocessing as mp
 import os
 import random
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -46,6 +45,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from benchstats import med, pct
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 BACKENDS = ("onnxruntime", "tensorrt-rtx", "tensorrt")
@@ -63,19 +64,6 @@ def load() -> str:
         return "n/a"
 
 
-def pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    k = (len(xs) - 1) * q
-    lo = int(k)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-
-
-def med(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
 
 
 # ----------------------------------------------------------------------------- the records

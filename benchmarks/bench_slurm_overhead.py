@@ -37,13 +37,14 @@ import json
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
+
+from benchstats import med, pct
 
 SNAKEFILE = """\
 K = {k}
@@ -81,19 +82,6 @@ def load() -> str:
     return f"{a:.2f} {b:.2f} {c:.2f}"
 
 
-def pct(xs, q):
-    xs = sorted(x for x in xs if x is not None)
-    if not xs:
-        return None
-    k = (len(xs) - 1) * q
-    lo = int(k)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-
-
-def med(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
 
 
 def snakemake_bin() -> str:
