@@ -2,6 +2,7 @@
 # Nothing heavy is imported here (no torch, no ONNX Runtime, no binaries run):
 # parsing the workflow must stay fast. Backends and stages come from their registries.
 import sys
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -89,14 +90,19 @@ def job_resources(stage, backend=None):
     ``backend``: fixed by the rule, else the job's ``backend`` wildcard."""
 
     def value(key):
-        return lambda w: efresources.job_resources(
-            MODELS.get(w.get("model")),
-            stage,
-            backend or w.get("backend"),
-            PROFILE_PARTITION,
+        return lambda w: resources_of(
+            w.get("model"), stage, backend or w.get("backend")
         )[key]
 
     return {key: value(key) for key in efresources.KEYS}
+
+
+@functools.cache
+def resources_of(model, stage, backend):
+    """One job's resources, computed once for all its keys (and all jobs alike)."""
+    return efresources.job_resources(
+        MODELS.get(model), stage, backend, PROFILE_PARTITION
+    )
 
 
 def tools_param(stage, backend=None):
