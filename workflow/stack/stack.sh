@@ -115,7 +115,7 @@ launch() {
   local svc=$1; shift
   local pidf=$S/pids/$svc.pid
   rm -f "$pidf"
-  mkdir -p "$S/tmp"
+  mkdir -p "$S/tmp"; chmod 1777 "$S/tmp"   # like /tmp: mariadb and postgres run as their own users
   TMPDIR=$S/tmp setsid bash -c 'echo $$ > "$0"; exec "$@"' "$pidf" "$@" \
     </dev/null >>"$(log "$svc")" 2>&1 9>&- &
   local i
