@@ -4,6 +4,7 @@ and ONNX / ORT bytes as a local run, and every sidecar and MLflow run says where
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
@@ -51,19 +52,27 @@ def stack():
     return env
 
 
-def test_the_zoo_on_slurm_equals_a_local_run_and_says_where_it_ran(stack, tmp_path):
-    # setup: one zoo, two checkouts
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    """The reference: the unique zoo run locally (sqlite tracking, no cache)."""
     seed = teamstack.unique_seed()
-    local, cluster = tmp_path / "local", tmp_path / "cluster"
-    raw = unique_zoo(local, seed)
-    unique_zoo(cluster, seed)
-    # execute: locally (sqlite), then as Slurm jobs against the team server
+    local = tmp_path_factory.mktemp("local")
+    unique_zoo(local, seed)
     snakemake(local, env={"ENGINEFORGE_CACHE": "0"})
+    return seed, teamstack.sidecars(local)
+
+
+def test_the_zoo_on_slurm_equals_a_local_run_and_says_where_it_ran(stack, local_run, tmp_path):
+    # setup: the reference zoo in a second checkout
+    seed, here = local_run
+    cluster = tmp_path / "cluster"
+    raw = unique_zoo(cluster, seed)
+    # execute: as Slurm jobs against the team server
     t0 = time.time()
     teamstack.slurm(cluster, env=teamstack.team_env(stack))
     wall = time.time() - t0
     # assert: the same fingerprints and bytes
-    here, there = teamstack.sidecars(local), teamstack.sidecars(cluster)
+    there = teamstack.sidecars(cluster)
     assert len(there) == 1 + 1 + 2 + 2 * 2  # export, simplify, precisions, builds
     assert comparable(there) == comparable(here)
     # every job's sidecar records where its work ran: a Slurm job of its own, on this node
@@ -98,3 +107,50 @@ def test_the_zoo_on_slurm_equals_a_local_run_and_says_where_it_ran(stack, tmp_pa
     assert any(k.endswith("/build/engine.onnx") for k in keys) and any(
         k.endswith("/simplify/model.onnx") for k in keys), keys[:20]
     print(f"slurm zoo: {len(every)} Slurm jobs, wall {wall:.1f} s")
+
+
+def test_the_zoo_on_slurm_with_s3_storage_and_no_shared_files(stack, local_run, tmp_path):
+    """Snakemake's S3 storage plugin (`--default-storage-provider s3`), as on a cluster
+    without a shared file system: the inputs are in the bucket, every job retrieves what it
+    declares and stores what it writes; nothing lands in the checkout's artifacts."""
+    # setup: the reference zoo's inputs uploaded under a prefix of their own
+    seed, here = local_run
+    ws = tmp_path / "ws"
+    unique_zoo(ws, seed)
+    bucket, prefix = stack["ENGINEFORGE_STACK_STORAGE_BUCKET"], f"storage-test-{seed}"
+    s3 = boto3.client("s3", endpoint_url=stack["ENGINEFORGE_S3_ENDPOINT"],
+                      aws_access_key_id=stack["ENGINEFORGE_STACK_S3_ACCESS_KEY"],
+                      aws_secret_access_key=stack["ENGINEFORGE_STACK_S3_SECRET_KEY"])
+    for name in ("tinycls.pt", "tinynets.py", "calib.npz", "eval.npz"):
+        s3.upload_file(str(ws / name), bucket, f"{prefix}/{name}")
+    storage_env = {k: v for k, v in stack.items() if k.startswith("SNAKEMAKE_STORAGE_S3_")}
+    assert set(storage_env) >= {"SNAKEMAKE_STORAGE_S3_ENDPOINT_URL",
+                                "SNAKEMAKE_STORAGE_S3_ACCESS_KEY",
+                                "SNAKEMAKE_STORAGE_S3_SECRET_KEY"}
+    # execute: Slurm jobs, files in S3, cold builds (the first test's cache entries unused)
+    teamstack.slurm(ws, "--default-storage-provider", "s3",
+                    "--default-storage-prefix", f"s3://{bucket}/{prefix}",
+                    env=teamstack.team_env(stack, ENGINEFORGE_CACHE="0", **storage_env))
+    # assert: the bucket holds the same fingerprints and bytes as the local run
+    got = tmp_path / "from-bucket"
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                              Prefix=f"{prefix}/artifacts/"):
+        for obj in page.get("Contents", []):
+            dest = got / obj["Key"][len(prefix) + 1:]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, obj["Key"], str(dest))
+    there = teamstack.sidecars(got)
+    assert len(there) == 1 + 1 + 2 + 2 * 2
+    assert comparable(there) == comparable(here)
+    # the summary and the report read their inputs from the retrieved copies
+    summary = json.loads((got / "artifacts/summary.json").read_text())
+    rows = {(r["precision"], r["backend"]): r for r in summary["rows"]}
+    ort = rows[("fp32", "onnxruntime")]
+    assert ort["audit"] == "pass" and ort["p50_ms"] > 0, ort
+    assert "tinycls" in (got / "artifacts/report.html").read_text()
+    # no output landed in the checkout's own artifacts (logs and build diagnostics stay
+    # on the node that ran the job)
+    stored = {p.relative_to(got).as_posix() for p in got.rglob("*") if p.is_file()}
+    local_files = {p.relative_to(ws).as_posix() for p in (ws / "artifacts").rglob("*")
+                   if p.is_file()} if (ws / "artifacts").exists() else set()
+    assert len(stored) > 30 and not stored & local_files, sorted(stored & local_files)

@@ -31,6 +31,9 @@ class Job:
     device: str | None
     log: Path
     artifacts: str = "artifacts"
+    # where the declared inputs lie in the artifacts layout: ``artifacts`` itself, or
+    # Snakemake's local copies under a storage provider (--default-storage-provider s3)
+    inputs_root: str | None = None
     extra_inputs: list[Path] = field(default_factory=list)  # unnamed inputs (reports)
     # seconds per stage (the model's time_limits; not part of the fingerprint)
     limits: dict[str, float] = field(default_factory=dict)
@@ -40,6 +43,13 @@ class Job:
         if name in wildcards:
             return wildcards[name]
         raise AttributeError(name)
+
+    @property
+    def inputs_layout(self):
+        """The layout to find sibling inputs in (the track, summary and report stages)."""
+        from engineforge.layout import Layout
+
+        return Layout(self.inputs_root or self.artifacts)
 
     def with_outputs(self, outputs: dict[str, Path]) -> Job:
         return replace(self, outputs=outputs)

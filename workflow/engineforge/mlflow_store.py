@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from urllib.parse import unquote, urlsplit, urlunsplit
@@ -79,6 +80,89 @@ def client():
 
     quick_failing_http()
     return MlflowClient(tracking_uri=tracking_uri())
+
+
+def preflight() -> None:
+    """Before any job (the main process): a tracking store that refuses the credentials, or
+    a server whose artifact store lacks its bucket, is bad input: one line, and no job runs
+    (each would build, then leave its records pending). A store that does not answer is an
+    outage, not bad input: the run goes on and its records wait for ``engineforge sync``."""
+    uri = tracking_uri()
+    scheme = urlsplit(uri).scheme
+    if scheme in ("http", "https"):
+        _preflight_server(uri)
+    elif scheme.split("+")[0] in ("postgresql", "mysql", "mssql"):
+        _preflight_database(uri)
+
+
+_KEY = "MLFLOW_TRACKING_URI"
+
+
+def _preflight_server(uri: str) -> None:
+    import base64
+    import urllib.error
+    import urllib.request
+
+    headers = {}
+    if token := os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        headers["Authorization"] = f"Bearer {token}"
+    elif user := os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        pair = f"{user}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+
+    def get(path: str) -> tuple[int, str] | None:
+        req = urllib.request.Request(f"{uri.rstrip('/')}{path}", headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, ""
+        except urllib.error.HTTPError as err:
+            return err.code, err.read(2000).decode(errors="replace")
+        except OSError as err:  # down or unreachable: an outage, records go pending
+            log.warning("the tracking server %s does not answer (%s): records stay pending "
+                        "until `engineforge sync`", redact(uri), first_line(err, 120,
+                                                                           typed=False))
+            return None
+
+    answer = get("/api/2.0/mlflow/experiments/search?max_results=1")
+    if answer and answer[0] in (401, 403):
+        from engineforge.errors import ConfigError
+
+        raise ConfigError(f"the tracking server {redact(uri)} refused the credentials "
+                          f"(HTTP {answer[0]})", key=_KEY,
+                          fix="correct the user and password (in the URI or "
+                              "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD) or the token")
+    # the proxied artifact store: the store's own "no such bucket" answer is a 404 (MLflow
+    # maps S3's NoSuchBucket to RESOURCE_DOES_NOT_EXIST); a store that is down is not
+    answer = answer and get("/api/2.0/mlflow-artifacts/artifacts?path=")
+    if answer and answer[0] == 404 and (m := re.search(r"Failed to list artifacts in (\S+): ",
+                                                       answer[1])):
+        from engineforge.errors import ConfigError
+
+        raise ConfigError(f"the tracking server {redact(uri)} stores artifacts in "
+                          f"{m.group(1)}, whose bucket does not exist", key=_KEY,
+                          fix="create the bucket, or start the server with an "
+                              "--artifacts-destination whose bucket exists")
+
+
+def _preflight_database(uri: str) -> None:
+    import sqlalchemy
+
+    args = {"connect_timeout": 10} if uri.startswith("postgresql") else {}
+    try:
+        sqlalchemy.create_engine(uri, connect_args=args).connect().close()
+    except sqlalchemy.exc.OperationalError as err:
+        text = str(err.orig if err.orig is not None else err)
+        if not any(s in text for s in ("authentication failed", "Access denied",
+                                       "does not exist", "Login failed")):
+            log.warning("the tracking database %s does not answer (%s): records stay pending "
+                        "until `engineforge sync`", redact(uri), first_line(text, 120,
+                                                                             typed=False))
+            return
+        from engineforge.errors import ConfigError
+
+        raise ConfigError(f"the tracking database {redact(uri)} refused the connection: "
+                          f"{redact(first_line(text, 160, typed=False))}", key=_KEY,
+                          fix="correct the user, password or database name in the URI") from None
 
 
 def create_local_store() -> None:

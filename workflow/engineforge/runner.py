@@ -68,7 +68,7 @@ def timeout_s(job: Job | None = None) -> float:
 
 # -- called from the rules ---------------------------------------------------------------------
 def run_rule(stage: str, wildcards, input, output, params, log, artifacts: str,
-             limits: dict | None = None) -> None:
+             limits: dict | None = None, inputs_root: str | None = None) -> None:
     """Snakemake's ``run:`` body of every rule: turn the rule's objects into a Job, run it."""
     w = dict(wildcards.items())
     if "backend" in params.keys():  # rules that hold their backend in the path
@@ -81,7 +81,7 @@ def run_rule(stage: str, wildcards, input, output, params, log, artifacts: str,
     job = Job(stage=stage, model=w.get("model"), wildcards=w, inputs=named_in,
               outputs=named_out, settings=settings, tools=tools, device=None,
               log=Path(log[0]), artifacts=artifacts, extra_inputs=extra,
-              limits=dict(limits or {}))
+              limits=dict(limits or {}), inputs_root=inputs_root)
     run_job(job)
 
 

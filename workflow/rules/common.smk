@@ -1,8 +1,9 @@
 # Config validation, the artifact layout, input functions and params.
 # Nothing heavy is imported here (no torch, no ONNX Runtime, no binaries run):
 # parsing the workflow must stay fast. Backends and stages come from their registries.
-import sys
 import functools
+import os
+import sys
 import importlib.util
 from pathlib import Path
 
@@ -49,6 +50,19 @@ if not efworker.JOB_PROCESS:
 MODELS = EF["models"]
 A = EF["artifacts"]
 L = Layout(A)
+
+
+def storage_local(path):
+    """Where a job finds ``path`` (a relative workflow path): itself, or Snakemake's local
+    copy of it under a default storage provider (`--default-storage-provider s3`)."""
+    provider = workflow.storage_registry.default_storage_provider
+    if provider is None:
+        return path
+    prefix = workflow.storage_settings.default_storage_prefix.rstrip("/")
+    return str(provider.object(f"{prefix}/{os.path.normpath(path)}").local_path())
+
+
+A_INPUTS = storage_local(A)  # the track, summary and report stages read siblings here
 # Outputs that disagree with their sidecar are rebuilt; not while another run publishes.
 if not efworker.JOB_PROCESS and not efrunlock.busy_line():
     efintegrity.at_parse(A)
@@ -69,7 +83,7 @@ wildcard_constraints:
 def run_stage(stage, wildcards, input, output, params, log):
     model = dict(wildcards.items()).get("model")
     limits = MODELS[model]["time_limits"] if model in MODELS else {}
-    efrunner.run_rule(stage, wildcards, input, output, params, log, A, limits)
+    efrunner.run_rule(stage, wildcards, input, output, params, log, A, limits, A_INPUTS)
 
 
 def settings_param(stage, **fixed):
@@ -249,6 +263,12 @@ def model_outputs(model):
     )
 
 
+def summary_inputs(model):
+    """The sidecars the summary reads: all but engines and report files."""
+    skip = ("engine", "report")
+    return {k: v for k, v in model_outputs(model).items() if k not in skip}
+
+
 def all_targets():
     strict = [
         L.gate("gate.ok", m) for m in MODELS if (MODELS[m]["gate"] or {}).get("strict")
@@ -291,7 +311,8 @@ def summary_settings():
 
 def start_workers():
     """Jobs are about to run: under Slurm, every partition named must exist (one line, not
-    an sbatch error per job); record the run as this directory's owner; failures of
+    an sbatch error per job); the tracking store must take our credentials and have its
+    bucket (mlflow_store.preflight); record the run as this directory's owner; failures of
     earlier runs are cleared (this run lists its own); warm the worker fork server (its
     own output: <artifacts>/logs/worker.log) in the background, and import the MLflow
     client (cache lookups, gate, tracking) now, in this thread: in-process jobs import it
@@ -303,6 +324,10 @@ def start_workers():
             efresources.check_partitions(MODELS, PROFILE_PARTITION)
         except EngineforgeError as err:
             efrunner.fail_fast(err)
+    try:  # credentials the store refuses, a missing bucket: one line before any job
+        efmlflow.preflight()
+    except EngineforgeError as err:
+        efrunner.fail_fast(err)
     efrunlock.claim()
     effailures.clear_all(A)
     efredaction.install_log_redaction()  # no credential in any message of this process

@@ -24,9 +24,8 @@ rule track:
 
 rule summary:
     input:
-        [L.drift("json", m) for m in MODELS],
-        [files_of(model_outputs(m)["bench"]) for m in MODELS],
-        [files_of(model_outputs(m)["baseline"]) for m in MODELS],
+        # every sidecar it reads (a storage provider retrieves declared inputs only)
+        [files_of(summary_inputs(m)) for m in MODELS],
         [L.track(m) for m in MODELS],
     output:
         md=L.summary("md"),

@@ -567,7 +567,7 @@ def write_whole(layout: Layout, models: list[str], out: Path,
 
 
 def run(job) -> None:
-    layout = Layout(job.artifacts)
+    layout = job.inputs_layout
     if job.model is None:
         write_whole(layout, job.settings.models, job.outputs["html"])
     else:

@@ -322,6 +322,6 @@ def gate_section(gates: dict) -> list[str]:
 
 
 def run(job) -> None:
-    summary = collect(Layout(job.artifacts), job.settings)
+    summary = collect(job.inputs_layout, job.settings)
     write_json(job.outputs["json"], summary)
     job.outputs["md"].write_text(markdown(summary))

@@ -53,10 +53,8 @@ def model_outputs(layout, model: str, s: Settings) -> dict:
 
 
 def run(job) -> None:
-    from engineforge.layout import Layout
-
     s: Settings = job.settings
-    sidecars = model_outputs(Layout(job.artifacts), job.model, s)
+    sidecars = model_outputs(job.inputs_layout, job.model, s)
     record = build_record(job.model, s.model, s.experiment, sidecars)
     track(record, job.outputs["track"], job.artifacts)
 
