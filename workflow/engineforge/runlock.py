@@ -9,7 +9,9 @@ knows whether that owner is still alive:
 - alive: a second run on the same tree would overwrite the first one's outputs; Snakemake
   refuses to lock, and its message becomes one line naming the running process (dry runs
   go on: they write nothing);
-- gone: its locks are stale; they are removed (one line says so) and the run goes on.
+- gone: its locks are stale; they are removed (one line says so) and the run goes on;
+- on another host (a shared file system): alive or not cannot be told from here, so it
+  counts as alive, and the line says how to free the directory if that host went down.
 """
 
 from __future__ import annotations
@@ -45,16 +47,25 @@ def owner() -> dict | None:
         return None
 
 
+def _mine(rec: dict) -> bool:
+    return rec["pid"] == os.getpid() and rec.get("host") == socket.gethostname()
+
+
+def _elsewhere(rec: dict) -> bool:
+    """Recorded by a run on another host (a shared file system): whether it is alive
+    cannot be told from here, so it counts as running."""
+    return rec.get("host") not in (None, socket.gethostname())
+
+
 def _running(rec: dict | None) -> bool:
-    return bool(rec) and rec.get("host") == socket.gethostname() and rec["pid"] != os.getpid() \
-        and pid_alive(rec["pid"])
+    return bool(rec) and not _mine(rec) and (_elsewhere(rec) or pid_alive(rec["pid"]))
 
 
 def remove_stale_locks() -> None:
     """Called while the workflow parses: the locks of a recorded run that is gone are
     stale (it was killed); remove them so this run can start."""
     rec = owner()
-    if rec is None or _running(rec) or rec["pid"] == os.getpid():
+    if rec is None or _running(rec) or _mine(rec):
         return
     if LOCKS.is_dir() and any(LOCKS.iterdir()):
         for f in LOCKS.iterdir():
@@ -71,6 +82,11 @@ def busy_line() -> str | None:
     if not _running(rec):
         return None
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rec.get("started", 0)))
+    if _elsewhere(rec):
+        return (f"another run is working in this directory (pid {rec['pid']} on host "
+                f"{rec['host']}, started {started}): two runs on one artifacts tree would "
+                "overwrite each other's outputs. Fix: wait for it to finish; if that run is "
+                f"gone (its host went down), delete {STATE} and rerun with --unlock")
     return (f"another run is working in this directory (pid {rec['pid']}, started "
             f"{started}): two runs on one artifacts tree would overwrite each other's "
             f"outputs. Fix: wait for it to finish, or stop it (kill {rec['pid']}) and rerun; "
@@ -90,5 +106,5 @@ def claim() -> None:
 def release() -> None:
     """The run ended (success or failure): the directory is free."""
     rec = owner()
-    if rec and rec["pid"] == os.getpid():
+    if rec and _mine(rec):
         STATE.unlink(missing_ok=True)

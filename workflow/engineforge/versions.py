@@ -14,13 +14,26 @@ import os
 from importlib import metadata
 
 
-def _overrides() -> dict:
+def overrides() -> dict:
+    """``ENGINEFORGE_TOOL_VERSIONS`` as a dict; anything else is one line (ConfigError)."""
     raw = os.environ.get("ENGINEFORGE_TOOL_VERSIONS")
-    return json.loads(raw) if raw else {}
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        from engineforge.errors import ConfigError
+
+        raise ConfigError(f"ENGINEFORGE_TOOL_VERSIONS={raw[:80]!r} is not a JSON object of "
+                          "versions", key="ENGINEFORGE_TOOL_VERSIONS",
+                          fix='set it like \'{"onnxsim": "0.4.36"}\', or unset it')
+    return value
 
 
 def version(dist: str) -> str:
-    over = _overrides()
+    over = overrides()
     if dist in over:
         return str(over[dist])
     try:

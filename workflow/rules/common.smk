@@ -27,6 +27,7 @@ from engineforge.job import Canonical
 from engineforge.layout import ALL_PROFILES, Layout, files_of
 from engineforge.stages import build as efbuild
 from engineforge.stages import export as efexport
+from engineforge import versions as efversions
 from engineforge.versions import tool_versions
 
 efrunner.quiet_stage_failures()  # a failed job prints our one line, not rule-file frames
@@ -39,6 +40,7 @@ try:
         config.update(efconfig.deep_merge(efconfig.read("config.yaml"), config))
     EF = efconfig.resolve(config, Path("."))
     efsigning.configure(EF["trust"])  # cache restores and uploads of this process
+    efversions.overrides()  # a malformed ENGINEFORGE_TOOL_VERSIONS: one line, here
     if not efworker.JOB_PROCESS:
         efconfig.check_artifacts(EF["artifacts"])
 except EngineforgeError as err:
