@@ -8,7 +8,7 @@ CORES ?= all
 # profiles/default (content checksums, keep-going, mlflow=1) is picked up by snakemake itself,
 # so `make run` and a plain `snakemake` behave the same.
 
-.PHONY: run test cluster-test stack-up stack-down lint fmt dry-run mlflow-ui bench clean env
+.PHONY: run test test-fast cluster-test stack-up stack-down lint fmt dry-run mlflow-ui bench clean env
 
 env: $(STAMP)
 
@@ -38,6 +38,11 @@ stack-down:
 
 test: $(STAMP) stack-up  ## the whole test suite, the team-scale tests included (what CI runs)
 	$(BIN)/python -m pytest -q --durations=25 tests
+
+# The fast lane: unit tests only (no Snakemake run or dry run, no team stack; markers e2e and
+# cluster in pyproject.toml), under 3 minutes on 2 cores.
+test-fast: $(STAMP)  ## unit tests only: no Snakemake runs, no team stack, nothing slow
+	$(BIN)/python -m pytest -q -m "not e2e and not cluster and not slow" --durations=15 tests
 
 cluster-test: $(STAMP) stack-up  ## only the team-scale tests (tests/cluster)
 	$(BIN)/python -m pytest -q --durations=10 tests/cluster

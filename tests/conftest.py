@@ -34,6 +34,30 @@ def temp_files_under_basetemp(tmp_path_factory):
     mp.undo()
 
 
+@pytest.fixture(scope="session")
+def mlflow_schema_db(tmp_path_factory) -> Path:
+    """An empty MLflow sqlite store with its schema: creating one takes seconds (migrations),
+    copying it milliseconds."""
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("mlflow-schema")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)  # MLflow makes ./mlruns when it opens a store
+        MlflowClient(f"sqlite:///{root}/mlflow.db").search_experiments(max_results=1)
+    return root / "mlflow.db"
+
+
+@pytest.fixture
+def local_mlflow(tmp_path, monkeypatch, mlflow_schema_db) -> str:
+    """A fresh local MLflow store for this test (a copy of the empty one) as
+    MLFLOW_TRACKING_URI, run from tmp_path (artifacts land in its ./mlruns); its URI."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(mlflow_schema_db, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
 def tiny_raw_config(precisions=("fp32",), backends=("onnxruntime",)) -> dict:
     """A config (as written by a user) with one tiny classifier and one tiny FCN."""
     return {
@@ -129,3 +153,61 @@ def run_stage(stage: str, models: dict, model: str, inputs: dict, outputs: dict,
     job = stage_job(stage, models, model, inputs, outputs, workspace, **wildcards)
     run_job(job)
     return read_json(job.outputs["sidecar"]) if "sidecar" in job.outputs else {}
+
+
+# -- built zoos, each built once per session and shared read-only ------------------------------
+ZOO_PRECISIONS = ("fp32", "int8")
+ZOO_BACKENDS = ("onnxruntime", "tensorrt-rtx")
+E2E_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+E2E_BACKENDS = ("onnxruntime", "tensorrt-rtx", "trtexec", "tensorrt")
+
+
+def zoo_config() -> dict:
+    """The standard zoo: both tiny models, fp32 + int8, on onnxruntime and TensorRT-RTX."""
+    return tiny_raw_config(precisions=ZOO_PRECISIONS, backends=ZOO_BACKENDS)
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory) -> Path:
+    """The standard zoo built once (workspace with config.yaml, artifacts/, .snakemake/ and
+    mlflow.db). Read-only: a test that changes anything takes ``zoo_copy``."""
+    from workflow_helpers import snakemake, write_config
+
+    ws = tmp_path_factory.mktemp("zoo")
+    write_tiny_workspace(ws)
+    write_config(ws, zoo_config())
+    snakemake(ws)
+    return ws
+
+
+@pytest.fixture
+def zoo_copy(zoo, tmp_path) -> Path:
+    """This test's own copy of the standard zoo (mtimes kept: Snakemake plans nothing; its own
+    mlflow.db)."""
+    from workflow_helpers import copy_workspace
+
+    return copy_workspace(zoo, tmp_path / "zoo")
+
+
+class Built:
+    """A finished workflow run: workspace, raw config, the snakemake process, and the sha256 of
+    every file of the workspace before the run."""
+
+    def __init__(self, ws, raw, proc, before):
+        self.ws, self.raw, self.proc, self.before = ws, raw, proc, before
+
+
+@pytest.fixture(scope="session")
+def e2e_zoo(tmp_path_factory) -> Built:
+    """The full matrix (4 precisions; onnxruntime, TensorRT-RTX, and trtexec / TensorRT, which
+    are not installed here) run once, as `make run` runs it. Read-only."""
+    from engineforge.sidecar import sha256_file
+    from workflow_helpers import snakemake, write_config
+
+    ws = tmp_path_factory.mktemp("e2e")
+    write_tiny_workspace(ws)
+    raw = tiny_raw_config(precisions=E2E_PRECISIONS, backends=E2E_BACKENDS)
+    write_config(ws, raw)
+    before = {p.relative_to(ws).as_posix(): sha256_file(p) for p in ws.rglob("*")
+              if p.is_file()}
+    return Built(ws, raw, snakemake(ws), before)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
@@ -28,25 +27,11 @@ from mlflow.tracking import MlflowClient
 GROUP = "build"
 
 
-@pytest.fixture(scope="module")
-def schema_db(tmp_path_factory):
-    """An empty MLflow sqlite store with its schema: creating one takes seconds, copying
-    it milliseconds."""
-    root = tmp_path_factory.mktemp("mlflow-schema")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)  # MLflow makes ./mlruns when it opens a store
-        MlflowClient(f"sqlite:///{root}/mlflow.db").search_experiments(max_results=1)
-    return root / "mlflow.db"
-
-
 @pytest.fixture
-def store(tmp_path, monkeypatch, schema_db):
+def store(local_mlflow, monkeypatch):
     """A fresh local store for this test, cache on, this session's key, no configured
     trust, no memory of unreachable servers."""
-    monkeypatch.chdir(tmp_path)  # the store's artifacts land in ./mlruns
-    shutil.copy(schema_db, tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    uri = local_mlflow
     monkeypatch.delenv("ENGINEFORGE_CACHE", raising=False)
     monkeypatch.delenv(signing.ENV_KEY, raising=False)
     monkeypatch.setattr(cache, "_unreachable", {})

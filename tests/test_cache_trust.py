@@ -18,11 +18,9 @@ GROUP = "build"
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
+def store(local_mlflow, monkeypatch):
     """A local MLflow store, cache on, trust as configured by no config."""
-    monkeypatch.chdir(tmp_path)  # the store's artifacts land in ./mlruns
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    uri = local_mlflow
     monkeypatch.delenv("ENGINEFORGE_CACHE", raising=False)
     monkeypatch.delenv(signing.ENV_KEY, raising=False)
     cache._unreachable.clear()

@@ -1,15 +1,13 @@
 """The `engineforge` command as users run it: exit codes, one-line errors, sync, run.
 
-Shares the workflow-built tree of test_release.py (built once per session).
+Runs on the standard zoo of tests/conftest.py (built once per session).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -19,24 +17,16 @@ from engineforge.backends import backend_class
 from engineforge.layout import Layout
 from engineforge.sidecar import read_json
 from engineforge.stages import track
-from test_release import built_workspace, job_stats, members, rewrite
-from workflow_helpers import ROOT
+from workflow_helpers import ROOT, engineforge, job_stats, members, rewrite
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory) -> Path:
-    return built_workspace(tmp_path_factory)
-
-
-def cli(*args: str, cwd: Path, uri: str | None = None,
-        env: dict | None = None) -> subprocess.CompletedProcess:
-    full = {**os.environ, **(env or {})}
-    if uri:
-        full["MLFLOW_TRACKING_URI"] = uri
-    return subprocess.run([sys.executable, "-m", "engineforge.cli", *args], cwd=cwd, env=full,
-                          capture_output=True, text=True, timeout=300)
+@pytest.fixture
+def ws(zoo) -> Path:
+    """The standard zoo (tests/conftest.py), read-only; tests that run in the workspace take
+    ``zoo_copy``."""
+    return zoo
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
@@ -59,9 +49,9 @@ def test_release_then_verify(ws, tmp_path):
     # setup
     out = tmp_path / "rel"
     # execute
-    made = cli("release", "1.0.0", "--config", str(ws / "config.yaml"), "--no-register",
+    made = engineforge("release", "1.0.0", "--config", str(ws / "config.yaml"), "--no-register",
                "--out", str(out), cwd=tmp_path)
-    checked = cli("verify", str(out / "engineforge-1.0.0.tar.gz"), cwd=tmp_path)
+    checked = engineforge("verify", str(out / "engineforge-1.0.0.tar.gz"), cwd=tmp_path)
     # assert
     assert made.returncode == 0, made.stderr
     assert made.stdout.startswith(f"wrote {out / 'engineforge-1.0.0.tar.gz'} (12 engine(s)")
@@ -71,14 +61,14 @@ def test_release_then_verify(ws, tmp_path):
 
 def test_verify_exits_1_and_lists_the_mismatch(ws, tmp_path):
     # setup
-    cli("release", "1.1.0", "--config", str(ws / "config.yaml"), "--no-register", "--select",
-        "tinyfcn/*/small/tensorrt-rtx", "--out", str(tmp_path), cwd=tmp_path)
+    engineforge("release", "1.1.0", "--config", str(ws / "config.yaml"), "--no-register",
+                "--select", "tinyfcn/*/small/tensorrt-rtx", "--out", str(tmp_path), cwd=tmp_path)
     bundle = tmp_path / "engineforge-1.1.0.tar.gz"
-    intact = cli("verify", str(bundle), cwd=tmp_path)
+    intact = engineforge("verify", str(bundle), cwd=tmp_path)
     plan = backend_class("tensorrt-rtx").artifact
     rewrite(bundle, lambda n, d: (n, d[:-1] + bytes([d[-1] ^ 1]) if n.endswith(plan) else d))
     # execute
-    proc = cli("verify", str(bundle), cwd=tmp_path)
+    proc = engineforge("verify", str(bundle), cwd=tmp_path)
     # assert
     assert (intact.returncode, intact.stdout) == (0, "OK: 2 engines verified\n")  # control
     assert proc.returncode == 1 and proc.stdout == ""
@@ -99,7 +89,7 @@ def test_verify_trusts_keys_from_the_flag_and_the_config(ws, tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(signing.ENV_KEY_FILE, str(key))
         public = signing.signing_key().public_key
-    made = cli("release", "1.2.0", "--config", str(ws / "config.yaml"), "--no-register",
+    made = engineforge("release", "1.2.0", "--config", str(ws / "config.yaml"), "--no-register",
                "--select", "tinycls/fp32", "--out", str(tmp_path), cwd=tmp_path,
                env={signing.ENV_KEY_FILE: str(key)})
     assert made.returncode == 0, made.stderr
@@ -107,10 +97,10 @@ def test_verify_trusts_keys_from_the_flag_and_the_config(ws, tmp_path):
     conf = tmp_path / "trusting.yaml"
     conf.write_text(f"trust:\n  trusted_keys: ['{public}']\n")
     # execute
-    refused = cli("verify", str(bundle), cwd=tmp_path)
-    by_flag = cli("verify", str(bundle), "--trusted-key", public, cwd=tmp_path)
-    by_config = cli("verify", str(bundle), "--configfile", str(conf), cwd=tmp_path)
-    bad_flag = cli("verify", str(bundle), "--trusted-key", "ed25519:AAAA", cwd=tmp_path)
+    refused = engineforge("verify", str(bundle), cwd=tmp_path)
+    by_flag = engineforge("verify", str(bundle), "--trusted-key", public, cwd=tmp_path)
+    by_config = engineforge("verify", str(bundle), "--configfile", str(conf), cwd=tmp_path)
+    bad_flag = engineforge("verify", str(bundle), "--trusted-key", "ed25519:AAAA", cwd=tmp_path)
     # assert
     assert refused.returncode == 1 and refused.stdout == ""
     assert refused.stderr.splitlines() == [
@@ -121,12 +111,13 @@ def test_verify_trusts_keys_from_the_flag_and_the_config(ws, tmp_path):
     assert one_error_line(bad_flag).startswith("engineforge: [stage=config key=--trusted-key]")
 
 
-def test_a_target_after_configfile_is_named_as_such(ws):
+def test_a_target_after_configfile_is_named_as_such(zoo_copy):
     """Snakemake's --configfile takes every name after it: a target there is not a config."""
+    ws = zoo_copy
     # execute
     target = "artifacts/tinycls/bench/nosuch.json"  # a file the run would make
-    late = cli("run", "--configfile", "config.yaml", target, cwd=ws)
-    control = cli("run", "--dry-run", "artifacts/summary.md", "--configfile", "config.yaml",
+    late = engineforge("run", "--configfile", "config.yaml", target, cwd=ws)
+    control = engineforge("run", "--dry-run", "artifacts/summary.md", "--configfile", "config.yaml",
                   cwd=ws)
     # assert
     assert one_error_line(late) == (
@@ -142,13 +133,13 @@ def test_errors_are_one_line_with_exit_code_2(ws, tmp_path, case):
     base = ["release", "2.0.0", "--config", str(ws / "config.yaml"), "--no-register",
             "--out", str(tmp_path)]
     if case == "duplicate":
-        assert cli(*base, "--select", "tinycls/fp32", cwd=tmp_path).returncode == 0
+        assert engineforge(*base, "--select", "tinycls/fp32", cwd=tmp_path).returncode == 0
     args = {"duplicate": base, "empty": base + ["--select", "resnet*/*/*/*"],
             "no-config": ["release", "2.0.0", "--config", str(tmp_path / "missing.yaml")],
             "bad-bundle": ["verify", str(tmp_path / "missing.tar.gz")],
             "alias": base + ["--alias", "latest"]}[case]
     # execute
-    proc = cli(*args, cwd=tmp_path)
+    proc = engineforge(*args, cwd=tmp_path)
     # assert
     line = one_error_line(proc)
     expect = {"duplicate": "[stage=release key=version] release 2.0.0 already exists",
@@ -158,7 +149,9 @@ def test_errors_are_one_line_with_exit_code_2(ws, tmp_path, case):
     assert line.startswith(f"engineforge: {expect}")
 
 
-def test_sync_uploads_a_pending_record_and_release_finds_its_runs(ws, tmp_path, monkeypatch):
+def test_sync_uploads_a_pending_record_and_release_finds_its_runs(zoo_copy, tmp_path,
+                                                                 monkeypatch):
+    ws = zoo_copy
     # setup: tracking of tinycls failed (server down): pending record + pending track.json
     arts = tmp_path / "artifacts"
     shutil.copytree(ws / "artifacts", arts, ignore=shutil.ignore_patterns("releases", "rel-*",
@@ -175,7 +168,7 @@ def test_sync_uploads_a_pending_record_and_release_finds_its_runs(ws, tmp_path, 
     status = track.track(record, layout.track("tinycls"), arts)
     assert status["status"] == "pending"
     assert len(list(pending.glob("*.json"))) == 1
-    down = cli("sync", "--artifacts", str(arts), cwd=ws, uri="http://127.0.0.1:9")
+    down = engineforge("sync", "--artifacts", str(arts), cwd=ws, uri="http://127.0.0.1:9")
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/up.db"
@@ -189,16 +182,17 @@ def test_sync_uploads_a_pending_record_and_release_finds_its_runs(ws, tmp_path, 
 
     # execute: upload; sync again (nothing pending); sync a record already uploaded (a sync
     # killed between the upload and removing the record)
-    up = cli("sync", "--artifacts", str(arts), cwd=ws, uri=uri)
+    up = engineforge("sync", "--artifacts", str(arts), cwd=ws, uri=uri)
     after_up = n_runs()
-    again = cli("sync", "--artifacts", str(arts), cwd=ws, uri=uri)
+    again = engineforge("sync", "--artifacts", str(arts), cwd=ws, uri=uri)
     after_again = n_runs()
     for name, data in kept.items():
         (pending / name).write_bytes(data)
-    replay = cli("sync", "--artifacts", str(arts), cwd=ws, uri=uri)
+    replay = engineforge("sync", "--artifacts", str(arts), cwd=ws, uri=uri)
     after_replay = n_runs()
-    rel = cli("release", "3.0.0", "--config", str(ws / "config.yaml"), "--artifacts", str(arts),
-              "--select", "tinycls", "--out", str(tmp_path / "rel"), cwd=tmp_path, uri=uri)
+    rel = engineforge("release", "3.0.0", "--config", str(ws / "config.yaml"), "--artifacts",
+                      str(arts), "--select", "tinycls", "--out", str(tmp_path / "rel"),
+                      cwd=tmp_path, uri=uri)
     # assert
     line = one_error_line(down)
     assert "stage=track key=MLFLOW_TRACKING_URI" in line and "pending records kept" in line
@@ -227,13 +221,14 @@ def test_sync_uploads_a_pending_record_and_release_finds_its_runs(ws, tmp_path, 
     assert read_json(layout.track("tinycls"))["status"] == "pending"
 
 
-def test_run_hands_over_to_snakemake_with_the_workflow_profile(ws):
+def test_run_hands_over_to_snakemake_with_the_workflow_profile(zoo_copy):
+    ws = zoo_copy
     # setup
     uri = f"sqlite:///{ws}/mlflow.db"
     upgrade = {"ENGINEFORGE_TOOL_VERSIONS": json.dumps({"tensorrt_rtx_cu13_bindings": "99"})}
     # execute: on the built tree, then as after a TensorRT-RTX upgrade
-    proc = cli("run", "--dry-run", "--configfile", "config.yaml", cwd=ws, uri=uri)
-    planned = cli("run", "--dry-run", "--configfile", "config.yaml", cwd=ws, uri=uri,
+    proc = engineforge("run", "--dry-run", "--configfile", "config.yaml", cwd=ws, uri=uri)
+    planned = engineforge("run", "--dry-run", "--configfile", "config.yaml", cwd=ws, uri=uri,
                   env=upgrade)
     # assert
     out = proc.stdout + proc.stderr
@@ -264,8 +259,8 @@ def test_release_of_a_run_whose_config_sits_elsewhere(ws, tmp_path):
     args = ("release", "4.0.0", "--config", str(conf / "c.yaml"), "--no-register", "--out",
             str(out), "--select", "tinycls/fp32/*/onnxruntime")
     # execute
-    beside = cli(*args, cwd=tmp_path)  # the default: paths resolve beside the config
-    made = cli(*args, "--directory", str(ws), cwd=tmp_path)
+    beside = engineforge(*args, cwd=tmp_path)  # the default: paths resolve beside the config
+    made = engineforge(*args, "--directory", str(ws), cwd=tmp_path)
     # assert: without it, one line that names the option; with it, the run's engines
     assert "--directory" in one_error_line(beside)
     assert made.returncode == 0, made.stderr

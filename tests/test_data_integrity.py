@@ -339,28 +339,38 @@ def _limited(limit: float, work: float) -> bool:
     return False
 
 
+# Wall-clock bounds with room for a loaded machine: the stopped work would run 30 s and is
+# stopped at 0.1 s (taking < 10 s shows the stop, not the work's end); the control's
+# 10 ms of work gets a 1 s limit (a 0.3 s one failed when the machine stalled the thread);
+# the wait after it, past that limit, shows no timer is left to fire.
+STOPPED_WORK_S, CONTROL_LIMIT_S = 30.0, 1.0
+
+
 def test_time_limit_stops_pure_python_and_clears_its_timer():
     before = signal.getsignal(signal.SIGALRM)
     t0 = time.monotonic()
-    assert _limited(0.1, 5) and time.monotonic() - t0 < 2
+    assert _limited(0.1, STOPPED_WORK_S) and time.monotonic() - t0 < 10
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
     assert signal.getsignal(signal.SIGALRM) is before
     # control: work within the limit ends normally, and nothing fires after the block
-    assert not _limited(0.3, 0.01)
+    assert not _limited(CONTROL_LIMIT_S, 0.01)
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
-    _busy(0.4)
+    assert signal.getsignal(signal.SIGALRM) is before
+    time.sleep(CONTROL_LIMIT_S + 0.3)  # a live timer would interrupt this sleep
 
 
 def test_time_limit_works_outside_the_main_thread():
     results = {}
 
     def job():
-        results["stopped"] = _limited(0.1, 5)
-        results["control"] = _limited(0.3, 0.01)
-        _busy(0.4)  # a late timer would raise here and lose "late"
+        results["stopped"] = _limited(0.1, STOPPED_WORK_S)
+        results["control"] = _limited(CONTROL_LIMIT_S, 0.01)
+        time.sleep(CONTROL_LIMIT_S + 0.3)  # a late timer's exception is raised after this
         results["late"] = False
 
     t = threading.Thread(target=job)
+    t0 = time.monotonic()
     t.start()
-    t.join(10)
+    t.join(60)
     assert results == {"stopped": True, "control": False, "late": False}
+    assert time.monotonic() - t0 < 10 + CONTROL_LIMIT_S + 0.3

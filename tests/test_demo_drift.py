@@ -4,6 +4,9 @@ re-made with that node in ``nodes_to_exclude`` passes.
 
 Real stages (export, simplify, precision through the runner), the audit's own comparison
 and verdict on ONNX Runtime's CPU provider, and ``localise`` on the same reference inputs.
+The stages run in a copy of the project (``project_copy``, from tests/checkout_guard.py):
+config.yaml's arch and data paths are relative to the project directory, and a stage run with
+the checkout as its working directory could write there.
 """
 
 from __future__ import annotations
@@ -27,17 +30,18 @@ BATCH = 8  # within both models' first profile
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> dict:
+def exported(tmp_path_factory, project_copy) -> dict:
     """Each drift model exported and simplified once; configs resolved from config.yaml."""
-    raw = yaml.safe_load((ROOT / "config.yaml").read_text())
+    root = project_copy
+    raw = yaml.safe_load((root / "config.yaml").read_text())
     out = {}
     with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(ROOT)  # the arch and data paths in config.yaml are relative to the repo
+        mp.chdir(root)  # the arch and data paths in config.yaml are relative to the project
         mp.setenv("ENGINEFORGE_CACHE", "0")
         for model in ("thermal_hotspot", "outlier_cnn"):
             ws = tmp_path_factory.mktemp(model)
             one = dict(raw, models={model: raw["models"][model]})
-            models = config.resolve(one, ROOT)["models"]
+            models = config.resolve(one, root)["models"]
             arch = models[model]["checkpoint"]["arch"].split(":")[0].replace(".", "/") + ".py"
             run_stage("export", models, model,
                       {"arch_source": arch, "calibration": models[model]["calibration"]["path"]},
@@ -45,8 +49,14 @@ def exported(tmp_path_factory) -> dict:
                        "sidecar": ws / "e/export.json"}, ws)
             run_stage("simplify", models, model, {"onnx": ws / "e/model.onnx"},
                       {"onnx": ws / "s/model.onnx", "sidecar": ws / "s/simplify.json"}, ws)
-            out[model] = {"raw": one, "ws": ws, "fp32": ws / "s/model.onnx"}
+            out[model] = {"raw": one, "ws": ws, "fp32": ws / "s/model.onnx", "root": root}
     return out
+
+
+@pytest.fixture(autouse=True)
+def in_project_copy(project_copy, monkeypatch):
+    """Every test's stages run with the project copy as working directory."""
+    monkeypatch.chdir(project_copy)
 
 
 def make_variant(m: dict, model: str, precision: str, exclude: tuple[str, ...] = ()) -> Path:
@@ -56,10 +66,10 @@ def make_variant(m: dict, model: str, precision: str, exclude: tuple[str, ...] =
     if exclude:
         raw["models"][model].setdefault("precision", {})[precision] = {
             "nodes_to_exclude": list(exclude)}
-    models = config.resolve(raw, ROOT)["models"]
+    models = config.resolve(raw, m["root"])["models"]
     out = m["ws"] / f"{precision}{'-x' if exclude else ''}"
     run_stage("precision", models, model,
-              {"onnx": m["fp32"], "calibration": ROOT / models[model]["calibration"]["path"]},
+              {"onnx": m["fp32"], "calibration": m["root"] / models[model]["calibration"]["path"]},
               {"onnx": out / "model.onnx", "sidecar": out / "precision.json"}, m["ws"],
               precision=precision)
     return out / "model.onnx"
@@ -68,7 +78,7 @@ def make_variant(m: dict, model: str, precision: str, exclude: tuple[str, ...] =
 def audited(m: dict, model: str, variant: Path, precision: str) -> tuple[dict, list[str]]:
     """The audit's metrics and failures for ``variant`` (ONNX Runtime CPU) against the
     PyTorch reference, under the model's default tolerance for ``precision``."""
-    resolved = config.resolve(m["raw"], ROOT)["models"][model]
+    resolved = config.resolve(m["raw"], m["root"])["models"][model]
     feed, ref, _ = audit._reference(m["ws"] / "e/reference.npz")
     produced = audit.infer_all(get_backend("onnxruntime").runner(variant), feed, BATCH,
                                model, variant)
@@ -158,7 +168,7 @@ def test_outlier_int8_repaired_on_onnxruntime_is_ort_graph_with_the_conv_unquant
     from engineforge.results import PrecisionResult
 
     m, model = exported["outlier_cnn"], "outlier_cnn"
-    models = config.resolve(m["raw"], ROOT)["models"]
+    models = config.resolve(m["raw"], m["root"])["models"]
     record = m["ws"] / "int8-repaired" / "precision.json"
     record.parent.mkdir(exist_ok=True)
     record.write_text(json.dumps({"result": PrecisionResult(
@@ -166,11 +176,11 @@ def test_outlier_int8_repaired_on_onnxruntime_is_ort_graph_with_the_conv_unquant
         quantize_linear=0, dequantize_linear=0, op_types={}, initializer_dtypes={},
         extra={"repair": {"status": "repaired", "from": "int8",
                           "excluded_nodes": ["node_conv2d_1"]}}).model_dump()}))
+    calibration = m["root"] / models[model]["calibration"]["path"]
     graphs = {}
     for variant in ("int8", "int8-repaired"):
         out = m["ws"] / f"ort-{variant}"
-        run_stage("ort_quantize", models, model,
-                  {"onnx": m["fp32"], "calibration": ROOT / models[model]["calibration"]["path"]}
+        run_stage("ort_quantize", models, model, {"onnx": m["fp32"], "calibration": calibration}
                   | ({"repair": record} if variant == "int8-repaired" else {}),
                   {"onnx": out / "model.onnx", "sidecar": out / "precision.json"}, m["ws"],
                   precision=variant)

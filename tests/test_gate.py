@@ -22,7 +22,7 @@ from engineforge.runner import StageFailed, run_job
 from engineforge.settings import GateSettings
 from engineforge.sidecar import read_json, write_json
 from engineforge.stages import gate
-from workflow_helpers import snakemake, write_config
+from workflow_helpers import mlflow_client, snakemake, write_config
 
 ROWS = [
     {"precision": "fp32", "backend": "onnxruntime", "status": "pass", "max_abs": 2e-6,
@@ -198,9 +198,6 @@ def test_bad_gate_settings_are_config_errors_naming_the_key(tiny_workspace, cfg,
 
 
 # -- against a real workflow run, release and MLflow --------------------------------------------
-_BUILT: dict = {}
-
-
 def raw_config(gate_cfg=None) -> dict:
     raw = tiny_raw_config(precisions=("fp32",), backends=("onnxruntime",))
     del raw["models"]["tinyfcn"]
@@ -212,19 +209,17 @@ def raw_config(gate_cfg=None) -> dict:
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory) -> Path:
     """tinycls fp32/onnxruntime built and tracked once, and released as 1.0 (registered)."""
-    if "ws" not in _BUILT:
-        ws = tmp_path_factory.mktemp("gate-ws")
-        write_tiny_workspace(ws)
-        write_config(ws, raw_config())
-        snakemake(ws)
-        with pytest.MonkeyPatch.context() as mp:
-            mp.chdir(ws)
-            mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{ws}/mlflow.db")
-            from engineforge import release
+    ws = tmp_path_factory.mktemp("gate-ws")
+    write_tiny_workspace(ws)
+    write_config(ws, raw_config())
+    snakemake(ws)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ws)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{ws}/mlflow.db")
+        from engineforge import release
 
-            release.release("1.0", config_path=ws / "config.yaml", say=lambda _: None)
-        _BUILT["ws"] = ws
-    return _BUILT["ws"]
+        release.release("1.0", config_path=ws / "config.yaml", say=lambda _: None)
+    return ws
 
 
 @pytest.fixture
@@ -276,8 +271,6 @@ def test_release_manifest_carries_the_drift_matrix_and_gates(in_ws):
 
 @pytest.mark.e2e
 def test_mlflow_runs_by_alias_and_by_tag(in_ws):
-    from mlflow.tracking import MlflowClient
-
     ws = in_ws
     name = "engineforge.tinycls.fp32.b1-8.onnxruntime"
     for source in (f"models:/{name}@release-1_0", f"models:/{name}/1",
@@ -288,7 +281,7 @@ def test_mlflow_runs_by_alias_and_by_tag(in_ws):
         assert g["regressions"] == 0
 
     # a run of this model, tagged, whose drift matrix is better than this run's
-    client = MlflowClient(tracking_uri=f"sqlite:///{ws}/mlflow.db")
+    client = mlflow_client(ws)
     exp = client.get_experiment_by_name("engineforge-tests")
     run = client.create_run(exp.experiment_id, tags={"engineforge.model": "tinycls",
                                                      "engineforge.kind": "model",
@@ -323,8 +316,6 @@ def test_mlflow_runs_by_alias_and_by_tag(in_ws):
 def test_strict_gate_fails_the_workflow_with_one_line(in_ws):
     """Through Snakemake: strict fails the run on a regression (the gate is still recorded,
     summarised and tracked); non-strict records it and the run succeeds."""
-    from mlflow.tracking import MlflowClient
-
     ws = in_ws
     write_json(ws / "better.json", {"model": "tinycls", "rows": better(current_rows(ws))})
     write_config(ws, raw_config({"baseline": "better.json", "strict": True,
@@ -341,7 +332,7 @@ def test_strict_gate_fails_the_workflow_with_one_line(in_ws):
     g = read_json(ws / "artifacts/tinycls/audit/gate.json")
     assert g["status"] == "regressed" and not (ws / "artifacts/tinycls/audit/gate.ok").exists()
     assert "## Baseline gate" in (ws / "artifacts/summary.md").read_text()
-    client = MlflowClient(tracking_uri=f"sqlite:///{ws}/mlflow.db")
+    client = mlflow_client(ws)
     exp = client.get_experiment_by_name("engineforge-tests")
     parents = client.search_runs([exp.experiment_id], "tags.`engineforge.kind` = 'model' and "
                                  "tags.`engineforge.gate` = 'regressed'")
@@ -368,10 +359,8 @@ def test_strict_gate_fails_the_workflow_with_one_line(in_ws):
 def test_the_gate_reruns_when_its_mlflow_tag_moves_to_another_run(in_ws):
     """Through Snakemake: a gate on tag:<k>=<v> (or an alias) reruns when the tag (alias)
     now names another run, though no file changed; and not when nothing moved."""
-    from mlflow.tracking import MlflowClient
-
     ws = in_ws
-    client = MlflowClient(tracking_uri=f"sqlite:///{ws}/mlflow.db")
+    client = mlflow_client(ws)
     exp = client.get_experiment_by_name("engineforge-tests")
 
     def champion(rows: list[dict]) -> str:

@@ -55,28 +55,64 @@ def test_stability_rule_needs_a_full_quiet_window():
     assert gpubench.is_stable(noisy + quiet, 0.02, window=5)  # only the last window counts
 
 
-def test_cpu_timing_loop_measures_a_known_sleep_and_stops_when_stable():
-    timing = gpubench.time_callable(lambda: time.sleep(0.002), device="cpu", warmup=2,
+class FakeClock:
+    """The timing loop's clock (``gpubench.time``): it moves only when a timed call says
+    what it cost, so the statistics and the stopping rule are exact on any machine."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def spend(self, ms: float) -> None:
+        self.now += ms / 1e3
+
+
+def test_cpu_timing_loop_times_each_call_and_stops_when_stable(monkeypatch):
+    # setup: calls that cost 1.9-2.1 ms (median 2.0 in every round); warm-up calls cost 50
+    clock = FakeClock()
+    monkeypatch.setattr(gpubench, "time", clock)
+    costs = iter([50.0, 50.0] + [1.9, 2.0, 2.1, 2.0, 2.0] * 20)
+    # execute
+    timing = gpubench.time_callable(lambda: clock.spend(next(costs)), device="cpu", warmup=2,
                                     iters_per_round=5, min_rounds=3, window=3,
                                     target_cv=0.5, max_rounds=20)
+    # assert: every call timed on its own, the warm-up left out, stable at the first chance
     assert timing.timer == "perf_counter" and not timing.cuda_graph
-    assert 2.0 <= timing.stats["p50_ms"] < 10.0
-    assert timing.stable and len(timing.round_medians_ms) == 3  # stable at the first chance
-    assert len(timing.samples_ms) == 15 == timing.stats["n"]
+    assert timing.samples_ms == pytest.approx([1.9, 2.0, 2.1, 2.0, 2.0] * 3)
+    assert timing.stats["p50_ms"] == pytest.approx(2.0) and timing.stats["max_ms"] < 2.2
+    assert timing.stable and timing.round_medians_ms == pytest.approx([2.0] * 3)
+    assert len(timing.samples_ms) == 15 == timing.stats["n"] and timing.cv < 1e-9
 
 
-def test_cpu_timing_loop_stops_at_its_bounds_when_never_stable():
-    """Positive control for the stopping rule: alternating 1 ms / 6 ms rounds never reach a
+def test_cpu_timing_loop_measures_real_time():
+    """The real clock: a 2 ms sleep never returns early, so no sample is under 2 ms (a
+    loaded machine may oversleep: the upper bound is loose); positive control: a call that
+    does nothing times at well under 2 ms, so the 2 ms are the sleep's, not the loop's."""
+    def timed(fn):
+        return gpubench.time_callable(fn, device="cpu", warmup=1, iters_per_round=5,
+                                      min_rounds=3, window=3, target_cv=10.0, max_rounds=3)
+
+    slept = timed(lambda: time.sleep(0.002))
+    idle = timed(lambda: None)
+    assert slept.timer == "perf_counter" and len(slept.samples_ms) == 15
+    assert min(slept.samples_ms) >= 2.0 and slept.stats["p50_ms"] < 1000.0
+    assert 0 < idle.stats["p50_ms"] < 2.0
+
+
+def test_cpu_timing_loop_stops_at_its_bounds_when_never_stable(monkeypatch):
+    """Positive control for the stopping rule: alternating 6 ms / 1 ms rounds never reach a
     5 % CV, so the loop runs to max_rounds and says it is not stable."""
-    calls = iter(range(10_000))
+    clock = FakeClock()
+    monkeypatch.setattr(gpubench, "time", clock)
+    costs = iter([6.0] + ([6.0] * 4 + [1.0] * 4) * 10)  # one warm-up call, then rounds of 4
 
-    def alternating():
-        time.sleep(0.001 if (next(calls) // 4) % 2 else 0.006)
-
-    timing = gpubench.time_callable(alternating, device="cpu", warmup=0, iters_per_round=4,
-                                    min_rounds=3, window=3, target_cv=0.05, max_rounds=6)
-    assert not timing.stable and len(timing.round_medians_ms) == 6
-    assert timing.cv > 0.05
+    timing = gpubench.time_callable(lambda: clock.spend(next(costs)), device="cpu", warmup=0,
+                                    iters_per_round=4, min_rounds=3, window=3,
+                                    target_cv=0.05, max_rounds=6)
+    assert not timing.stable and timing.round_medians_ms == pytest.approx([6, 1] * 3)
+    assert timing.cv == pytest.approx(statistics.stdev([1, 6, 1]) / statistics.mean([1, 6, 1]))
 
 
 def test_report_row_throughput_tflops_peak_and_speedup():

@@ -1,8 +1,9 @@
 """Stages never write to their inputs.
 
-Checked on the workflow run that test_workflow_e2e.py makes (built once per session): every
-stage ran there on tiny models — export, simplify, precision fp32/fp16/bf16/int8, audit,
-builds for onnxruntime and tensorrt-rtx, bench and the PyTorch baseline. After that run:
+Checked on the e2e zoo of tests/conftest.py (the run test_workflow_e2e.py checks, built once
+per session): every stage ran there on tiny models — export, simplify, precision
+fp32/fp16/bf16/int8, audit, builds for onnxruntime and tensorrt-rtx, bench and the PyTorch
+baseline. After that run:
 
 - every input a sidecar records still has the content the job hashed before it ran;
 - every output still has the content its sidecar vouches for;
@@ -26,12 +27,13 @@ from pathlib import Path
 
 import onnx
 import pytest
+from conftest import E2E_PRECISIONS as PRECISIONS
 from conftest import run_stage, tiny_raw_config
 from engineforge import config
 from engineforge.runner import StageFailed
 from engineforge.sidecar import read_json, sha256_file
 from engineforge.stages import precision
-from test_workflow_e2e import PRECISIONS, finished_workspace
+from workflow_helpers import CACHE_OFF
 
 pytestmark = pytest.mark.e2e
 
@@ -112,9 +114,9 @@ def untouched_problems(root: Path, before: dict[str, str]) -> list[str]:
     return problems
 
 
-def test_no_stage_wrote_to_its_inputs(tmp_path_factory):
+def test_no_stage_wrote_to_its_inputs(e2e_zoo):
     # setup: the e2e run, and the workspace as it was before it
-    ws, _, proc, before = finished_workspace(tmp_path_factory)
+    ws, before = e2e_zoo.ws, e2e_zoo.before
     found = sidecars(ws).values()
     # the check covers every stage and variant (not an empty loop)
     assert {s["stage"] for s in found} == {"export", "simplify", "precision", "build",
@@ -159,15 +161,15 @@ def _leaves_a_file_beside(job, onnx_in: Path, out: Path) -> dict:
     (_leaves_a_file_beside, ["inputs/model_static.onnx: new beside a stage input, declared "
                              "by no job"]),
 ], ids=["fixed", "pre-fix-rewrites-input", "writes-beside-input"])
-def test_int8_input_untouched_and_misbehaviour_flagged(tmp_path_factory, tmp_path, monkeypatch,
-                                                      body, expected):
+def test_int8_input_untouched_and_misbehaviour_flagged(e2e_zoo, tmp_path, monkeypatch, body,
+                                                      expected):
     """The current int8 body leaves its input alone; the check flags the misbehaving ones.
     The body runs in this process (ENGINEFORGE_ISOLATION=0) so that a replaced body is the
     one that runs; everything else is the real runner."""
     # setup: copies of the e2e run's int8 inputs; the model without the shape information
     # onnxsim leaves (as an export kept unsimplified has it), which ModelOpt's in-place
     # shape inference adds
-    ws, _, _, _ = finished_workspace(tmp_path_factory)
+    ws = e2e_zoo.ws
     root = tmp_path
     (root / "inputs").mkdir()
     model = onnx.load(str(ws / "artifacts/tinycls/simplify/model.onnx"))
@@ -176,7 +178,8 @@ def test_int8_input_untouched_and_misbehaviour_flagged(tmp_path_factory, tmp_pat
     shutil.copyfile(ws / "calib.npz", root / "inputs/calib.npz")
     before = snapshot(root)
     monkeypatch.setenv("ENGINEFORGE_ISOLATION", "0")
-    monkeypatch.setenv("ENGINEFORGE_CACHE", "0")
+    for var, value in CACHE_OFF.items():
+        monkeypatch.setenv(var, value)
     monkeypatch.setattr(precision, "_qdq", body)
     models = config.resolve(tiny_raw_config(precisions=("fp32", "int8")), ws)["models"]
     args = ("precision", models, "tinycls",

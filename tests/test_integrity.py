@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +23,16 @@ from engineforge import integrity
 from engineforge import sidecar as sc
 from engineforge.job import Job
 from engineforge.runner import _Staging
-from workflow_helpers import ROOT, planned_jobs, planned_outputs, snakemake, write_config
+from workflow_helpers import (
+    ROOT,
+    copy_workspace,
+    engineforge,
+    planned_jobs,
+    planned_outputs,
+    rehash_sidecars,
+    snakemake,
+    write_config,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -53,15 +61,11 @@ def zoo_config() -> dict:
 @pytest.fixture
 def ws(built, tmp_path) -> Path:
     """A copy of the built workspace (artifacts and Snakemake's metadata, mtimes kept)."""
-    copy = tmp_path / "ws"
-    shutil.copytree(built, copy, symlinks=True)
-    return copy
+    return copy_workspace(built, tmp_path / "ws")
 
 
 def check(ws: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engineforge.cli", "check", "--artifacts",
-                           "artifacts"], cwd=ws, env=ENV, capture_output=True, text=True,
-                          timeout=300)
+    return engineforge("check", "--artifacts", "artifacts", cwd=ws)
 
 
 def recorded_outputs(artifacts: Path) -> list[Path]:
@@ -120,6 +124,22 @@ def test_check_reports_a_changed_file_a_missing_file_and_a_truncated_sidecar(ws)
                            "precision.json)")
     # check changes nothing
     assert not (a / integrity.QUARANTINE).exists() and truncated.exists()
+
+
+def test_rehash_sidecars_vouches_for_an_edited_output_again(ws):
+    """The shared helper tests use after editing an output (workflow_helpers.rehash_sidecars):
+    only the sidecars recording that file change, and check passes again."""
+    a = ws / "artifacts"
+    edited = a / "tinyfcn/simplify/model.onnx"
+    flip_a_byte(edited)
+    (problem,) = integrity.check(a).problems  # positive control: the edit is seen
+    assert "tinyfcn/simplify/model.onnx: content differs from simplify.json" in problem
+    # execute
+    changed = rehash_sidecars(a, edited)
+    # assert
+    assert [p.relative_to(a).as_posix() for p in changed] == ["tinyfcn/simplify/simplify.json"]
+    assert integrity.check(a).problems == []
+    assert check(ws).returncode == 0
 
 
 @pytest.mark.parametrize("where", ["missing", "file"])

@@ -1,4 +1,9 @@
-"""The workflow stays lint-clean: `snakemake --lint` and `snakefmt --check`."""
+"""The workflow stays lint-clean: `snakemake --lint` and `snakefmt --check`.
+
+Snakemake runs in a copy of the project (checkout_guard's ``project_copy``): with the checkout
+as its working directory it would create artifacts/ and .snakemake/ there, and its parse-time
+integrity sweep and stale-lock removal would act on the developer's own outputs. snakefmt
+only reads, so it checks the real files."""
 
 from __future__ import annotations
 
@@ -7,12 +12,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def test_snakemake_lint_is_clean():
-    proc = subprocess.run([str(BIN / "snakemake"), "--lint", "--cores", "1"], cwd=ROOT,
+@pytest.mark.e2e  # Snakemake parses the workflow
+def test_snakemake_lint_is_clean(project_copy):
+    proc = subprocess.run([str(BIN / "snakemake"), "--lint", "--cores", "1"], cwd=project_copy,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Lints for" not in proc.stdout + proc.stderr
@@ -24,11 +32,12 @@ def test_snakefmt_is_clean():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_parsing_the_workflow_imports_nothing_heavy():
+@pytest.mark.e2e  # a dry run of the workflow
+def test_parsing_the_workflow_imports_nothing_heavy(project_copy):
     """DAG parsing (`snakemake -n`) imports no torch, ONNX Runtime, TensorRT, ModelOpt,
     onnxsim, MLflow or matplotlib, and runs no backend binary."""
     proc = subprocess.run([sys.executable, "-X", "importtime", str(BIN / "snakemake"), "-n",
-                           "--quiet"], cwd=ROOT, capture_output=True, text=True,
+                           "--quiet"], cwd=project_copy, capture_output=True, text=True,
                           env={**os.environ, "ENGINEFORGE_TRTEXEC": "/nonexistent/trtexec"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()

@@ -25,40 +25,90 @@ MLFLOW = Path(sys.executable).with_name("mlflow")
 
 
 class Server:
+    """`mlflow server` on a loopback port the OS picks as the server binds it (``--port
+    0``), read back from the server's log: no port is picked, released and bound again (in
+    between, another process could take it). A stopped server's port stays held (bound, not
+    listening: connections are refused) until it starts again, so the outage is real."""
+
+    RUNNING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+) ")
+
     def __init__(self, root: Path):
         self.root = root
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log = root / "server.log"
+        self.port: int | None = None
+        self.held: socket.socket | None = None
         self.proc = None
 
-    def start(self):
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 300):
+        """Start on a port of the OS's choosing; wait (as long as a loaded machine needs)
+        until it answers on it."""
+        seen = self.log.stat().st_size if self.log.exists() else 0
         self.proc = subprocess.Popen(
-            [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(self.port),
+            [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", "0",
              "--backend-store-uri", f"sqlite:///{self.root}/server.db",
              "--artifacts-destination", str(self.root / "server-artifacts"), "--workers", "2"],
-            stdout=open(self.root / "server.log", "ab"), stderr=subprocess.STDOUT)
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
-                return self
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError((self.root / "server.log").read_text()[-2000:])
+            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
+        port, deadline = None, time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            if port is None:
+                with open(self.log, "rb") as f:
+                    f.seek(seen)
+                    found = self.RUNNING.search(f.read().decode(errors="replace"))
+                port = int(found.group(1)) if found else None
+            else:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                except OSError:
+                    pass
+                else:
+                    if self.held:
+                        self.held.close()
+                        self.held = None
+                    self.port = port
+                    return self
+            time.sleep(0.2)
+        self.proc.kill()
+        raise RuntimeError(f"mlflow server did not answer (exit code {self.proc.poll()}, "
+                           f"port {port}):\n{self.log.read_text()[-2000:]}")
 
     def stop(self):
         self.proc.terminate()
-        self.proc.wait(30)
+        try:
+            self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        # hold the port: a tracking client still pointed at it finds it closed
+        held = socket.socket()
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                held.bind(("127.0.0.1", self.port))
+                break
+            except OSError:  # its workers may still be closing the listening socket
+                if time.monotonic() > deadline:
+                    held.close()
+                    raise
+                time.sleep(0.2)
+        self.held = held
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.stop()
+        if self.held:
+            self.held.close()
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     srv = Server(tmp_path_factory.mktemp("mlflow")).start()
     yield srv
-    if srv.proc.poll() is None:
-        srv.stop()
+    srv.close()
 
 
 def _clone(tmp_path_factory, name):
@@ -136,8 +186,11 @@ def test_outage_keeps_records_and_sync_uploads_them(server, tmp_path_factory):
     ws = _clone(tmp_path_factory, "outage")
     env = {"MLFLOW_TRACKING_URI": server.uri, "ENGINEFORGE_CACHE": "0"}
     before = len(_runs(server.uri))
-    # setup: the server goes down
+    # setup: the server goes down (its port held: nothing else answers there)
     server.stop()
+    down = server.uri
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", server.port), timeout=5).close()
     # execute: the build still finishes; tracking records stay on disk
     snakemake(ws, env=env)
     layout = _layout(ws)
@@ -155,8 +208,10 @@ def test_outage_keeps_records_and_sync_uploads_them(server, tmp_path_factory):
                               env={**os.environ, "MLFLOW_TRACKING_URI": server.uri},
                               capture_output=True, text=True, cwd=ws, timeout=300)
 
-    # execute: the server comes back; sync uploads what was kept
+    # execute: the server comes back (on a port of the OS's choosing); sync uploads what
+    # was kept
     server.start()
+    assert server.uri != down
     proc = sync()
     after_first = len(_runs(server.uri))
     # assert: nothing lost (positive control for the counts below), nothing pending

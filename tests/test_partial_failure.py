@@ -24,7 +24,7 @@ from engineforge.job import Job
 from engineforge.layout import Layout
 from engineforge.sidecar import read_json
 from engineforge.stages import track
-from workflow_helpers import ROOT, planned_outputs, snakemake, write_config
+from workflow_helpers import ROOT, Page, mlflow_client, planned_outputs, snakemake, write_config
 
 L = Layout()
 STAGE_RULE = {"drift": "drift_matrix", "baseline": "bench_pytorch"}
@@ -89,9 +89,7 @@ def first_failures(runs) -> list[dict]:
 
 
 def mlflow_parents(runs, model: str):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{runs.ws}/mlflow.db")
+    client = mlflow_client(runs.ws)
     exp = client.get_experiment_by_name(runs.raw["experiment"])
     found = client.search_runs([exp.experiment_id], f"tags.`engineforge.model` = '{model}' "
                                "and tags.`engineforge.kind` = 'model'",
@@ -143,6 +141,27 @@ def test_drift_matrices_of_both_models_exist(runs):
     for r in failed["rows"]:
         assert r["status"] in ("failed", "not run") and r["error"] and r["failed_job"]
     assert "## Failed jobs" in (runs.a1 / "tinycls/audit/drift.md").read_text()
+
+
+@pytest.mark.e2e
+def test_report_of_the_real_partly_failed_run_lists_each_failed_job(runs):
+    """report.html as run 1 left it (not fixture JSON): a Failed jobs table with one row per
+    failure record (model, stage, variant, reason), the healthy model's heatmap, and the
+    page marked untrusted for the next run."""
+    recs = first_failures(runs)
+    page = Page((runs.a1 / "report.html").read_text())
+    text = page.words()
+    assert "Failed jobs" in text
+    table = text.split("Failed jobs", 1)[1]
+    for f in recs:
+        row = " ".join(f"{f['model']} {f['stage']} {failures.variant(f)} {f['reason']}".split())
+        assert row in table, (row, table[:2000])
+    assert "tinyfcn drift heatmap" in {i.get("alt") for i in page.imgs()}
+    assert (runs.a1 / "report.html").stat().st_mtime == failures.UNTRUSTED_MTIME
+    # control: after the fix the page lists no failed job
+    fixed = Page((runs.ws / "artifacts/report.html").read_text()).words()
+    assert "Failed jobs" not in fixed and "tinycls drift heatmap" in fixed + " ".join(
+        i.get("alt", "") for i in Page((runs.ws / "artifacts/report.html").read_text()).imgs())
 
 
 @pytest.mark.e2e

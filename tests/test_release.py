@@ -18,42 +18,22 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, tiny_raw_config, write_tiny_workspace
+from conftest import ROOT
 from engineforge import release, signing
 from engineforge.backends import backend_class
 from engineforge.errors import ReleaseError
 from engineforge.layout import Layout
 from engineforge.results import AuditResult, BenchResult
 from engineforge.sidecar import read_json, sha256_file, write_json
-from workflow_helpers import snakemake, write_config
+from workflow_helpers import engineforge, job_stats, members, rewrite, snakemake
 
 pytestmark = pytest.mark.e2e
 
-_BUILT: dict[str, Path] = {}
-
-
-def built_workspace(tmp_path_factory) -> Path:
-    """Run the workflow once per session (test_cli.py shares it)."""
-    if "ws" not in _BUILT:
-        ws = tmp_path_factory.mktemp("release-ws")
-        write_tiny_workspace(ws)
-        write_config(ws, tiny_raw_config(precisions=("fp32", "int8"),
-                                         backends=("onnxruntime", "tensorrt-rtx")))
-        snakemake(ws)
-        _BUILT["ws"] = ws
-    return _BUILT["ws"]
-
-
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory) -> Path:
-    return built_workspace(tmp_path_factory)
-
-
-def job_stats(text: str) -> dict[str, int]:
-    """Jobs by rule from the "Job stats" table Snakemake prints for a dry run with work."""
-    block = text.split("Job stats:\n", 1)[1].split("\n\n", 1)[0]
-    rows = [line.split() for line in block.splitlines()[2:]]  # after the header and ----
-    return {r[0]: int(r[1]) for r in rows if r[0] != "total"}
+@pytest.fixture
+def ws(zoo) -> Path:
+    """The standard zoo (tests/conftest.py: fp32 + int8 on onnxruntime and TensorRT-RTX),
+    read-only; a test that registers models (writes mlflow.db) takes ``zoo_copy``."""
+    return zoo
 
 
 def cut(ws: Path, out: Path, version: str, patterns=None, **kw) -> tuple[dict, list[str]]:
@@ -62,25 +42,6 @@ def cut(ws: Path, out: Path, version: str, patterns=None, **kw) -> tuple[dict, l
     res = release.release(version, config_path=ws / "config.yaml", out=out, patterns=patterns,
                           say=said.append, **kw)
     return res, said
-
-
-def members(bundle: Path) -> dict[str, bytes]:
-    with tarfile.open(bundle, "r:gz") as tar:
-        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
-
-
-def rewrite(bundle: Path, change=lambda name, data: (name, data), extra=(),
-            keep=lambda name: True) -> None:
-    """Rewrite the tar: each member's (name, bytes) through ``change`` (those ``keep``
-    keeps), then ``extra``."""
-    with tarfile.open(bundle, "r:gz") as tar:
-        items = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()
-                 if keep(m.name)]
-    with gzip.open(bundle, "wb") as gz, tarfile.open(fileobj=gz, mode="w") as tar:
-        for name, data in [change(n, d) for n, d in items] + list(extra):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def test_select_by_pattern(ws, tmp_path):
@@ -142,8 +103,9 @@ def test_manifest_contents(ws, tmp_path):
     assert ort["bench"]["p50_ms_opt"] == bench.points["opt"].p50_ms > 0
 
 
-def test_rebuild_target_is_a_workflow_target(ws):
+def test_rebuild_target_is_a_workflow_target(zoo_copy):
     # setup
+    ws = zoo_copy
     res, _ = cut(ws, ws / "rel-target", "1.0.1", ["tinyfcn/int8/large/tensorrt-rtx"])
     target = res["manifest"]["engines"][0]["rebuild"][2].rsplit(" ", 1)[1]
     # execute: as built, then as after a TensorRT-RTX upgrade
@@ -326,8 +288,9 @@ def test_a_result_of_another_version_is_excluded_with_its_reason(ws, tmp_path):
                     "not permitted); rebuild it: `engineforge run`"]
 
 
-def test_registers_each_engine_with_the_release_alias(ws, tmp_path, monkeypatch):
+def test_registers_each_engine_with_the_release_alias(zoo_copy, tmp_path, monkeypatch):
     # setup
+    ws = zoo_copy
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{ws}/mlflow.db"
@@ -359,8 +322,9 @@ def test_registers_each_engine_with_the_release_alias(ws, tmp_path, monkeypatch)
     assert sha256_file(Path(got) / Path(e["path"]).name) == e["sha256"]
 
 
-def test_a_second_release_moves_a_new_alias_to_a_new_version(ws, tmp_path, monkeypatch):
+def test_a_second_release_moves_a_new_alias_to_a_new_version(zoo_copy, tmp_path, monkeypatch):
     # setup
+    ws = zoo_copy
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{ws}/mlflow.db"
@@ -410,14 +374,19 @@ def test_alias_rules():
 
 
 # -- signatures and provenance ----------------------------------------------------------------
-def resign(bundle: Path, edit, key: signing.SigningKey | None = None) -> None:
-    """Edit the manifest (``edit(manifest)`` in place) and sign it again with ``key`` (default
-    this builder's: a trusted signer of a wrong manifest)."""
+def resign(bundle: Path, edit, key: signing.SigningKey | None = None,
+           raw: bytes | None = None) -> None:
+    """Edit the manifest (``edit(manifest)`` in place; or replace its bytes by ``raw``) and
+    sign it again with ``key`` (default this builder's: a trusted signer of a wrong
+    manifest)."""
     key = key or signing.signing_key()
     name = next(n for n in members(bundle) if n.endswith("/manifest.json"))
-    manifest = json.loads(members(bundle)[name])
-    edit(manifest)
-    data = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    if raw is None:
+        manifest = json.loads(members(bundle)[name])
+        edit(manifest)
+        data = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    else:
+        data = raw
     sig = json.dumps({"signed": "manifest.json", "sha256": hashlib.sha256(data).hexdigest(),
                       **key.sign(data)}).encode()
     rewrite(bundle, lambda n, d: (n, data if n == name else sig if n.endswith(
@@ -538,3 +507,88 @@ def test_verify_refuses_edited_or_missing_provenance(ws, tmp_path, case):
               "builder": "provenance names builder ed25519:"}[case]
     assert len(problems) == 1 and problems[0].startswith(expect), problems
     assert not (tmp_path / "x").exists()
+
+
+# -- `engineforge verify` on malformed bundles: exit 1, one line naming the problem -------------
+def verify_line(bundle: Path, cwd: Path) -> str:
+    """`engineforge verify BUNDLE`: asserts exit code 1 and exactly one stderr line, returns
+    the problem it names (after ``FAILED: <bundle>: ``)."""
+    proc = engineforge("verify", str(bundle), cwd=cwd)
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    prefix = f"FAILED: {bundle}: "
+    assert lines[0].startswith(prefix), lines
+    return lines[0].removeprefix(prefix)
+
+
+@pytest.fixture
+def small_bundle(ws, tmp_path) -> tuple[Path, dict]:
+    """A fresh bundle of tinycls's fp32 engines that verifies (positive control)."""
+    res, _ = cut(ws, tmp_path / "rel", "10.0.0", ["tinycls/fp32"])
+    ok = engineforge("verify", str(res["bundle"]), cwd=tmp_path)
+    assert (ok.returncode, ok.stdout.strip(), ok.stderr) == (0, "OK: 2 engines verified", "")
+    return res["bundle"], res["manifest"]
+
+
+def test_verify_names_a_missing_member(small_bundle, tmp_path):
+    bundle, manifest = small_bundle
+    gone = manifest["engines"][0]["path"]
+    rewrite(bundle, keep=lambda name: name != f"engineforge-10.0.0/{gone}")
+    assert verify_line(bundle, tmp_path) == f"missing {gone}"
+
+
+def test_verify_names_a_duplicate_member(small_bundle, tmp_path):
+    # setup: the same engine twice, with the same bytes (the hash alone cannot tell)
+    bundle, manifest = small_bundle
+    twice = f"engineforge-10.0.0/{manifest['engines'][0]['path']}"
+    rewrite(bundle, extra=[(twice, members(bundle)[twice])])
+    assert [n for n in tarfile.open(bundle).getnames() if n == twice] == [twice, twice]
+    # execute / assert
+    assert verify_line(bundle, tmp_path) == f"duplicate member {manifest['engines'][0]['path']}"
+
+
+def test_verify_names_invalid_manifest_json(small_bundle, tmp_path):
+    # setup: a manifest that is not JSON, signed by a trusted key (the signature holds)
+    bundle, _ = small_bundle
+    resign(bundle, None, raw=b'{"files": {')
+    # execute / assert
+    assert verify_line(bundle, tmp_path).startswith("manifest.json is not valid JSON: ")
+
+
+def test_verify_names_a_symlink_member(small_bundle, tmp_path):
+    # setup: a symlink beside the engines (extracted, it would point out of the bundle)
+    bundle, _ = small_bundle
+    with gzip.open(bundle, "rb") as gz:
+        plain = gz.read()
+    with tarfile.open(fileobj=io.BytesIO(plain)) as tar:
+        items = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with gzip.open(bundle, "wb") as gz, tarfile.open(fileobj=gz, mode="w") as tar:
+        for m, data in items:
+            tar.addfile(m, io.BytesIO(data))
+        link = tarfile.TarInfo("engineforge-10.0.0/tinycls/key")
+        link.type, link.linkname = tarfile.SYMTYPE, "/home/user/.ssh/id_ed25519"
+        tar.addfile(link)
+    # execute / assert
+    assert verify_line(bundle, tmp_path) == ("unsafe member 'engineforge-10.0.0/tinycls/key' "
+                                             "(absolute, '..' or a link)")
+
+
+@pytest.mark.parametrize("case", ["sha256", "unlisted"])
+def test_verify_names_engines_that_disagree_with_the_files_list(small_bundle, tmp_path, case):
+    # setup: a signed manifest whose engines list says another sha256 than its files list,
+    # or names an engine the files list (and the bundle) do not hold
+    bundle, manifest = small_bundle
+    engine = manifest["engines"][0]
+
+    def edit(m):
+        if case == "sha256":
+            m["engines"][0]["sha256"] = "0" * 64
+        else:
+            m["engines"].append({**m["engines"][0], "path": "tinycls/elsewhere/engine.onnx"})
+
+    resign(bundle, edit)
+    # execute / assert
+    name = engine["name"]
+    assert verify_line(bundle, tmp_path) == f"engine {name}: its sha256 differs from the files list"

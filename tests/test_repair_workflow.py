@@ -5,14 +5,16 @@ summarised beside fp16."""
 
 from __future__ import annotations
 
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import FIXTURES
 from engineforge.layout import Layout
 from engineforge.sidecar import read_json
-from workflow_helpers import snakemake, write_config
+from workflow_helpers import Page, mlflow_client, mlflow_runs, snakemake, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -42,7 +44,15 @@ def test_repaired_variant_is_built_audited_benched_and_tracked(finished):
     for v in ("fp16", "fp16-repaired"):
         assert read_json(L.precision("precision.json", "cancel", v))["result"]["precision"] == v
         assert read_json(L.build("onnxruntime", "cancel", v, prof))["result"]["status"] == "ok"
-        assert read_json(L.bench("cancel", "onnxruntime", v, prof))["result"]["points"]
+        bench = read_json(L.bench("cancel", "onnxruntime", v, prof))["result"]
+        assert (bench["status"], bench["precision"], bench["profile"]) == ("ok", v, prof)
+        # timed at the profile's three shapes with the config's counts (3 runs after 1)
+        assert {w: (p["shapes"], p["batch"], p["iterations"], p["warmup"])
+                for w, p in bench["points"].items()} == {
+            "min": ({"x": [1, 3, 8, 8]}, 1, 3, 1), "opt": ({"x": [4, 3, 8, 8]}, 4, 3, 1),
+            "max": ({"x": [8, 3, 8, 8]}, 8, 3, 1)}
+        assert all(0 < p["min_ms"] <= p["p50_ms"] <= p["p99_ms"]
+                   for p in bench["points"].values())
     audit = lambda v: read_json(L.audit("cancel", "onnxruntime", v))["result"]["status"]
     assert (audit("fp16"), audit("fp16-repaired")) == ("fail", "pass")
     loc = read_json(L.localise("cancel", "fp16"))["result"]
@@ -81,11 +91,8 @@ def test_summary_shows_the_localisation_and_the_trade_off(finished):
 
 def test_mlflow_records_the_localisation_and_the_repair(finished):
     ws = finished
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{ws}/mlflow.db")
-    exp = client.get_experiment_by_name("engineforge")
-    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    client = mlflow_client(ws)
+    runs = {r.info.run_name: r for r in mlflow_runs(ws, "engineforge")}
     parent = runs["cancel"]
     assert parent.data.tags["engineforge.localise.fp16"] == "localised"
     assert parent.data.tags["engineforge.localise.fp16.first"].endswith("(Sub)")
@@ -114,6 +121,38 @@ def test_a_repaired_variant_is_releasable_with_its_repair_record(finished, tmp_p
     assert entry["repair"]["status"] == "repaired" and entry["repair"]["from"] == "fp16"
     assert "/Sub" in entry["repair"]["excluded_nodes"]
     assert entry["sidecars"]["localise"] == "cancel/audit/localise/fp16-repaired.json"
+
+
+def test_report_of_the_real_repaired_run_shows_the_repair(finished):
+    """report.html of the run itself (not fixture JSON): the localisation, the repaired
+    variant's section with its verdicts side by side and its latency cost, and its heatmap
+    row."""
+    from engineforge.stages import report
+
+    ws = finished
+    L = Layout(str(ws / "artifacts"))
+    loc = read_json(L.localise("cancel", "fp16"))["result"]
+    rep = read_json(L.precision("precision.json", "cancel", "fp16-repaired"))["result"][
+        "extra"]["repair"]
+    for path in (L.report("report.html", "cancel"), L.report_html()):
+        page = Page(Path(path).read_text())
+        text = page.words()
+        assert "none (no variant was localised)" not in text, path
+        assert "none (no repaired variant)" not in text, path
+        assert "fp16 : localised" in text, path
+        assert "not localised (every audit passed): fp16-repaired" in text, path
+        assert f"first {loc['first']['node']} Sub" in text, path
+        assert "fp16-repaired (from fp16): repair repaired" in text, path
+        assert ", ".join(rep["excluded_nodes"]) in text, path
+        assert "onnxruntime fail pass" in text, path  # plain vs repaired verdicts
+        assert re.search(r"\d+\.\d{3} → \d+\.\d{3} [+-]\d+\.\d%", text), path  # latency
+        assert "fp16 / onnxruntime fail " in text, path  # why the plain variant failed
+        assert "cancel drift heatmap" in {i.get("alt") for i in page.imgs()}, path
+    settings = report.Settings(precisions=["fp32", "fp16", "fp16-repaired"],
+                               builds={"onnxruntime": ["b1-8"]}, profiles=["b1-8"])
+    rows = report.gather(L, "cancel", settings)["rows"]  # the heatmap's rows
+    assert [(r["precision"], r["status"]) for r in rows] == [
+        ("fp32", "pass"), ("fp16", "fail"), ("fp16-repaired", "pass")]
 
 
 def test_onnxruntime_int8_repaired_builds_from_ort_graph_of_the_repair_record(tmp_path):

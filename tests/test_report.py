@@ -10,7 +10,6 @@ import base64
 import copy
 import io
 import shutil
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import pytest
 from conftest import tiny_raw_config, write_tiny_workspace
 from engineforge.layout import REPORT_FILES, Layout
 from engineforge.sidecar import read_json, sha256_file, write_json
-from workflow_helpers import snakemake, write_config
+from workflow_helpers import Page, mlflow_client, snakemake, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -33,25 +32,6 @@ def finished(tmp_path_factory):
     write_config(ws, raw)
     snakemake(ws)
     return ws, raw
-
-
-class Page(HTMLParser):
-    """Every tag with its attributes, and the text."""
-
-    def __init__(self, text: str):
-        super().__init__()
-        self.tags: list[tuple[str, dict]] = []
-        self.text: list[str] = []
-        self.feed(text)
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, dict(attrs)))
-
-    def handle_data(self, data):
-        self.text.append(data)
-
-    def imgs(self) -> list[dict]:
-        return [a for t, a in self.tags if t == "img"]
 
 
 def check_png(src: str) -> None:
@@ -261,11 +241,9 @@ def test_localisation_and_repaired_variants_render_when_present(finished, tmp_pa
 
 
 def test_mlflow_parent_run_holds_the_report(finished, tmp_path):
-    from mlflow.tracking import MlflowClient
-
     ws, raw = finished
     L = Layout(str(ws / "artifacts"))
-    client = MlflowClient(f"sqlite:///{ws}/mlflow.db")
+    client = mlflow_client(ws)
     exp = client.get_experiment_by_name(raw["experiment"])
     for model in raw["models"]:
         (parent,) = client.search_runs([exp.experiment_id],

@@ -85,6 +85,7 @@ def _planned_resources(ws) -> list[tuple[str, dict, dict]]:
     return jobs
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_every_planned_job_asks_for_what_its_stage_needs(tmp_path, device):
     """The real workflow's dry run: each job's resources as Snakemake hands them to the

@@ -9,9 +9,7 @@ import base64
 import json
 import logging
 import os
-import socket
 import subprocess
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -21,17 +19,11 @@ from conftest import tiny_raw_config, write_tiny_workspace
 from engineforge import mlflow_store, redaction
 from engineforge.layout import Layout
 from engineforge.stages import track
-from workflow_helpers import ROOT, snakemake, write_config
+from workflow_helpers import engineforge, mlflow_runs, snakemake, write_config
 
 PASSWORD = "S3cretPw0rd"
 TOKEN = "T0kenXYZ123"
 SECRETS = (PASSWORD, TOKEN)
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # closed again when the socket is
 
 
 def leaks(texts: dict[str, bytes]) -> list[str]:
@@ -45,13 +37,9 @@ def written(root: Path) -> dict[str, bytes]:
 
 
 def cli(*args: str, cwd: Path, uri: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "workflow"), os.environ.get(
-               "PYTHONPATH", "")])}
-    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-        env.pop(var, None)
-    return subprocess.run([sys.executable, "-m", "engineforge.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    """`engineforge ARGS` with ``uri`` and no credentials from the environment."""
+    return engineforge(*args, cwd=cwd, uri=uri, env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"},
+                       drop=("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"))
 
 
 @pytest.fixture
@@ -146,28 +134,65 @@ def test_mlflow_still_authenticates_but_no_secret_is_written(tmp_path, clean_env
 
 
 # -- the workflow and `engineforge sync`, everything they write --------------------------------
+class RefusingServer:
+    """A tracking server that answers every request 503 (an outage: the run goes on, records
+    stay pending) and records the Authorization header each request carried. Port 0: the
+    socket stays bound from here until shutdown."""
+
+    def __init__(self):
+        self.seen: list[str | None] = []
+        seen = self.seen
+
+        class Refuse(BaseHTTPRequestHandler):
+            def _refuse(self):
+                seen.append(self.headers.get("Authorization"))
+                self.send_response(503)
+                self.end_headers()
+                self.wfile.write(b"down")
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _refuse
+
+            def log_message(self, *args):
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Refuse)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def shutdown(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
 @pytest.fixture(scope="module")
 def secret_run(tmp_path_factory):
     ws = tmp_path_factory.mktemp("secrets")
     write_tiny_workspace(ws)
     write_config(ws, tiny_raw_config())
-    port = closed_port()
-    uri = f"http://alice:{PASSWORD}@127.0.0.1:{port}/?token={TOKEN}"
+    server = RefusingServer()
+    uri = f"http://alice:{PASSWORD}@127.0.0.1:{server.port}/?token={TOKEN}"
     env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
-    proc = snakemake(ws, env=env, check=False)
-    return ws, port, env, proc
+    try:
+        proc = snakemake(ws, env=env, check=False)
+        seen = list(server.seen)
+        yield ws, server.port, env, proc, seen
+    finally:
+        server.shutdown()
 
 
 @pytest.mark.e2e
 def test_a_run_with_credentials_in_the_uri_writes_them_nowhere(secret_run):
-    ws, port, env, proc = secret_run
-    # positive controls: the run used that URI, and a planted secret would be found
-    assert PASSWORD in env["MLFLOW_TRACKING_URI"] and TOKEN in env["MLFLOW_TRACKING_URI"]
+    ws, port, env, proc, seen = secret_run
+    # positive controls: the run reached the server of that URI with its credentials (every
+    # request it made carried alice's password), and a planted secret would be found
+    basic = "Basic " + base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
+    assert seen and set(seen) == {basic}, seen
     assert proc.returncode == 0, proc.stderr[-3000:]
     track = json.loads((ws / "artifacts/tinycls/track.json").read_text())
     assert track["status"] == "pending"
     assert track["uri"] == f"http://127.0.0.1:{port}/?token=***"
-    assert "127.0.0.1" in track["error"]
+    # the server's own answer (503 "down"), the server named by the redacted uri above
+    assert "error code 503" in track["error"] and "'down'" in track["error"], track["error"]
     pending = list(Path(ws / Layout().pending_dir()).glob("*.json"))
     assert len(pending) == 2
     assert leaks({"planted": f"x {PASSWORD} y".encode()}) == [f"planted: {PASSWORD}"]
@@ -182,9 +207,9 @@ def test_a_run_with_credentials_in_the_uri_writes_them_nowhere(secret_run):
 
 @pytest.mark.e2e
 def test_sync_with_credentials_or_a_token_never_prints_them(secret_run):
-    ws, port, env, _ = secret_run
+    ws, port, env, _, _ = secret_run
     for uri in (env["MLFLOW_TRACKING_URI"], f"http://127.0.0.1:{port}/x?access_token={TOKEN}"):
-        # execute: the server is still down
+        # execute: the server is still down (answers 503)
         proc = cli("sync", cwd=ws, uri=uri)
         # assert: one line naming the redacted URI, records kept, no secret anywhere
         assert proc.returncode == 2
@@ -197,10 +222,7 @@ def test_sync_with_credentials_or_a_token_never_prints_them(secret_run):
     db = f"sqlite:///{ws}/mlflow.db"
     proc = cli("sync", cwd=ws, uri=db)
     assert proc.returncode == 0, proc.stderr
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(db)
-    runs = client.search_runs([client.get_experiment_by_name("engineforge-tests").experiment_id])
+    runs = mlflow_runs(db, "engineforge-tests")
     assert len(runs) == 2 + 3  # two models; children: tinycls 1, tinyfcn 2
     logged = json.dumps([[r.data.params, r.data.tags] for r in runs]).encode()
     assert not leaks({"mlflow": logged})

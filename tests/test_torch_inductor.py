@@ -28,6 +28,9 @@ from engineforge.layout import Layout
 from engineforge.results import AuditResult, BenchResult, BuildResult, ExportResult
 from workflow_helpers import snakemake, write_config
 
+# compiles AOTInductor packages (C++) and runs torch.compile in children: minutes
+pytestmark = pytest.mark.slow
+
 MODEL, PROFILE, BACKEND = "tinycls", "b1-8", "torch-inductor"
 
 
@@ -390,6 +393,7 @@ def test_backend_facts():
     assert be.note("bf16", {"device": "cpu"}) is None
 
 
+@pytest.mark.e2e
 def test_workflow_runs_it_beside_onnxruntime(tmp_path):
     # setup: the tiny classifier only, fp32, onnxruntime and torch-inductor
     write_tiny_workspace(tmp_path)

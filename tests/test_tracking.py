@@ -23,10 +23,8 @@ def _record(tmp_path, rid, fp="f" * 64, metric=1.0):
 
 
 @pytest.fixture
-def uri(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path}/t.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return uri
+def uri(local_mlflow):
+    return local_mlflow
 
 
 def test_upload_is_idempotent(tmp_path, uri):

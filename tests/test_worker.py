@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -64,31 +66,96 @@ def test_tensorrt_flavour_binding_does_not_leak_between_jobs(tmp_path):
     assert _run("bound_flavour", tmp_path=tmp_path) == (None, False)
 
 
-def test_children_exit_when_the_run_is_interrupted(tmp_path):
-    # setup: a "Snakemake" process running one long job
-    pid_file = tmp_path / "child.pid"
+def _gone_within(pid: int, timeout: float) -> bool:
+    """Wait for the process to end (on a pidfd: no polling, no sleep); True when it did."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
+
+
+def _interrupted_run(tmp_path, hook: str) -> tuple[subprocess.Popen, int]:
+    """A "Snakemake" process running one job (a 600 s sleep) whose ``hook`` (code run
+    before the job) writes ``ready`` at the moment to interrupt; returns it and the job's
+    process id, once both are there (however long a loaded machine takes to start them)."""
+    pid_file, ready = tmp_path / "child.pid", tmp_path / "ready"
     script = (f"import sys; sys.path[:0] = [{str(ROOT / 'workflow')!r}, {str(FIXTURES)!r}]\n"
+              "from pathlib import Path\n"
               "from engineforge import worker\n"
-              f"worker.run_isolated('worker_targets:sleep', 120, {str(pid_file)!r}, "
+              f"READY = Path({str(ready)!r})\n"
+              f"{hook}\n"
+              f"worker.run_isolated('worker_targets:sleep', 600, {str(pid_file)!r}, "
               f"log_path={str(tmp_path / 'job.log')!r})\n")
-    parent = subprocess.Popen([sys.executable, "-c", script])
-    deadline = time.time() + 60
-    while not pid_file.exists() and time.time() < deadline:
-        time.sleep(0.2)
-    child = int(pid_file.read_text())
-    # execute: Ctrl-C
-    parent.send_signal(signal.SIGINT)
-    parent.wait(timeout=120)  # generous: a loaded CI machine; the child's exit is the check
-    # assert: the job's process is gone within seconds
-    for _ in range(50):
-        try:
-            os.kill(child, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        os.kill(child, signal.SIGKILL)
-        pytest.fail("the job's child process outlived the interrupted run")
+    parent = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE,
+                              text=True)
+    deadline = time.monotonic() + 300
+    while not (ready.exists() and pid_file.exists() and pid_file.read_text()):
+        if parent.poll() is not None or time.monotonic() > deadline:
+            parent.kill()
+            pytest.fail(f"the job did not start: {parent.communicate()[1][-2000:]}")
+        time.sleep(0.05)
+    return parent, int(pid_file.read_text())
+
+
+def _end(parent: subprocess.Popen, child: int) -> None:
+    for pid in (child, parent.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    parent.communicate()
+
+
+def test_children_exit_when_the_run_is_interrupted(tmp_path):
+    """Ctrl-C while the run waits on its job (where Snakemake's job thread spends the job):
+    the job's process is killed before the run exits. Its job sleeps 600 s, so a child
+    left to finish would hold the run (or outlive it) far past the bounds below."""
+    # setup: the run is waiting on the job when the signal comes
+    parent, child = _interrupted_run(
+        tmp_path, "wait = worker._wait\n"
+                  "def _wait(*args):\n"
+                  "    READY.write_text('')\n"
+                  "    return wait(*args)\n"
+                  "worker._wait = _wait")
+    try:
+        # execute: Ctrl-C
+        parent.send_signal(signal.SIGINT)
+        _, err = parent.communicate(timeout=60)  # event: the run's exit
+        # assert: it stopped on the interrupt, and its job's process is gone
+        assert parent.returncode != 0 and "KeyboardInterrupt" in err, err[-2000:]
+        assert _gone_within(child, 10), "the job's child process outlived the interrupted run"
+    finally:
+        _end(parent, child)
+
+
+def test_children_exit_when_the_run_is_interrupted_as_the_job_starts(tmp_path):
+    """Ctrl-C in the moment after the job's process started (a loaded machine made the
+    earlier test hit it: the run took 126 s, the length of its job's sleep)."""
+    # setup: the interrupt lands as Process.start() returns
+    parent, child = _interrupted_run(
+        tmp_path, "import multiprocessing.process as mpp, time\n"
+                  "start = mpp.BaseProcess.start\n"
+                  "def start_then_wait(self):\n"
+                  "    start(self)\n"
+                  "    READY.write_text('')\n"
+                  "    time.sleep(600)\n"
+                  "mpp.BaseProcess.start = start_then_wait")
+    try:
+        # execute: Ctrl-C, then wait for the run to report it (its traceback is printed
+        # before the interpreter's exit handlers run)
+        parent.send_signal(signal.SIGINT)
+        err = ""
+        for line in parent.stderr:
+            err += line
+            if line.startswith("KeyboardInterrupt"):
+                break
+        # assert
+        assert "KeyboardInterrupt" in err, err[-2000:]
+        assert _gone_within(child, 10), "the job's child process outlived the interrupt"
+    finally:
+        _end(parent, child)
 
 
 def test_staging_left_by_a_killed_run_is_cleaned(tmp_path, tiny_models, tiny_workspace):

@@ -11,37 +11,31 @@ import json
 import math
 
 import pytest
+from conftest import E2E_PRECISIONS as PRECISIONS
 from conftest import tiny_raw_config, write_tiny_workspace
 from engineforge.layout import Layout
-from engineforge.sidecar import read_json, sha256_file
-from workflow_helpers import planned_jobs, planned_outputs, snakemake, write_config
+from engineforge.sidecar import read_json
+from workflow_helpers import (
+    copy_workspace,
+    mlflow_children,
+    mlflow_client,
+    mlflow_runs,
+    planned_jobs,
+    planned_outputs,
+    snakemake,
+    write_config,
+)
 
 pytestmark = pytest.mark.e2e
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 EMULATED = "onnx-reference (emulated)"  # bf16 without a bf16 kernel: ONNX's reference evaluator
-_BUILT: dict = {}
 
 
-def finished_workspace(tmp_path_factory) -> tuple:
-    """The workflow run once per session (test_inputs_untouched.py checks the same run):
-    (workspace, raw config, the snakemake process, sha256 of every file before the run)."""
-    if "run" not in _BUILT:
-        ws = tmp_path_factory.mktemp("e2e")
-        write_tiny_workspace(ws)
-        raw = tiny_raw_config(precisions=PRECISIONS,
-                              backends=("onnxruntime", "tensorrt-rtx", "trtexec", "tensorrt"))
-        write_config(ws, raw)
-        before = {p.relative_to(ws).as_posix(): sha256_file(p)
-                  for p in ws.rglob("*") if p.is_file()}
-        _BUILT["run"] = (ws, raw, snakemake(ws), before)
-    return _BUILT["run"]
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    ws, raw, proc, _ = finished_workspace(tmp_path_factory)
-    return ws, raw, proc
+@pytest.fixture
+def finished(e2e_zoo):
+    """The e2e zoo of tests/conftest.py (4 precisions; onnxruntime, tensorrt-rtx, trtexec,
+    tensorrt), read-only: (workspace, raw config, the snakemake process)."""
+    return e2e_zoo.ws, e2e_zoo.raw, e2e_zoo.proc
 
 
 def test_every_stage_output_exists(finished):
@@ -171,11 +165,8 @@ def test_int8_variants_are_what_they_claim(finished):
 
 def test_mlflow_has_parent_and_child_runs(finished):
     ws, raw, _ = finished
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{ws}/mlflow.db")
-    exp = client.get_experiment_by_name(raw["experiment"])
-    runs = client.search_runs([exp.experiment_id], max_results=500)
+    client = mlflow_client(ws)
+    runs = mlflow_runs(ws, raw["experiment"])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert {r.info.run_name for r in parents} == {"tinycls", "tinyfcn"}
@@ -195,8 +186,42 @@ def test_mlflow_has_parent_and_child_runs(finished):
         "export", "simplify", "precision", "audit"}
 
 
-def test_rerun_and_touch_do_nothing(finished):
+def test_each_mlflow_child_run_is_under_its_own_models_parent(finished):
+    """Every engine run is a child of its own model's parent run (not merely some parent),
+    and its name, tags and params name the same model, precision, profile and backend."""
     ws, raw, _ = finished
+    runs = mlflow_runs(ws, raw["experiment"])
+    parents = {r.info.run_name: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    assert set(parents) == {"tinycls", "tinyfcn"}
+    for model, parent in parents.items():
+        assert parent.data.tags["engineforge.model"] == model
+        assert parent.data.tags["engineforge.kind"] == "model"
+    seen = set()
+    for r in runs:
+        if "mlflow.parentRunId" not in r.data.tags:
+            continue
+        t, p = r.data.tags, r.data.params
+        model, precision, profile, backend = r.info.run_name.split("/")
+        assert t["mlflow.parentRunId"] == parents[model].info.run_id, r.info.run_name
+        assert (t["engineforge.model"], t["engineforge.kind"], t["engineforge.precision"],
+                t["engineforge.profile"], t["engineforge.backend"]) == (
+            model, "engine", precision, profile, backend), r.info.run_name
+        assert (p["precision"], p["profile"], p["backend"]) == (precision, profile, backend)
+        seen.add((model, precision, profile, backend))
+    # every variant built, each exactly once, under the parent of its model
+    assert seen == {(m, pr, prof, b) for m, spec in raw["models"].items()
+                    for pr in PRECISIONS for prof in spec["profiles"]
+                    for b in ("onnxruntime", "tensorrt-rtx")}
+    for model, parent in parents.items():
+        kids = mlflow_children(ws, parent.info.run_id, raw["experiment"])
+        assert {k.info.run_name.split("/")[0] for k in kids} == {model}
+        assert len(kids) == len(PRECISIONS) * len(raw["models"][model]["profiles"]) * 2
+
+
+def test_rerun_and_touch_do_nothing(finished, tmp_path):
+    # setup: this test's copy of the run (copied with its mtimes: the copy is up to date)
+    _, raw, _ = finished
+    ws = copy_workspace(finished[0], tmp_path / "ws")
     assert planned_jobs(ws) == {}
     for f in ["tinycls.pt", "calib.npz", "eval.npz", "config.yaml"]:
         (ws / f).touch()

@@ -1,17 +1,26 @@
 """The shipped demo zoo: weights and calibration/evaluation data under models/ and calib/."""
 
+import importlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
+from engineforge import modelio
+from engineforge.settings import QuantizeSettings
 from safetensors.torch import load_file
 
 from models.digits_cnn import DigitsCNN
 from models.sr_net import TinySR
 
 ROOT = Path(__file__).resolve().parent.parent
+# The demo config (config.yaml): what each model reads, and which file it reads it from.
+DEMO = yaml.safe_load((ROOT / "config.yaml").read_text())["models"]
+SHIPPED = sorted((m[role]["path"], name, role) for name, m in DEMO.items()
+                 for role in ("checkpoint", "calibration", "evaluation")
+                 if m.get(role, {}).get("path"))
 
 # file, key -> (shape with None for a free dim, dtype)
 LAYOUT = {
@@ -20,6 +29,8 @@ LAYOUT = {
     ("calib/digits_eval.npz", "labels"): ((None,), np.int64),
     ("calib/sr_calib.npz", "lowres"): ((32, 1, 64, 64), np.float32),
     ("calib/photo_crops_224.npz", "image"): ((None, 3, 224, 224), np.float16),
+    ("calib/photo_crops_32.npz", "image"): ((64, 3, 32, 32), np.float32),
+    ("calib/thermal_frames.npz", "thermal"): ((64, 1, 16, 16), np.float32),
 }
 
 
@@ -28,16 +39,43 @@ def npz(rel: str) -> dict[str, np.ndarray]:
         return dict(f)
 
 
-@pytest.mark.parametrize(
-    "rel",
-    [
-        "models/digits_cnn.safetensors",
-        "models/tiny_sr.safetensors",
-        *sorted({f for f, _ in LAYOUT}),
-    ],
-)
-def test_shipped_file_exists(rel):
-    assert (ROOT / rel).is_file(), rel
+def test_the_demo_config_reads_exactly_the_shipped_files():
+    """Every weights/data file config.yaml names is one this module checks, and back."""
+    assert [rel for rel, _, _ in SHIPPED] == sorted(
+        ["models/digits_cnn.safetensors", "models/tiny_sr.safetensors", *{f for f, _ in LAYOUT}])
+
+
+@pytest.mark.parametrize(("rel", "model", "role"),
+                         [s for s in SHIPPED if s[2] == "checkpoint"])
+def test_shipped_weights_are_exactly_the_state_dict_of_their_arch(rel, model, role):
+    """Weights only (safetensors), one tensor per entry of the declared arch's state_dict,
+    of its shape and dtype, nothing more, every value finite."""
+    ckpt = DEMO[model][role]
+    module, attr = ckpt["arch"].split(":")
+    want = getattr(importlib.import_module(module), attr)(**ckpt.get("arch_kwargs", {}))
+    got = load_file(ROOT / rel)
+    assert {k: (tuple(v.shape), v.dtype) for k, v in got.items()} == {
+        k: (tuple(v.shape), v.dtype) for k, v in want.state_dict().items()}
+    assert all(torch.isfinite(v).all() for v in got.values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize(("rel", "model", "role"),
+                         [s for s in SHIPPED if s[2] != "checkpoint"])
+def test_shipped_data_holds_exactly_one_array_per_input(rel, model, role):
+    """Exactly the arrays the model's section reads (one per input; evaluation: and the
+    labels), accepted by the stages' own check, with enough samples for int8 calibration."""
+    m = DEMO[model]
+    labels = modelio.labels_key(m) if role == "evaluation" else None
+    with np.load(ROOT / rel, allow_pickle=False) as f:
+        assert sorted(f.files) == sorted([*m["inputs"], *([labels] if labels else [])])
+    first = next(iter(m["profiles"].values()))
+    data = modelio.load_data(ROOT / rel, m["inputs"], model=model, section=role,
+                             labels=labels, profile=first if role == "evaluation" else None)
+    assert sorted(data) == sorted(f.files)
+    if role == "calibration":
+        calib_size = m.get("precision", {}).get("int8", {}).get(
+            "calib_size", QuantizeSettings().calib_size)
+        assert all(len(arr) >= calib_size for arr in data.values()), calib_size
 
 
 @pytest.mark.parametrize(("rel", "key"), list(LAYOUT))

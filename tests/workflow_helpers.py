@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
+import io
 import os
 import re
 import subprocess
 import sys
+import tarfile
+from html.parser import HTMLParser
 from pathlib import Path
 
 import yaml
@@ -63,3 +67,152 @@ def planned_outputs(workspace: Path, env: dict | None = None) -> list[tuple[str,
             jobs.append((rule, m.group(1)))
             rule = None
     return jobs
+
+
+# -- shared helpers for tests on built workspaces -----------------------------------------------
+CACHE_OFF = {"ENGINEFORGE_CACHE": "0"}  # no MLflow build cache lookups (env for a run)
+
+
+def copy_workspace(src: Path, dest: Path) -> Path:
+    """A self-contained copy of a built workspace: every file with its mtime (Snakemake and
+    the parse-time sweep see it up to date), its own ``mlflow.db`` whose artifact locations
+    point into the copy."""
+    import shutil
+    import sqlite3
+
+    shutil.copytree(src, dest, symlinks=True)  # copy2: mtimes kept, dirs' copystat last
+    db = dest / "mlflow.db"
+    if db.exists():
+        stamp = os.stat(db)
+        with sqlite3.connect(db) as con:
+            for table, col in (("experiments", "artifact_location"), ("runs", "artifact_uri")):
+                con.execute(f"UPDATE {table} SET {col} = replace({col}, ?, ?)",
+                            (str(src), str(dest)))
+        con.close()
+        os.utime(db, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    return dest
+
+
+def rehash_sidecars(artifacts: Path, *edited: Path) -> list[Path]:
+    """After a test edited outputs in place: the records of those files in every sidecar
+    under ``artifacts`` get their new sha256, size and mtime (as the runner writes them).
+    Returns the sidecars rewritten."""
+    import json
+
+    from engineforge.sidecar import output_record, write_json
+
+    targets = {Path(p).resolve() for p in edited}
+    changed = []
+    for side in Path(artifacts).rglob("*.json"):
+        try:
+            data = json.loads(side.read_text())
+        except ValueError:
+            continue
+        if not (isinstance(data, dict) and "sidecar_version" in data):
+            continue
+        hit = False
+        for rec in data.get("outputs", {}).values():
+            path = side.parent / Path(rec["path"]).name
+            if path.resolve() in targets:
+                rec.update({k: v for k, v in output_record(path).items() if k != "path"})
+                hit = True
+        if hit:
+            write_json(side, data)
+            changed.append(side)
+    return changed
+
+
+def engineforge(*args: str, cwd: Path, uri: str | None = None, env: dict | None = None,
+                drop: tuple[str, ...] = (), timeout: int = 300) -> subprocess.CompletedProcess:
+    """``engineforge ARGS`` (this checkout's, in a subprocess) in ``cwd``; ``uri`` sets
+    MLFLOW_TRACKING_URI, ``drop`` removes variables from the environment."""
+    full = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT / "workflow"), *filter(None, [os.environ.get("PYTHONPATH")])]), **(env or {})}
+    if uri:
+        full["MLFLOW_TRACKING_URI"] = uri
+    for var in drop:
+        full.pop(var, None)
+    return subprocess.run([sys.executable, "-m", "engineforge.cli", *args], cwd=cwd, env=full,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def mlflow_client(ws_or_uri: Path | str):
+    from mlflow.tracking import MlflowClient
+
+    uri = ws_or_uri if isinstance(ws_or_uri, str) else f"sqlite:///{ws_or_uri}/mlflow.db"
+    return MlflowClient(tracking_uri=uri)
+
+
+def mlflow_runs(ws_or_uri: Path | str, experiment: str = "engineforge-tests",
+                filter_string: str = "") -> list:
+    """Every run of ``experiment`` (all pages)."""
+    client = mlflow_client(ws_or_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs, token = [], None
+    while True:
+        page = client.search_runs([exp.experiment_id], filter_string, max_results=1000,
+                                  page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def mlflow_children(ws_or_uri: Path | str, parent_run_id: str,
+                    experiment: str = "engineforge-tests") -> list:
+    """The runs whose mlflow.parentRunId is ``parent_run_id``."""
+    return mlflow_runs(ws_or_uri, experiment,
+                       f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
+# -- release bundles -----------------------------------------------------------------------------
+def job_stats(text: str) -> dict[str, int]:
+    """Jobs by rule from the "Job stats" table Snakemake prints for a dry run with work."""
+    block = text.split("Job stats:\n", 1)[1].split("\n\n", 1)[0]
+    rows = [line.split() for line in block.splitlines()[2:]]  # after the header and ----
+    return {r[0]: int(r[1]) for r in rows if r[0] != "total"}
+
+
+def members(bundle: Path) -> dict[str, bytes]:
+    with tarfile.open(bundle, "r:gz") as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def rewrite(bundle: Path, change=lambda name, data: (name, data), extra=(),
+            keep=lambda name: True) -> None:
+    """Rewrite the tar: each member's (name, bytes) through ``change`` (those ``keep``
+    keeps), then ``extra``."""
+    with tarfile.open(bundle, "r:gz") as tar:
+        items = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()
+                 if keep(m.name)]
+    with gzip.open(bundle, "wb") as gz, tarfile.open(fileobj=gz, mode="w") as tar:
+        for name, data in [change(n, d) for n, d in items] + list(extra):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+# -- report pages -------------------------------------------------------------------------------
+class Page(HTMLParser):
+    """Every tag with its attributes, and the text, of an HTML page."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+        self.text: list[str] = []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+    def imgs(self) -> list[dict]:
+        return [a for t, a in self.tags if t == "img"]
+
+    def words(self) -> str:
+        """The page's text with all white space collapsed to single spaces."""
+        return " ".join(" ".join(self.text).split())

@@ -27,7 +27,9 @@ from engineforge.errors import BenchError, BuildError
 from engineforge.layout import Layout
 from engineforge.results import BuildResult
 from engineforge.runner import StageFailed
+from engineforge.stages import audit
 from onnx import TensorProto, helper, numpy_helper
+from polygraphy.exception import PolygraphyException
 
 C, HW, K = 16, 16, 96          # channels in, spatial size, channels out (weights dominate size)
 ONE = [{"x": {"min": [1, C, HW, HW], "opt": [4, C, HW, HW], "max": [8, C, HW, HW]}}]
@@ -241,11 +243,19 @@ def test_bench_and_runner_need_an_rtx_gpu(rtx, tmp_path):
     # execute / assert: the bench says why it cannot time the engine here
     with pytest.raises(BenchError, match="compute capability 8.0/8.6/8.9/12.x"):
         rtx.bench(req.engine_path, {"x": [1, C, HW, HW]}, settings, tmp_path)
-    # the audit's runner is lazy; activating it here fails at deserialization, not a crash
+    # the audit's runner is lazy; activating it here fails at deserialization, not a crash:
+    # Polygraphy's own error (TensorRT's CUDA error is in the log it prints) ...
     runner = rtx.runner(req.engine_path)
     assert type(runner).__name__ == "TrtRunner"
-    with pytest.raises(Exception, match="deserialize"):
+    with pytest.raises(PolygraphyException) as raw:
         runner.activate()
+    assert type(raw.value) is PolygraphyException
+    assert str(raw.value) == "Could not deserialize engine. See log for details."
+    # ... which the audit turns into its "not runnable" cause, one line
+    with pytest.raises(audit.NotRunnable) as cause:
+        audit.infer_all(rtx.runner(req.engine_path), {"x": np.zeros((1, C, HW, HW), np.float32)},
+                        1, "tiny", req.engine_path)
+    assert str(cause.value) == "Could not deserialize engine. See log for details."
 
 
 def test_profile_for_picks_the_profile_covering_the_shapes():

@@ -35,7 +35,9 @@ def _zoo(ws: Path, seed: int, trusted: list[str] | None = None) -> dict:
     write_tiny_workspace(ws)
     torch.manual_seed(seed)
     torch.save(tinynets.TinyClassifier().state_dict(), ws / "tinycls.pt")
-    raw = tiny_raw_config(precisions=("fp32", "int8"), backends=("onnxruntime", "tensorrt-rtx"))
+    # ONNX Runtime only: TensorRT-RTX entries go through the same code (test_team_slurm
+    # builds them on Slurm), and each Slurm job costs ~10 s here
+    raw = tiny_raw_config(precisions=("fp32", "int8"), backends=("onnxruntime",))
     raw["experiment"] = f"team-cache-{seed}"
     raw["models"].pop("tinyfcn")
     raw["defaults"]["resources"] = teamstack.SMALL_JOBS
@@ -82,7 +84,7 @@ def test_two_clones_at_once_then_a_third_restores_everything(stack, tmp_path):
     # assert: every export, simplify, precision and build came from the cache, with the
     # bytes one of the two clones built (ORT and ONNX files are reproducible: the same)
     third = teamstack.sidecars(clones[2], CACHED)
-    assert len(third) == 1 + 1 + 2 + 2 * 2
+    assert len(third) == 1 + 1 + 2 + 2  # export, simplify, 2 precisions, 2 builds
     assert all(_hits(clones[2]).values()), _hits(clones[2])
     for rel, side in third.items():
         builders = [teamstack.sidecars(ws, CACHED)[rel] for ws in clones[:2]]

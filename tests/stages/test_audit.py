@@ -183,7 +183,12 @@ def test_bf16_variant_is_audited_by_onnx_reference_when_ort_cannot_run_it(export
     emu = r["emulated"]
     (out,) = emu["outputs"].values()
     assert 0 < out["max_abs"] < 0.5 and out["cosine"] > 0.99
-    assert emu["task"]["samples"] == 32 and emu["status"] in ("pass", "fail")
+    # bf16 keeps ~59 dB a value; this two-layer net loses little of it (measured: 47 dB,
+    # cosine 0.99999, no top-1 flip in 8 samples, no accuracy lost on 32): within every
+    # bf16 limit (30 dB, 0.999, 0.95, 0.02 drop), so the verdict is pass
+    assert emu["status"] == "pass" and emu["failures"] == [] and emu["reason"] is None
+    assert out["snr_db"] > 40 and out["top1_agreement"] == 1.0
+    assert emu["task"]["samples"] == 32 and emu["task"]["accuracy_drop"] == 0.0
     backends = [row["backend"] for row in matrix["rows"]]
     assert backends == ["onnxruntime", "onnx-reference (emulated)"]
     assert backends[1] == drift.EMULATED
@@ -488,7 +493,12 @@ def test_emulated_audit_stops_at_its_time_limit(tiny_workspace):
     # control: a generous limit lets the same emulation finish and measure
     again = _pipeline(models, tiny_workspace, "bf16", limits={"emulated_audit": 300})
     emu = AuditResult.model_validate(again["result"]).emulated
-    assert emu.outputs and emu.samples == 8 and emu.status in ("pass", "fail")
+    assert emu.samples == 8 and list(emu.outputs) == ["upsample_bilinear2d"]
+    # a bilinear upsampler in bf16 (measured: 51 dB, cosine 0.999997) is well within the
+    # bf16 limits (30 dB, 0.999; a regression has no top-1): the verdict is pass
+    (out,) = emu.outputs.values()
+    assert emu.status == "pass" and emu.failures == [] and emu.reason is None
+    assert out.snr_db > 40 and out.top1_agreement is None and emu.task is None
 
 
 def test_snr_and_top5_agreement():

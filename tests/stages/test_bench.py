@@ -42,20 +42,50 @@ def _stub_build(tmp: Path) -> tuple[Path, Path]:
     return tmp / "b/engine.plan", tmp / "b/build.json"
 
 
-def test_time_callable_statistics():
-    # setup: a callable whose cost is known
-    delays = iter([0.0] * 2 + [0.002] * 9 + [0.02])
+class FakeClock:
+    """The bench's clock (``bench.time``): it moves only when a timed call says what it
+    cost, so the statistics are exact on any machine, loaded or not."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def spend(self, ms: float) -> None:
+        self.now += ms / 1e3
+
+
+def test_time_callable_statistics(monkeypatch):
+    # setup: a callable whose cost is known: 2 warm-ups of 50 ms (not timed), 9 calls of
+    # 2 ms and one of 20 ms
+    clock = FakeClock()
+    monkeypatch.setattr(bench, "time", clock)
+    costs = iter([50.0] * 2 + [2.0] * 9 + [20.0])
     # execute
-    stats = bench.time_callable(lambda: time.sleep(next(delays)), warmup=2, iterations=10,
+    stats = bench.time_callable(lambda: clock.spend(next(costs)), warmup=2, iterations=10,
                                 batch=4)
-    # assert
-    assert 1.5 < stats["p50_ms"] < 10 and stats["p99_ms"] > 15
-    assert stats["p50_ms"] <= stats["p90_ms"] <= stats["p95_ms"] <= stats["p99_ms"]
-    assert stats["min_ms"] <= stats["p50_ms"] and stats["cv"] > 0.5
-    assert np.isclose(stats["throughput_per_s"], 4e3 / stats["mean_ms"])
+    # assert: numpy's linear percentiles of [2]*9 + [20]; the warm-ups left out
+    ms = np.array([2.0] * 9 + [20.0])
+    assert stats["p50_ms"] == pytest.approx(2.0) and stats["min_ms"] == pytest.approx(2.0)
+    assert stats["p90_ms"] == pytest.approx(3.8) and stats["p95_ms"] == pytest.approx(11.9)
+    assert stats["p99_ms"] == pytest.approx(18.38) and stats["mean_ms"] == pytest.approx(3.8)
+    assert stats["cv"] == pytest.approx(ms.std() / ms.mean()) and stats["cv"] > 1.4
+    assert stats["throughput_per_s"] == pytest.approx(4e3 / 3.8)
     assert (stats["iterations"], stats["warmup"], stats["batch"]) == (10, 2, 4)
     point = BenchPoint(shapes={"x": [4, 3]}, **stats)  # exactly the BenchPoint fields
     assert point.extra == {}
+
+
+def test_time_callable_measures_real_time():
+    """The real clock (perf_counter): a sleep never returns early, so every bound below is
+    a floor the measurement must reach; a loaded machine may only oversleep (the one upper
+    bound is loose). The exact statistics: test_time_callable_statistics."""
+    delays = iter([0.0] * 2 + [0.002] * 9 + [0.02])
+    stats = bench.time_callable(lambda: time.sleep(next(delays)), warmup=2, iterations=10)
+    assert stats["min_ms"] >= 2.0 and stats["mean_ms"] >= (9 * 2.0 + 20.0) / 10
+    assert stats["p99_ms"] >= 0.09 * 2.0 + 0.91 * 20.0 - 1e-9  # the 20 ms call is timed
+    assert stats["p50_ms"] < 1000.0
 
 
 def test_bench_ort_and_pytorch_baseline_at_each_profile_point(tiny_models, tiny_workspace):

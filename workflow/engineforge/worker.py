@@ -315,13 +315,17 @@ def run_isolated(target: str, *args, log_path: str | Path, timeout_s: float | No
         conn, send = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=_child, name=f"engineforge:{job}", daemon=False,
                            args=(send, *request))
-        proc.start()
-        send.close()
     else:
         w = _take(ctx, lane)
         conn, proc = w.conn, w.proc
-        conn.send(request)
-    try:
+    try:  # from the start: a Ctrl-C right after it must still kill the child
+        if lane is None:
+            try:
+                proc.start()
+            finally:
+                send.close()
+        else:
+            conn.send(request)
         ready = _wait([conn, proc.sentinel], timeout_s)
         if not ready:
             proc.kill()
