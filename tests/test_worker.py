@@ -108,6 +108,7 @@ def _end(parent: subprocess.Popen, child: int) -> None:
     parent.communicate()
 
 
+@pytest.mark.slow
 def test_children_exit_when_the_run_is_interrupted(tmp_path):
     """Ctrl-C while the run waits on its job (where Snakemake's job thread spends the job):
     the job's process is killed before the run exits. Its job sleeps 600 s, so a child
@@ -130,6 +131,7 @@ def test_children_exit_when_the_run_is_interrupted(tmp_path):
         _end(parent, child)
 
 
+@pytest.mark.slow
 def test_children_exit_when_the_run_is_interrupted_as_the_job_starts(tmp_path):
     """Ctrl-C in the moment after the job's process started (a loaded machine made the
     earlier test hit it: the run took 126 s, the length of its job's sleep)."""

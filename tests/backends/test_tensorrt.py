@@ -363,6 +363,7 @@ def _tiny_models(tiny_models, tmp_path: Path, **tensorrt) -> dict:
     return {"tiny": m}
 
 
+@pytest.mark.slow
 def test_build_stage_writes_typed_result(tiny_models, tiny_workspace, monkeypatch):
     # setup
     monkeypatch.setenv("ENGINEFORGE_CACHE", "0")  # no MLflow build cache here

@@ -470,6 +470,7 @@ def test_input_mismatch_is_one_audit_error_line(exported):
     assert not (tmp / "a/fp32.json").exists()
 
 
+@pytest.mark.slow
 def test_emulated_audit_stops_at_its_time_limit(tiny_workspace):
     """bf16 (ModelOpt AutoCast) is not runnable on ORT's CPU provider, so the ONNX reference
     evaluator emulates it; its bilinear Resize takes seconds in pure Python."""
