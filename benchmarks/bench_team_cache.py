@@ -4,9 +4,9 @@ signed cache hit (audits and benches still run: they are measurements). Pairs ru
 back, so a ratio is measured side by side on the same (shared, noisy) machine.
 
 Each pair gets fingerprints no earlier run made (a nonce in the tool versions of ONNX, ONNX
-Runtime and TensorRT-RTX, through ENGINEFORGE_TOOL_VERSIONS, which every cached stage's
-fingerprint holds), so the first clone is really cold. Needs the team stack
-(`make stack-up`).
+Runtime (its onnxruntime-gpu entry) and TensorRT-RTX, through ENGINEFORGE_TOOL_VERSIONS,
+which every cached stage's fingerprint holds), so the first clone is really cold. Needs the
+team stack (`make stack-up`).
 
     .venv/bin/python benchmarks/bench_team_cache.py [--pairs 3] [--keep]
 """
@@ -51,8 +51,10 @@ def main() -> None:
     rows = []
     for i in range(args.pairs):
         nonce = uuid.uuid4().hex[:8]
+        # not "onnxruntime": a backend's own version entry has the backend's name, so for
+        # ONNX Runtime builds that key is the installed version whatever the override says
         tools = {d: f"{version(d)}+bench{nonce}" for d in (
-            "onnx", "onnxruntime", "tensorrt_rtx_cu13_bindings")}
+            "onnx", "onnxruntime-gpu", "tensorrt_rtx_cu13_bindings")}
         env = {"MLFLOW_TRACKING_URI": stack["MLFLOW_TRACKING_URI"],
                "ENGINEFORGE_TOOL_VERSIONS": json.dumps(tools)}
         tmp = Path(tempfile.mkdtemp(prefix="bench-team-cache-"))
