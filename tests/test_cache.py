@@ -17,12 +17,12 @@ import logging
 import os
 import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
 from engineforge import cache, mlflow_store, signing
 from engineforge.sidecar import make_sidecar, read_json, sha256_file, write_json
 from mlflow.tracking import MlflowClient
+from workflow_helpers import artifact_file, assert_nothing_installed
 
 GROUP = "build"
 
@@ -84,17 +84,6 @@ def restore(tmp_path: Path, fp: str) -> tuple[bool, Path, Path]:
 def cache_lines(caplog, level=logging.WARNING) -> list[str]:
     return [r.getMessage() for r in caplog.records
             if r.name == "engineforge.cache" and r.levelno == level]
-
-
-def assert_nothing_installed(engine: Path, sidecar: Path) -> None:
-    assert not engine.exists() and not sidecar.exists()
-    assert [p.name for p in engine.parent.iterdir()] == []  # no temporary file either
-    assert [p.name for p in engine.parent.parent.iterdir()] == ["build"]  # no scratch dir
-
-
-def artifact_file(uri: str, run_id: str, rel: str) -> Path:
-    root = MlflowClient(uri).get_run(run_id).info.artifact_uri
-    return Path(urlparse(root).path) / rel
 
 
 # -- enabled ------------------------------------------------------------------------------------

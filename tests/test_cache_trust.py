@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
 from engineforge import cache, mlflow_store, signing
 from engineforge.sidecar import make_sidecar, read_json, sha256_file, write_json
 from mlflow.tracking import MlflowClient
+from workflow_helpers import artifact_file, assert_nothing_installed
 
 GROUP = "build"
 
@@ -74,17 +74,6 @@ def one_warning(caplog) -> str:
              if r.name == "engineforge.cache" and r.levelno >= logging.WARNING]
     assert len(lines) == 1 and "\n" not in lines[0], lines
     return lines[0]
-
-
-def assert_nothing_installed(engine: Path, sidecar: Path) -> None:
-    assert not engine.exists() and not sidecar.exists()
-    assert [p.name for p in engine.parent.iterdir()] == []  # no temporary file either
-    assert [p.name for p in engine.parent.parent.iterdir()] == ["build"]  # no scratch dir
-
-
-def artifact_file(uri: str, run_id: str, rel: str) -> Path:
-    root = MlflowClient(uri).get_run(run_id).info.artifact_uri
-    return Path(urlparse(root).path) / rel
 
 
 @pytest.mark.parametrize("signer", ["own key", "configured key"])

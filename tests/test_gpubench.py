@@ -11,6 +11,7 @@ import pytest
 import torch
 from engineforge import gpubench
 from engineforge.gpubench import GpuBenchError, Peak
+from workflow_helpers import FakeClock
 
 
 def test_percentile_matches_numpy_linear_interpolation():
@@ -53,20 +54,6 @@ def test_stability_rule_needs_a_full_quiet_window():
     assert not gpubench.is_stable(noisy, 0.02, window=5)
     assert not gpubench.is_stable(quiet[:4], 0.02, window=5)  # too few rounds yet
     assert gpubench.is_stable(noisy + quiet, 0.02, window=5)  # only the last window counts
-
-
-class FakeClock:
-    """The timing loop's clock (``gpubench.time``): it moves only when a timed call says
-    what it cost, so the statistics and the stopping rule are exact on any machine."""
-
-    def __init__(self):
-        self.now = 1000.0
-
-    def perf_counter(self) -> float:
-        return self.now
-
-    def spend(self, ms: float) -> None:
-        self.now += ms / 1e3
 
 
 def test_cpu_timing_loop_times_each_call_and_stops_when_stable(monkeypatch):

@@ -216,3 +216,35 @@ class Page(HTMLParser):
     def words(self) -> str:
         """The page's text with all white space collapsed to single spaces."""
         return " ".join(" ".join(self.text).split())
+
+
+class FakeClock:
+    """A module's ``time`` for timing tests (``monkeypatch.setattr(module, "time", clock)``):
+    it moves only when a timed call says what it cost, so timing statistics are exact on any
+    machine, loaded or not."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def spend(self, ms: float) -> None:
+        self.now += ms / 1e3
+
+
+def assert_nothing_installed(engine: Path, sidecar: Path) -> None:
+    """A refused cache entry left no output, no temporary file and no scratch directory."""
+    assert not engine.exists() and not sidecar.exists()
+    assert [p.name for p in engine.parent.iterdir()] == []  # no temporary file either
+    assert [p.name for p in engine.parent.parent.iterdir()] == ["build"]  # no scratch dir
+
+
+def artifact_file(uri: str, run_id: str, rel: str) -> Path:
+    """The local file of a run's artifact ``rel`` in a file-backed MLflow store."""
+    from urllib.parse import urlparse
+
+    from mlflow.tracking import MlflowClient
+
+    root = MlflowClient(uri).get_run(run_id).info.artifact_uri
+    return Path(urlparse(root).path) / rel

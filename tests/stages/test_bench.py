@@ -18,6 +18,7 @@ from engineforge.errors import BenchError
 from engineforge.results import BenchPoint, BenchResult
 from engineforge.runner import StageFailed
 from engineforge.stages import baseline, bench
+from workflow_helpers import FakeClock
 
 
 @pytest.fixture(autouse=True)
@@ -40,20 +41,6 @@ def _stub_build(tmp: Path) -> tuple[Path, Path]:
     (tmp / "b/engine.plan").write_bytes(b"x")
     (tmp / "b/build.json").write_text('{"result": {"engine_bytes": 1}}')
     return tmp / "b/engine.plan", tmp / "b/build.json"
-
-
-class FakeClock:
-    """The bench's clock (``bench.time``): it moves only when a timed call says what it
-    cost, so the statistics are exact on any machine, loaded or not."""
-
-    def __init__(self):
-        self.now = 1000.0
-
-    def perf_counter(self) -> float:
-        return self.now
-
-    def spend(self, ms: float) -> None:
-        self.now += ms / 1e3
 
 
 def test_time_callable_statistics(monkeypatch):
